@@ -1,0 +1,5 @@
+import sys
+
+from nabla.cli import main
+
+sys.exit(main())

@@ -1,0 +1,280 @@
+"""The public API, a drop-in for Meta's `llama.Llama`.
+
+`Llama.build` opens a checkpoint on the best device there is (no torchrun,
+no process group, no CUDA needed); `generate`, `text_completion` and
+`chat_completion` take the reference's arguments and return what it returns.
+`stream` yields a single prompt's tokens and text as they are produced.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, TypedDict
+
+import torch
+
+from nabla import device as devices
+from nabla.checkpoint import open_checkpoint
+from nabla.checkpoint.meta import load_into
+from nabla.errors import ConfigError, ContextLengthError, InvalidRequestError, TokenizerError
+from nabla.generation.loop import collect, decode_steps, new_batch
+from nabla.model.llama import Transformer
+from nabla.tokenizer import Tokenizer, load_tokenizer
+from nabla.tokenizer.base import IncrementalDecoder
+from nabla.tokenizer.chat import UNSAFE_ERROR, Dialog, check_dialog, chat_format_for, has_special_tags
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: list[str]  # not required
+    logprobs: list[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: dict  # {"role": "assistant", "content": str}
+    tokens: list[str]  # not required
+    logprobs: list[float]  # not required
+
+
+@dataclass
+class StreamPiece:
+    """One generated token: its id, the text it adds, and its logprob (if asked)."""
+
+    token: int
+    text: str
+    logprob: float | None = None
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str | Path,
+        tokenizer_path: str | Path | None = None,
+        max_seq_len: int = 2048,
+        max_batch_size: int = 4,
+        model_parallel_size: int | None = None,
+        seed: int = 1,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        verbose: bool = False,
+    ) -> "Llama":
+        """Load a checkpoint folder and its tokenizer, ready to generate.
+
+        `tokenizer_path` may be None when the folder holds its tokenizer.
+        `device` None picks CUDA, then MPS, then CPU; `dtype` None picks the
+        device's compute dtype (fp32 on CPU, bf16 on CUDA, fp16 on MPS).
+        """
+        start = time.time()
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if model_parallel_size not in (None, 1):
+            raise ConfigError(
+                f"model_parallel_size={model_parallel_size} needs the distributed engine; "
+                "run with model_parallel_size=None (one process loads any checkpoint)")
+        ckpt = open_checkpoint(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        tok_path = tokenizer_path if tokenizer_path is not None else ckpt.tokenizer_path
+        if tok_path is None:
+            raise TokenizerError(f"{ckpt.path} holds no tokenizer.model; pass tokenizer_path "
+                                 "(--tokenizer FILE) pointing to the model's tokenizer")
+        tokenizer = load_tokenizer(tok_path)
+        args = ckpt.args
+        state = ckpt.load_state()
+        emb = state.get("tok_embeddings.weight")
+        if args.vocab_size == -1:  # Meta's params.json: "take it from the tokenizer"
+            args.vocab_size = emb.shape[0] if emb is not None else tokenizer.n_words
+        if tokenizer.n_words > args.vocab_size:
+            raise TokenizerError(
+                f"the tokenizer {tok_path} has {tokenizer.n_words} ids but the model's embedding has only "
+                f"{args.vocab_size} rows; this tokenizer does not belong to this checkpoint")
+
+        dev = devices.choose_device(device)
+        dt = devices.parse_dtype(dtype) or devices.default_dtype(dev)
+        with torch.device("meta"):
+            model = Transformer(args)
+        model = model.to(dtype=dt).to_empty(device=dev)
+        model.init_rope()
+        load_into(model, state, source=str(ckpt.path), progress=verbose)
+        del state
+        model.eval()
+        model.setup_cache(max_batch_size, max_seq_len)
+        # Seed last, so the first sample draws from a freshly seeded stream
+        # whatever loading did; every rank seeds the same way.
+        torch.manual_seed(seed)
+        if verbose:
+            print(f"Loaded {ckpt.path} ({ckpt.format}) on {dev} in {dt} in {time.time() - start:.2f} seconds")
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format_for(tokenizer)
+        self.device = next(model.parameters()).device
+        self.stop_ids = tuple(tokenizer.stop_ids)
+        self._stop = torch.tensor(self.stop_ids, device=self.device)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.args.max_seq_len
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.model.args.max_batch_size
+
+    # ----------------------------------------------------------------- checks
+    def _check_sampling(self, temperature, top_p, max_gen_len) -> None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not math.isfinite(temperature) or temperature < 0:
+            raise InvalidRequestError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}",
+                                      "temperature")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p!r}", "top_p")
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
+            raise InvalidRequestError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}", "max_gen_len")
+
+    def _check_prompts(self, prompt_tokens) -> list[list[int]]:
+        if not isinstance(prompt_tokens, (list, tuple)) or len(prompt_tokens) == 0:
+            raise InvalidRequestError("no prompts given: pass a non-empty list of prompts", "prompt")
+        if len(prompt_tokens) > self.max_batch_size:
+            raise InvalidRequestError(
+                f"{len(prompt_tokens)} prompts but max_batch_size is {self.max_batch_size}; pass fewer "
+                f"prompts per call or build with a larger max_batch_size", "prompt")
+        vocab = self.model.args.vocab_size
+        out = []
+        for i, toks in enumerate(prompt_tokens):
+            if isinstance(toks, torch.Tensor):
+                toks = toks.tolist()
+            if not isinstance(toks, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in toks):
+                raise InvalidRequestError(f"prompt {i} must be a list of integer token ids", "prompt")
+            if len(toks) == 0:
+                raise InvalidRequestError(f"prompt {i} is empty; give at least one token (e.g. BOS)", "prompt")
+            bad = [t for t in toks if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})",
+                                          "prompt")
+            if len(toks) > self.max_seq_len:
+                raise ContextLengthError(
+                    f"prompt {i} is {len(toks)} tokens but the context (max_seq_len) is {self.max_seq_len}; "
+                    "shorten the prompt or build with a larger max_seq_len", "prompt")
+            out.append(list(toks))
+        return out
+
+    # ------------------------------------------------------------- reference
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Generate continuations of token-id prompts, exactly as Meta's `generate`."""
+        prompts = self._check_prompts(prompt_tokens)
+        self._check_sampling(temperature, top_p, max_gen_len)
+        batch = new_batch(prompts, max_gen_len, self.max_seq_len, self.tokenizer.pad_id, logprobs, self.device)
+        for _ in decode_steps(self.model, batch, temperature, top_p, self._stop, self.tokenizer.pad_id):
+            pass
+        return collect(batch, max_gen_len, echo, set(self.stop_ids))
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> list[CompletionPrediction]:
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        if isinstance(prompts, str):
+            raise InvalidRequestError("prompts must be a list of strings; wrap a single prompt in a list",
+                                      "prompt")
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise InvalidRequestError("prompts must be a list of strings", "prompt")
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        if logprobs:
+            return [{"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t],
+                     "logprobs": lp} for t, lp in zip(tokens, lps)]
+        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+    ) -> list[ChatPrediction]:
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        if not isinstance(dialogs, (list, tuple)) or not dialogs:
+            raise InvalidRequestError("dialogs must be a non-empty list of dialogs", "messages")
+        for i, dialog in enumerate(dialogs):
+            check_dialog(dialog, i)
+        unsafe = [has_special_tags(d) for d in dialogs]
+        prompt_tokens = [self.chat_format.encode_dialog(d) for d in dialogs]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+
+        def message(t, bad):
+            return {"role": "assistant", "content": UNSAFE_ERROR if bad else self.tokenizer.decode(t)}
+
+        if logprobs:
+            return [{"generation": message(t, bad), "tokens": [self.tokenizer.decode([x]) for x in t],
+                     "logprobs": lp} for t, lp, bad in zip(tokens, lps, unsafe)]
+        return [{"generation": message(t, bad)} for t, bad in zip(tokens, unsafe)]
+
+    # -------------------------------------------------------------- streaming
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_gen_len: int | None = None,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+    ) -> Iterator[StreamPiece]:
+        """Yield each new token of one prompt (text, or token ids) as it is produced.
+
+        The same tokens as `generate([prompt], ...)`; the `text` pieces join to
+        `decode` of the generated ids. Stops at a stop token (not yielded).
+        """
+        if isinstance(prompt, str):
+            prompt = self.tokenizer.encode(prompt, bos=True, eos=False)
+        (ids,) = self._check_prompts([prompt])
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - len(ids)
+        self._check_sampling(temperature, top_p, max_gen_len)
+        return self._stream(ids, max_gen_len, temperature, top_p, logprobs)
+
+    def _stream(self, ids, max_gen_len, temperature, top_p, logprobs) -> Iterator[StreamPiece]:
+        batch = new_batch([ids], max_gen_len, self.max_seq_len, self.tokenizer.pad_id, logprobs, self.device)
+        text = IncrementalDecoder(self.tokenizer)
+        pending = None  # a token whose text is held back (an unfinished UTF-8 character)
+        for pos in decode_steps(self.model, batch, temperature, top_p, self._stop, self.tokenizer.pad_id):
+            if pos - len(ids) >= max_gen_len:
+                break
+            token = int(batch.tokens[0, pos])
+            if token in self.stop_ids:
+                break
+            piece = StreamPiece(token, text.push(token), float(batch.token_logprobs[0, pos]) if logprobs else None)
+            if pending is not None:
+                yield pending
+                pending = None
+            if piece.text:
+                yield piece
+            else:
+                pending = piece
+        if pending is not None:
+            pending.text += text.flush()
+            yield pending
+
+    def encode_chat(self, dialog: Dialog) -> list[int]:
+        """Prompt token ids of a dialog in the model's chat format."""
+        return self.chat_format.encode_dialog(dialog)

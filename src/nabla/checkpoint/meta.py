@@ -1,0 +1,110 @@
+"""Meta-format checkpoints: `params.json` + `consolidated.NN.pth` (+ `tokenizer.model`).
+
+Weights are opened with `torch.load(weights_only=True, mmap=True)`, so a
+checkpoint is paged in from disk as it is copied into the model instead of
+being held twice in memory. Extra keys (`rope.freqs`) are ignored; missing or
+mis-shaped keys are an error naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from nabla.checkpoint.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from nabla.errors import CheckpointError
+from nabla.model.args import ModelArgs
+
+IGNORED_KEYS = ("rope.freqs",)
+
+
+def shard_paths(ckpt_dir: str | Path) -> list[Path]:
+    """The consolidated.*.pth files of a Meta folder, in shard order."""
+    return sorted(Path(ckpt_dir).glob("consolidated.*.pth"))
+
+
+def is_meta_checkpoint(ckpt_dir: str | Path) -> bool:
+    d = Path(ckpt_dir)
+    return (d / "params.json").is_file() or bool(shard_paths(d))
+
+
+def load_shard(path: str | Path) -> dict[str, torch.Tensor]:
+    """One .pth state dict, memory-mapped, with a clear error when the file is damaged."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"cannot read {path}: {str(e).splitlines()[0]}. The file may be truncated or not a "
+            f"PyTorch checkpoint; re-download or re-convert it") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    if "model" in state and isinstance(state["model"], dict):  # a training checkpoint
+        state = state["model"]
+    return state
+
+
+def load_meta_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of a Meta folder with one shard."""
+    paths = shard_paths(ckpt_dir)
+    if not paths:
+        raise CheckpointError(f"no consolidated.*.pth in {ckpt_dir}; a Meta checkpoint folder holds "
+                              "params.json and consolidated.00.pth")
+    if len(paths) > 1:
+        from nabla.checkpoint.shards import merge_shards  # model-parallel checkpoints
+
+        return merge_shards([load_shard(p) for p in paths])
+    return load_shard(paths[0])
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+              progress: bool = False) -> None:
+    """Copy `state` into `model` (casting dtype), checking every key and shape."""
+    want = expected_shapes(model)
+    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+    missing = [k for k in want if k not in state and not (tied and k == "output.weight")]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source} is missing weights: {', '.join(missing[:5])}{more}. "
+                              "Is it a checkpoint of this model (see params.json)?")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers()))
+    keys = [k for k in want if k in state]
+    it = keys
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(keys, desc="loading weights", unit="tensor", leave=False)
+    with torch.no_grad():
+        for key in it:
+            src = state[key]
+            if not isinstance(src, torch.Tensor):
+                raise CheckpointError(f"{source}: {key} is not a tensor")
+            if src.shape != want[key]:
+                raise CheckpointError(f"{source}: {key} has shape {tuple(src.shape)}, the model expects "
+                                      f"{tuple(want[key])} (check params.json against the weights)")
+            params[key].copy_(src)
+
+
+def save_meta_checkpoint(out_dir: str | Path, model: torch.nn.Module, args: ModelArgs,
+                         tokenizer_path: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a Meta folder that Meta's code and nabla both load; each file atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings:
+        state.pop("output.weight", None)
+    atomic_torch_save(state, out / "consolidated.00.pth")
+    atomic_write_text(out / "params.json", json.dumps(args.to_params(), indent=2) + "\n")
+    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
+        atomic_write_bytes(out / "tokenizer.model", Path(tokenizer_path).read_bytes())
+    return out

@@ -1,0 +1,210 @@
+"""Model hyper-parameters: one dataclass, Meta's params.json reader, and the
+one table of named model shapes (used by `nabla train --preset` and
+`nabla bench --shape`).
+
+Leaves out: reading weights (see nabla.checkpoint) and Hugging Face
+config.json (nabla.checkpoint.hf maps it onto these same fields).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from nabla.errors import ConfigError
+
+# Llama 3.1's "use_scaled_rope": the frequency scaling Meta applies to rope_theta.
+LLAMA3_ROPE_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    """Width of the residual stream."""
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (MHA)."""
+    vocab_size: int = -1
+    """-1 means: take it from the tokenizer."""
+    multiple_of: int = 256
+    """The feed-forward width is rounded up to a multiple of this."""
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    """Llama 3 style frequency scaling (factor, low/high_freq_factor, original_max_position_embeddings)."""
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    head_dim: int | None = None
+    """Per-head width; None means dim // n_heads (Hugging Face configs may set it)."""
+    hidden_dim: int | None = None
+    """Feed-forward width; None means derived from dim, multiple_of and ffn_dim_multiplier."""
+    tie_word_embeddings: bool = False
+    """Output head shares the token embedding (some Hugging Face models)."""
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0:
+            raise ConfigError(f"n_kv_heads must be a positive integer, got {self.n_kv_heads!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"the head size ({self.head_dim}) must be even for rotary embeddings")
+        if not isinstance(self.vocab_size, int) or (self.vocab_size <= 0 and self.vocab_size != -1):
+            raise ConfigError(f"vocab_size must be a positive integer or -1, got {self.vocab_size!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+            raise ConfigError(f"norm_eps must be a small positive number, got {self.norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if self.ffn_dim_multiplier is not None and not (
+                isinstance(self.ffn_dim_multiplier, (int, float)) and self.ffn_dim_multiplier > 0):
+            raise ConfigError(f"ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier!r}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+        if self.hidden_dim is None:
+            self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def to_params(self) -> dict:
+        """The params.json Meta's code (and nabla) reads back into the same model."""
+        params = {
+            "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads, "vocab_size": self.vocab_size,
+            "multiple_of": self.multiple_of, "ffn_dim_multiplier": self.ffn_dim_multiplier,
+            "norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+        }
+        if self.ffn_dim_multiplier is None:
+            del params["ffn_dim_multiplier"]
+        if self.rope_scaling is not None:
+            if self.rope_scaling == LLAMA3_ROPE_SCALING:
+                params["use_scaled_rope"] = True
+            else:
+                params["rope_scaling"] = dict(self.rope_scaling)
+        if self.head_dim != self.dim // self.n_heads:
+            params["head_dim"] = self.head_dim
+        if self.hidden_dim != ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier):
+            params["hidden_dim"] = self.hidden_dim
+        if self.tie_word_embeddings:
+            params["tie_word_embeddings"] = True
+        return params
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU width as Meta sizes it: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _check_rope_scaling(scaling: dict) -> dict:
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling must be a mapping, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "llama3"))
+    if kind != "llama3":
+        raise ConfigError(f"rope_scaling of type {kind!r} is not supported; nabla implements 'llama3'")
+    out = dict(LLAMA3_ROPE_SCALING)
+    for key in out:
+        if key in scaling:
+            out[key] = scaling[key]
+    if not (out["factor"] > 0 and out["high_freq_factor"] > out["low_freq_factor"] > 0
+            and out["original_max_position_embeddings"] > 0):
+        raise ConfigError(f"invalid rope_scaling values: {scaling!r}")
+    return out
+
+
+# Keys of Meta params.json files that change nothing in the math.
+_IGNORED_PARAMS = {"max_batch_size", "max_seq_len"}
+_PARAM_KEYS = {f.name for f in fields(ModelArgs)} | {"use_scaled_rope"}
+
+
+def read_params(path: str | Path) -> dict:
+    """params.json as a dict, with a clear error when it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: a Meta checkpoint folder needs params.json next to its .pth files")
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must hold a JSON object of model settings, got {type(params).__name__}")
+    return params
+
+
+def args_from_params(params: dict, **overrides) -> ModelArgs:
+    """ModelArgs from a Meta params.json dict; unknown keys warn, bad values raise."""
+    params = dict(params)
+    unknown = sorted(set(params) - _PARAM_KEYS)
+    if unknown:
+        warnings.warn(f"params.json has keys nabla does not use, ignored: {', '.join(unknown)}", stacklevel=2)
+        for key in unknown:
+            del params[key]
+    for key in _IGNORED_PARAMS:
+        params.pop(key, None)
+    if params.pop("use_scaled_rope", False) and params.get("rope_scaling") is None:
+        params["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
+    for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        if isinstance(params.get(key), int) and not isinstance(params.get(key), bool):
+            params[key] = float(params[key])
+    try:
+        return ModelArgs(**{**params, **overrides})
+    except TypeError as e:
+        raise ConfigError(f"invalid model settings: {e}") from None
+
+
+# The one table of named model shapes. "tiny" is for tests; the rest match
+# published models (stories15M/110M from llama2.c, TinyLlama 1.1B, Llama 2 7B).
+SHAPES: dict[str, dict] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32),
+    "stories15m": dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32),
+    "stories42m": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=32),
+    "110m": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=32),
+    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000,
+                           multiple_of=256, hidden_dim=5632),
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
+}
+
+
+def from_name(name: str, **overrides) -> ModelArgs:
+    """ModelArgs for a named shape from SHAPES, with overrides."""
+    key = name.lower()
+    if key not in SHAPES:
+        raise ConfigError(f"unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}")
+    return ModelArgs(**{**SHAPES[key], **overrides})
+
+
+def param_count(args: ModelArgs) -> int:
+    """Number of weights in a model of this shape."""
+    d, hd = args.dim, args.head_dim
+    attn = d * hd * (2 * args.n_heads + 2 * args.n_kv_heads)
+    ffn = 3 * d * args.hidden_dim
+    per_layer = attn + ffn + 2 * d
+    emb = args.vocab_size * d
+    return args.n_layers * per_layer + d + emb * (1 if args.tie_word_embeddings else 2)
+

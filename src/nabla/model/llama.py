@@ -1,0 +1,232 @@
+"""The Llama transformer as Meta defines it.
+
+RMSNorm, rotary position embeddings (with Llama 3 frequency scaling),
+grouped-query attention with a key/value cache, SwiGLU feed-forward, untied
+(or tied) output head. Parameter names are Meta's (`wq`, `w1`,
+`attention_norm`...) so Meta state dicts load as they are.
+
+The forward pass returns float32 logits; sampling lives in nabla.generation.
+Each sequence of a batch may sit at its own position in the cache (`start_pos`
+as a tensor), which is what batched decoding and the server need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nabla.model.args import ModelArgs
+from nabla.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the compute dtype, as Meta does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Rotation speed of each pair of head channels, (head_dim/2,), float32."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    if args.rope_scaling is None:
+        return inv_freq
+    # Llama 3.1: slow down low frequencies (long wavelengths) by `factor`, keep
+    # high ones, and blend linearly in between.
+    s = args.rope_scaling
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, blended)
+    return torch.where(wavelen < old_len / hi, inv_freq, scaled)
+
+
+def rope_table(args: ModelArgs, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, channel pair) angle, each (max_seq_len, head_dim/2)."""
+    t = torch.arange(max_seq_len, dtype=torch.float32)
+    angles = torch.outer(t, rope_frequencies(args))
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent channel pair (x0, x1) of x (B, T, H, hd) by its angle.
+
+    Meta pairs channels (0,1), (2,3), ... (as complex numbers); Hugging Face
+    checkpoints permute the q/k weights so that pairs are (i, i + hd/2) instead,
+    which the HF loader undoes. cos, sin: (B or 1, T, 1, hd/2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+        self.dropout = 0.0
+
+    def forward(self, x, cos, sin, pos: "Positions | None") -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
+        gqa = q.shape[1] != k.shape[1]
+        if pos is None:  # training / no cache: plain causal attention
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=gqa,
+                dropout_p=self.dropout if self.training else 0.0)
+        else:
+            k, v = self.cache.update(pos, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x, cos, sin, pos):
+        h = x + self.drop(self.attention(self.attention_norm(x), cos, sin, pos))
+        return h + self.drop(self.feed_forward(self.ffn_norm(h)))
+
+
+class Positions:
+    """Where a forward pass writes into and reads from the key/value cache.
+
+    `start` is an int (every sequence at the same position, as in Meta's
+    generate) or a (B,) tensor (each sequence at its own position); `rows`
+    picks the cache rows (default: rows 0..B-1). `mask` is True where a query
+    may attend a key.
+    """
+
+    def __init__(self, start: int | torch.Tensor, T: int, B: int, device, rows: torch.Tensor | None = None):
+        self.start, self.T, self.rows = start, T, rows
+        if isinstance(start, int) and rows is None:
+            self.idx = torch.arange(start, start + T, device=device)  # (T,)
+            self.length = start + T
+            # One query at the end of the filled cache may see every key: no mask.
+            self.mask = None if T == 1 else (
+                torch.arange(self.length, device=device)[None, :] <= self.idx[:, None])
+        else:
+            start = torch.as_tensor(start, device=device).reshape(-1).expand(B)
+            self.idx = start[:, None] + torch.arange(T, device=device)  # (B, T)
+            self.length = int(self.idx.max()) + 1
+            keys = torch.arange(self.length, device=device)
+            self.mask = (keys[None, None, :] <= self.idx[:, :, None])[:, None]  # (B, 1, T, L)
+        self.shared = self.idx.dim() == 1
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, dropout: float = 0.0):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError("ModelArgs.vocab_size must be set (from the tokenizer) before building the model")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
+        self.set_dropout(dropout)
+
+    def init_rope(self, max_seq_len: int | None = None) -> None:
+        """(Re)compute the float32 rotary tables on the model's device (after to_empty / to(dtype))."""
+        cos, sin = rope_table(self.args, max_seq_len or self.args.max_seq_len)
+        device = self.tok_embeddings.weight.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def set_dropout(self, p: float) -> None:
+        for layer in self.layers:
+            layer.drop.p = p
+            layer.attention.dropout = p
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> None:
+        """Allocate the key/value cache once, on the model's device and dtype."""
+        max_seq_len = max_seq_len or self.args.max_seq_len
+        w = self.layers[0].attention.wk.weight
+        for layer in self.layers:
+            a = layer.attention
+            a.cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim, w.dtype, w.device)
+        if self.rope_cos.shape[0] < max_seq_len or self.rope_cos.dtype != torch.float32:
+            self.init_rope(max_seq_len)
+
+    @property
+    def has_cache(self) -> bool:
+        return self.layers[0].attention.cache is not None
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor | None = None,
+        *,
+        rows: torch.Tensor | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) in float32 for tokens (B, T).
+
+        With `start_pos` None the pass is stateless and causal (training,
+        scoring); otherwise keys and values are written to the cache at
+        start_pos.. and attention reads everything cached before them.
+        `last_only` computes logits for the last position only (B, 1, vocab).
+        `return_hidden` returns the final normalised hidden states instead.
+        """
+        B, T = tokens.shape
+        h = self.tok_embeddings(tokens)
+        if start_pos is None:
+            pos = None
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            cos, sin = cos[None, :, None], sin[None, :, None]
+        else:
+            pos = Positions(start_pos, T, B, tokens.device, rows)
+            cos, sin = self.rope_cos[pos.idx], self.rope_sin[pos.idx]
+            cos, sin = (cos[None, :, None], sin[None, :, None]) if pos.shared else (cos[:, :, None], sin[:, :, None])
+        for layer in self.layers:
+            h = layer(h, cos, sin, pos)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        if last_only:
+            h = h[:, -1:]
+        return self.output(h).float()

@@ -1,0 +1,45 @@
+"""SentencePiece `tokenizer.model` files (Llama 1 and 2, and models nabla trains)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from sentencepiece import SentencePieceProcessor
+
+from nabla.errors import TokenizerError
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_path: str | Path):
+        path = Path(model_path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file {path} not found; pass the path of tokenizer.model")
+        self.sp = SentencePieceProcessor()
+        try:
+            ok = self.sp.Load(str(path))
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{path} is not a SentencePiece model ({e})") from None
+        if not ok:  # pragma: no cover - Load raises on failure in current releases
+            raise TokenizerError(f"{path} is not a SentencePiece model")
+        self.path = path
+        self.n_words: int = self.sp.vocab_size()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        self.pad_id: int = self.sp.pad_id()
+        self.stop_ids: tuple[int, ...] = (self.eos_id,)
+
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        if not isinstance(s, str):
+            raise TokenizerError(f"can only encode text (str), got {type(s).__name__}")
+        ids = self.sp.encode(s)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({str(self.path)!r}, n_words={self.n_words})"
