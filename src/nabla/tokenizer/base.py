@@ -30,10 +30,12 @@ class IncrementalDecoder:
     `decode(all ids)`.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, prefix: Sequence[int] = ()):
+        # With a prefix (the prompt), pieces continue its text: the first one
+        # keeps its leading space, as it reads after the prompt.
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
+        self.ids: list[int] = list(prefix)
+        self.text = tokenizer.decode(self.ids) if self.ids else ""
 
     def push(self, token: int) -> str:
         self.ids.append(token)
