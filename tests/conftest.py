@@ -20,7 +20,7 @@ TINYLLAMA_DIR = SHARED / "tokenizers" / "tinyllama-1.1b-chat-v1.0"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def random_state(args, seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
+def random_state(args, seed: int = 0, std: float = 0.05) -> dict[str, torch.Tensor]:
     """Random weights for a model of shape `args`, in Meta's naming."""
     from nabla.model import Transformer
 
