@@ -16,6 +16,7 @@ from nabla.errors import NablaError
 # One line per module that registers commands, in the order `--help` lists them.
 COMMAND_MODULES = (
     "nabla.generation.commands",  # generate, chat
+    "nabla.network.commands",  # mnist
 )
 
 
