@@ -55,7 +55,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return DTYPE_NAMES[dtype.lower()]
     except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}: use one of fp32, bf16, fp16") from None
+        raise ConfigError(f"unknown dtype {dtype!r}: use one of fp32, bf16, fp16 (or auto)") from None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -63,6 +63,34 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return DEFAULT_DTYPE.get(device.type, torch.float32)
+
+
+def auto_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    """The checkpoint's own dtype where `device` computes in it well, else the nearest one.
+
+    bf16 stays bf16 on CPUs and on GPUs that have it (fp16 on older GPUs and
+    on MPS); fp16 stays fp16 on GPUs and MPS (CPUs compute it in fp32); fp32
+    stays fp32.
+    """
+    if checkpoint_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return default_dtype(device)
+    if checkpoint_dtype == torch.float32:
+        return torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if checkpoint_dtype == torch.bfloat16 else torch.float32
+    if device.type == "cuda":
+        return torch.float16 if not torch.cuda.is_bf16_supported() else checkpoint_dtype
+    if device.type == "mps":
+        return torch.float16
+    return default_dtype(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
+                  checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The compute dtype for a request: a name, "auto" (the checkpoint's), or None (the device's)."""
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        return auto_dtype(device, checkpoint_dtype)
+    return parse_dtype(dtype) or default_dtype(device)
 
 
 def dist_backend(device: torch.device) -> str:
@@ -90,3 +118,24 @@ def use_all_cores() -> None:
         n = os.cpu_count() or 1
     if torch.get_num_threads() < n and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(n)
+
+
+def quantized_kernel(device: torch.device, mode: str) -> str:
+    """The kernel that computes int8 / int4 products fastest on `device` (see nabla.model.quantize).
+
+    Measured on an AVX2 CPU without native bf16 (BENCHMARKS.md, issue 9):
+    FBGEMM's dynamic int8 linear beat fp32 F.linear (2x at batch 1, >10x at
+    batch 8) while torch's weight-only int8/int4 kernels ran 20-40x slower than
+    fp32; so x86 CPUs take FBGEMM for int8. For int4 torch's int4pack kernel
+    beat rebuilding the weight per call (4x at batch 1) but stayed slower than
+    fp32 there: int4 saves memory, not time, on such a CPU. Weights stay small;
+    products run in fp32 or in the integer kernel, never in bf16 arithmetic the
+    CPU lacks.
+    """
+    if device.type != "cpu":
+        return "dequant"
+    if mode == "int8":
+        if "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic"):
+            return "fbgemm"
+        return "dequant"
+    return "int4pack" if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else "dequant"

@@ -1,22 +1,32 @@
 """Checkpoint folders: find out what a folder holds and open it.
 
-`open_checkpoint(dir)` returns the model's settings, a (lazily loaded, memory
-mapped) state dict in Meta's naming, and the folder's tokenizer file if any.
+`open_checkpoint(dir)` tells the format from the files (never the folder's
+name) and returns the model's settings, a lazily loaded, memory-mapped state
+dict in Meta's naming, the stored dtype and shapes, and the folder's
+tokenizer file if any:
+
+    Meta:          params.json + consolidated.NN.pth (any number of shards)
+    Hugging Face:  config.json + model.safetensors, sharded safetensors with
+                   model.safetensors.index.json, or pytorch_model*.bin
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from nabla.checkpoint import meta
+from nabla.checkpoint import hf, meta
+from nabla.checkpoint.shards import LazyState, merge_shards
 from nabla.errors import CheckpointError
 from nabla.model.args import ModelArgs, args_from_params, read_params
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+PROGRESS_BYTES = 1 << 30  # checkpoints from 1 GiB load with a progress bar
 
 
 @dataclass
@@ -24,8 +34,41 @@ class Checkpoint:
     path: Path
     format: str  # "meta" or "hf"
     args: ModelArgs  # vocab_size may be -1 (take it from the tokenizer)
-    load_state: Callable[[], dict[str, torch.Tensor]]
+    load_state: Callable[[], Mapping[str, torch.Tensor]]
     tokenizer_path: Path | None
+    dtype: torch.dtype | None = None
+    """The dtype the weights are stored in."""
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Every weight's shape in Meta naming (shards merged), known without loading."""
+    files: list[Path] = field(default_factory=list)
+    """The weight files."""
+    num_shards: int = 1
+    """Model-parallel shards (Meta) or weight files (HF)."""
+    context_length: int | None = None
+    """The context the model was trained for (HF max_position_embeddings), when known."""
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)
+    """Stop tokens named by the model's config (HF eos_token_id, maybe a list)."""
+
+    @property
+    def n_params(self) -> int:
+        total = 0
+        for key, shape in self.shapes.items():
+            if key != "rope.freqs":
+                n = 1
+                for s in shape:
+                    n *= s
+                total += n
+        return total
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    @property
+    def show_progress(self) -> bool:
+        """Whether loading deserves a progress bar: a big checkpoint and a terminal to draw on."""
+        return self.size_bytes >= PROGRESS_BYTES and sys.stderr.isatty()
 
 
 def check_folder(ckpt_dir: str | Path) -> Path:
@@ -40,20 +83,69 @@ def check_folder(ckpt_dir: str | Path) -> Path:
     return path
 
 
-def find_tokenizer(path: Path) -> Path | None:
-    for name in TOKENIZER_FILES:
+def find_tokenizer(path: Path, prefer: tuple[str, ...] = TOKENIZER_FILES) -> Path | None:
+    for name in prefer:
         if (path / name).is_file():
             return path / name
     return None
 
 
-def open_checkpoint(ckpt_dir: str | Path, **overrides) -> Checkpoint:
-    path = check_folder(ckpt_dir)
-    if meta.is_meta_checkpoint(path):
-        if not meta.shard_paths(path):
-            raise CheckpointError(f"{path} has params.json but no consolidated.*.pth weight file")
-        args = args_from_params(read_params(path / "params.json"), **overrides)
-        return Checkpoint(path, "meta", args, lambda: meta.load_meta_state(path), find_tokenizer(path))
+def detect_format(path: Path) -> str:
+    """'meta' or 'hf', from which files the folder holds."""
+    has_meta = (path / "params.json").is_file() and bool(meta.shard_paths(path))
+    hf_files = hf.weight_files(path) if (path / "config.json").is_file() else []
+    has_hf = bool(hf_files)
+    if has_meta and has_hf:
+        raise CheckpointError(
+            f"{path} holds both a Meta checkpoint (params.json + consolidated.*.pth) and a Hugging Face "
+            "one (config.json + weights); move one of them to its own folder and pass that folder")
+    if has_meta:
+        return "meta"
+    if has_hf:
+        return "hf"
+    if (path / "params.json").is_file():
+        raise CheckpointError(f"{path} has params.json but no consolidated.*.pth weight file; "
+                              "download the weights into the same folder")
+    if meta.shard_paths(path):
+        raise CheckpointError(f"{path} has consolidated.*.pth but no params.json; a Meta checkpoint "
+                              "needs the params.json that came with it")
+    if (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has config.json but no weights: expected model.safetensors, "
+                              "model.safetensors.index.json (with its shards) or pytorch_model.bin")
     names = ", ".join(sorted(p.name for p in path.iterdir())[:8])
     raise CheckpointError(f"{path} is not a model folder nabla knows: expected params.json + "
-                          f"consolidated.*.pth (Meta) but found: {names}")
+                          f"consolidated.*.pth (Meta) or config.json + model.safetensors (Hugging Face), "
+                          f"but found: {names}")
+
+
+def _meta_state(path: Path, params: dict) -> LazyState:
+    return merge_shards([meta.load_shard(p) for p in meta.shard_paths(path)], params, file_backed=True)
+
+
+def open_checkpoint(ckpt_dir: str | Path, **overrides) -> Checkpoint:
+    path = check_folder(ckpt_dir)
+    fmt = detect_format(path)
+    if fmt == "meta":
+        params = read_params(path / "params.json")
+        args = args_from_params(params, **overrides)
+        state = _meta_state(path, params)  # reads only the pickles: shapes and dtypes
+        files = meta.shard_paths(path)
+        return Checkpoint(path, "meta", args, lambda: _meta_state(path, params), find_tokenizer(path),
+                          dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files))
+    config = hf.read_config(path / "config.json")
+    args = hf.config_to_args(config, source=str(path / "config.json"), **overrides)
+    files = hf.weight_files(path)
+    state = hf.load_hf_state(path, args, files)
+    bos = hf.token_ids(config.get("bos_token_id"))
+    eos = hf.token_ids(config.get("eos_token_id"))
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos += [i for i in hf.token_ids(hf.read_config(gen).get("eos_token_id")) if i not in eos]
+    return Checkpoint(path, "hf", args, lambda: hf.load_hf_state(path, args, files),
+                      find_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
+                      dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files),
+                      context_length=config.get("max_position_embeddings"),
+                      bos_id=bos[0] if bos else None, eos_ids=eos)
+
+
+__all__ = ["Checkpoint", "open_checkpoint", "detect_format", "find_tokenizer", "check_folder"]

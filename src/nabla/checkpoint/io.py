@@ -22,6 +22,7 @@ def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
@@ -31,6 +32,12 @@ def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

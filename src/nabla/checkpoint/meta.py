@@ -75,6 +75,8 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{source} is missing weights: {', '.join(missing[:5])}{more}. "
                               "Is it a checkpoint of this model (see params.json)?")
+    if tied and model.output.weight is not model.tok_embeddings.weight:
+        model.output.weight = model.tok_embeddings.weight  # to_empty() unties shared weights
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
     keys = [k for k in want if k in state]
@@ -83,6 +85,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
         from tqdm import tqdm
 
         it = tqdm(keys, desc="loading weights", unit="tensor", leave=False)
+    release = getattr(state, "release", None)  # memory-mapped files: drop pages once copied
     with torch.no_grad():
         for key in it:
             src = state[key]
@@ -92,6 +95,9 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
                 raise CheckpointError(f"{source}: {key} has shape {tuple(src.shape)}, the model expects "
                                       f"{tuple(want[key])} (check params.json against the weights)")
             params[key].copy_(src)
+            del src
+            if release is not None:
+                release(key)
 
 
 def save_meta_checkpoint(out_dir: str | Path, model: torch.nn.Module, args: ModelArgs,

@@ -4,13 +4,20 @@ Llama 2's `[INST]` format is Meta's reference `chat_completion`, exactly:
 the optional system message is folded into the first user turn inside
 `<<SYS>>` tags, each finished user/assistant exchange is its own BOS...EOS
 sequence (note the space before EOS), and the last user turn ends the prompt.
+
+Llama 3's header format is Meta's llama3 `ChatFormat`; other models bring
+their own Jinja template in tokenizer_config.json (`JinjaChatFormat`). A
+tokenizer picks its format through a `chat_format` attribute.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from datetime import datetime
 from typing import Literal, TypedDict
 
-from nabla.errors import InvalidRequestError
+from nabla.errors import InvalidRequestError, TokenizerError
 from nabla.tokenizer.base import Tokenizer
 
 Role = Literal["system", "user", "assistant"]
@@ -76,6 +83,103 @@ class Llama2ChatFormat:
             text = f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} "
             tokens += self.tokenizer.encode(text, bos=True, eos=True)
         tokens += self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+        return tokens
+
+
+class Llama3ChatFormat:
+    """Meta's Llama 3 chat prompt: a header per message, <|eot_id|> after each.
+
+    <|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>...
+    then an open assistant header for the model to answer in.
+    """
+
+    name = "llama3"
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.special = tokenizer.special_tokens
+
+    def encode_header(self, role: str) -> list[int]:
+        return ([self.special["<|start_header_id|>"]] + self.tokenizer.encode(role, bos=False, eos=False)
+                + [self.special["<|end_header_id|>"]] + self.tokenizer.encode("\n\n", bos=False, eos=False))
+
+    def encode_message(self, message: Message) -> list[int]:
+        return (self.encode_header(message["role"])
+                + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+                + [self.special["<|eot_id|>"]])
+
+    def encode_dialog(self, dialog: Dialog) -> list[int]:
+        tokens = [self.special["<|begin_of_text|>"]]
+        for message in dialog:
+            tokens += self.encode_message(message)
+        return tokens + self.encode_header("assistant")  # the model writes the answer next
+
+
+class JinjaChatFormat:
+    """A Hugging Face chat template (tokenizer_config.json `chat_template`), rendered as
+    transformers renders it: a sandboxed Jinja environment with trim_blocks and
+    lstrip_blocks, `raise_exception`, the messages, bos/eos tokens and
+    add_generation_prompt=True. The text is then encoded as it stands (its
+    special tokens recognised, no second BOS added).
+    """
+
+    name = "template"
+
+    def __init__(self, tokenizer: Tokenizer, template: str, bos_token: str = "", eos_token: str = ""):
+        from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise InvalidRequestError(f"the model's chat template refused the dialog: {message}", "messages")
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            return datetime.now().strftime(fmt)
+
+        self.tokenizer = tokenizer
+        self.bos_token, self.eos_token = bos_token, eos_token
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        try:
+            self.template = env.from_string(template)
+        except TemplateError as e:
+            raise TokenizerError(f"the chat template in tokenizer_config.json does not parse: {e}") from None
+
+    def render(self, dialog: Dialog, add_generation_prompt: bool = True) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.template.render(messages=[dict(m) for m in dialog], bos_token=self.bos_token,
+                                        eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:
+            raise InvalidRequestError(f"the model's chat template failed on this dialog: {e}", "messages") from None
+
+    def encode_dialog(self, dialog: Dialog) -> list[int]:
+        text = self.render(dialog)
+        encode_text = getattr(self.tokenizer, "encode_with_special", None)
+        if encode_text is not None:
+            return encode_text(text)
+        return self._encode_split(text)
+
+    def _encode_split(self, text: str) -> list[int]:
+        """For tokenizers that do not parse special tokens (SentencePiece): cut the text at
+        the BOS/EOS strings and put their ids in."""
+        specials = {t: i for t, i in ((self.bos_token, self.tokenizer.bos_id),
+                                      (self.eos_token, self.tokenizer.eos_id)) if t}
+        if not specials:
+            return self.tokenizer.encode(text, bos=False, eos=False)
+        parts = re.split("(" + "|".join(re.escape(t) for t in specials) + ")", text)
+        tokens: list[int] = []
+        for part in parts:
+            if part in specials:
+                tokens.append(specials[part])
+            elif part:
+                tokens += self.tokenizer.encode(part, bos=False, eos=False)
         return tokens
 
 
