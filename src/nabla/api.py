@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, TypedDict
@@ -61,46 +62,65 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         verbose: bool = False,
+        quantize: str | None = None,
     ) -> "Llama":
         """Load a checkpoint folder and its tokenizer, ready to generate.
 
         `tokenizer_path` may be None when the folder holds its tokenizer.
         `device` None picks CUDA, then MPS, then CPU; `dtype` None picks the
-        device's compute dtype (fp32 on CPU, bf16 on CUDA, fp16 on MPS).
+        device's compute dtype (fp32 on CPU, bf16 on CUDA, fp16 on MPS); "auto"
+        keeps the checkpoint's dtype where the device supports it. `quantize`
+        "int8" or "int4" stores the linear layers' weights in fewer bits
+        (nabla.model.quantize).
         """
         start = time.time()
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if model_parallel_size not in (None, 1):
-            raise ConfigError(
-                f"model_parallel_size={model_parallel_size} needs the distributed engine; "
-                "run with model_parallel_size=None (one process loads any checkpoint)")
+        from nabla.distributed import model_parallel_world, shard_model
+
+        mp = model_parallel_world(model_parallel_size)  # 1, or the torchrun world the model is split across
+        if quantize is not None and mp > 1:
+            raise ConfigError(f"quantize={quantize!r} is not supported with model_parallel_size={mp} yet; "
+                              "use one or the other")
         ckpt = open_checkpoint(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         tok_path = tokenizer_path if tokenizer_path is not None else ckpt.tokenizer_path
         if tok_path is None:
             raise TokenizerError(f"{ckpt.path} holds no tokenizer.model; pass tokenizer_path "
                                  "(--tokenizer FILE) pointing to the model's tokenizer")
         tokenizer = load_tokenizer(tok_path)
+        # Stop tokens the model's own config names (HF eos_token_id lists) count too.
+        extra = [i for i in ckpt.eos_ids if i not in tokenizer.stop_ids and 0 <= i < tokenizer.n_words]
+        if extra:
+            tokenizer.stop_ids = (*tokenizer.stop_ids, *extra)
+        if ckpt.context_length and max_seq_len > ckpt.context_length:
+            warnings.warn(f"max_seq_len={max_seq_len} is longer than the {ckpt.context_length} tokens "
+                          f"{ckpt.path.name} was trained for; text past that may degrade", stacklevel=2)
         args = ckpt.args
         state = ckpt.load_state()
-        emb = state.get("tok_embeddings.weight")
+        emb = ckpt.shapes.get("tok_embeddings.weight")  # the shape only: reading it would join MP shards
         if args.vocab_size == -1:  # Meta's params.json: "take it from the tokenizer"
-            args.vocab_size = emb.shape[0] if emb is not None else tokenizer.n_words
+            args.vocab_size = emb[0] if emb is not None else tokenizer.n_words
         if tokenizer.n_words > args.vocab_size:
             raise TokenizerError(
                 f"the tokenizer {tok_path} has {tokenizer.n_words} ids but the model's embedding has only "
                 f"{args.vocab_size} rows; this tokenizer does not belong to this checkpoint")
 
         dev = devices.choose_device(device)
-        dt = devices.parse_dtype(dtype) or devices.default_dtype(dev)
+        dt = devices.resolve_dtype(dtype, dev, ckpt.dtype)  # "auto": keep the checkpoint's dtype
         with torch.device("meta"):
             model = Transformer(args)
+        if mp > 1:  # tensor parallel: this rank's layers and its slice of every weight
+            state = shard_model(model, state, mp, dev, ckpt)
         model = model.to(dtype=dt).to_empty(device=dev)
         model.init_rope()
-        load_into(model, state, source=str(ckpt.path), progress=verbose)
+        load_into(model, state, source=str(ckpt.path), progress=verbose or ckpt.show_progress)
         del state
         model.eval()
+        if quantize is not None:
+            from nabla.model.quantize import quantize_model
+
+            quantize_model(model, quantize)
         model.setup_cache(max_batch_size, max_seq_len)
         # Seed last, so the first sample draws from a freshly seeded stream
         # whatever loading did; every rank seeds the same way.
@@ -274,6 +294,27 @@ class Llama:
         if pending is not None:
             pending.text += text.flush()
             yield pending
+
+    def explain(
+        self,
+        prompt: str | Sequence[int],
+        max_gen_len: int | None = None,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k_shown: int = 5,
+        echo: bool = False,
+        seed: int | None = None,
+    ):
+        """Generate from one prompt and say, for every token, what the model weighed.
+
+        Returns a nabla.generation.explain.Explanation: per position the chosen
+        token, its probability and logprob, the top-k alternatives before and
+        after temperature and top-p, the nucleus size and the entropy. The
+        tokens are those `generate` picks after `torch.manual_seed(seed)`.
+        """
+        from nabla.generation.explain import explain
+
+        return explain(self, prompt, max_gen_len, temperature, top_p, top_k_shown, echo, seed)
 
     def encode_chat(self, dialog: Dialog) -> list[int]:
         """Prompt token ids of a dialog in the model's chat format."""

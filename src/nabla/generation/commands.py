@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,15 +12,22 @@ from nabla.errors import CheckpointError, NablaError
 from nabla.tokenizer.base import IncrementalDecoder
 
 
-def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batch_size: int = 1) -> None:
+def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batch_size: int = 1,
+                   batch_help: str = argparse.SUPPRESS) -> None:
     """--model, --tokenizer, --device, --dtype, --max-seq-len, --max-batch-size."""
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="checkpoint folder (default: the built-in story model)")
     g.add_argument("--tokenizer", metavar="FILE", help="tokenizer file, when the folder holds none")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: per device)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="compute dtype (default: per device; auto: the checkpoint's own)")
+    g.add_argument("--quantize", choices=["int8", "int4"],
+                   help="store the linear layers' weights in 8 or 4 bits (faster decode, less memory)")
     g.add_argument("--max-seq-len", type=int, default=max_seq_len, help="context length (default: %(default)s)")
-    g.add_argument("--max-batch-size", type=int, default=max_batch_size, help=argparse.SUPPRESS)
+    g.add_argument("--max-batch-size", type=int, default=max_batch_size, help=batch_help)
+    g.add_argument("--model-parallel-size", type=int, metavar="N",
+                   help="split the model across N processes started by `torchrun --nproc_per_node N` "
+                        "(default: torchrun's WORLD_SIZE, else 1)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_gen_len: int | None = 256) -> None:
@@ -43,13 +51,27 @@ def model_dir(args: argparse.Namespace) -> Path:
     return path
 
 
-def load_model(args: argparse.Namespace):
-    """Llama.build from the shared model flags."""
+def load_model(args: argparse.Namespace, rank_0_only: bool = False):
+    """Llama.build from the shared model flags.
+
+    Under torchrun every rank runs the command and only rank 0 prints; with
+    `rank_0_only` (chat, serve) only rank 0 runs it, the others follow its
+    forward passes and exit (nabla.distributed.only_rank_0_runs).
+    """
     from nabla.api import Llama
 
-    return Llama.build(model_dir(args), args.tokenizer, max_seq_len=args.max_seq_len,
-                       max_batch_size=args.max_batch_size, seed=getattr(args, "seed", 1),
-                       device=args.device, dtype=args.dtype, verbose=False)
+    llama = Llama.build(model_dir(args), args.tokenizer, max_seq_len=args.max_seq_len,
+                        max_batch_size=args.max_batch_size, seed=getattr(args, "seed", 1),
+                        device=args.device, dtype=args.dtype, verbose=False,
+                        quantize=getattr(args, "quantize", None),
+                        model_parallel_size=getattr(args, "model_parallel_size", None))
+    from nabla.distributed import is_main_process, only_rank_0_runs
+
+    if rank_0_only:
+        only_rank_0_runs(llama.model)
+    if not is_main_process():  # under torchrun every rank runs the same loop; only rank 0 prints
+        sys.stdout = open(os.devnull, "w")
+    return llama
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -89,7 +111,7 @@ def _echo(pieces, text: IncrementalDecoder, out):
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    llama = load_model(args)
+    llama = load_model(args, rank_0_only=True)
     system = [{"role": "system", "content": args.system}] if args.system else []
     turns: list[dict] = []
     print("nabla chat: type a message, Ctrl-D or /exit to quit, /reset to start over.", file=sys.stderr)
