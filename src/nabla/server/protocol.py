@@ -1,0 +1,221 @@
+"""The OpenAI HTTP API's request schemas (pydantic) and response shapes.
+
+Requests are validated strictly, as OpenAI does: unknown fields, wrong types
+and out-of-range values are errors naming the parameter (`param_of` turns a
+pydantic error location into OpenAI's `messages[0].content` spelling).
+Parameters OpenAI has but nabla does not implement are declared, so that
+setting one is a clear "not supported" error rather than silently ignored.
+
+Responses are plain dicts built by the small functions at the end; their
+fields are OpenAI's, in OpenAI's order.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nabla.errors import InvalidRequestError
+
+MAX_STOP = 4
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    # Parameters of OpenAI's API that nabla does not implement: set (to a
+    # value other than null or an empty default) they are a 400, never ignored.
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
+
+    def check_supported(self) -> None:
+        for name in self.UNSUPPORTED:
+            value = getattr(self, name, None)
+            if value is not None and value != [] and value != {}:
+                raise InvalidRequestError(f"nabla does not support the parameter '{name}'; remove it", name)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class _Sampling(Strict):
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    stop: Any = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
+    logit_bias: Any = None
+    ignore_eos: bool | None = False
+    """An extension (as in vLLM): keep generating past the end-of-text token, for benchmarks."""
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return None
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise ValueError("must be a string or a list of strings")
+        if len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(v)}")
+        if any(s == "" for s in v):
+            raise ValueError("stop sequences must not be empty strings")
+        return v
+
+    def check(self) -> None:
+        self.check_supported()
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when 'stream' is true", "stream_options")
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any = None
+    max_tokens: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1, le=128)
+    suffix: Any = None
+
+    UNSUPPORTED = ("logit_bias", "suffix")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return _text_or_ids(v, "prompt")
+
+    def check(self) -> None:
+        super().check()
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise InvalidRequestError(
+                f"nabla does not support best_of ({self.best_of}) different from n ({self.n or 1}); "
+                "drop best_of", "best_of")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+    UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+                    "logit_bias", "audio", "modalities", "prediction")
+
+    def check(self) -> None:
+        super().check()
+        fmt = self.response_format
+        if fmt is not None and fmt != {"type": "text"}:
+            raise InvalidRequestError("nabla does not support the parameter 'response_format' "
+                                      "(only {\"type\": \"text\"}); remove it", "response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs 'logprobs' set to true", "top_logprobs")
+
+
+class EmbeddingRequest(Strict):
+    model: str
+    input: Any = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    UNSUPPORTED = ("dimensions",)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v):
+        return _text_or_ids(v, "input")
+
+
+def _text_or_ids(v, what: str) -> list[str | list[int]]:
+    """A string, strings, token ids or lists of token ids, as a list of items."""
+    msg = f"must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if v is None:
+        raise ValueError(f"'{what}' is required")
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not v:
+        raise ValueError(msg + " (and not empty)")
+    if all(_is_int(t) for t in v):
+        return [v]
+    if all(isinstance(t, str) for t in v):
+        return v
+    if all(isinstance(t, list) and t and all(_is_int(x) for x in t) for t in v):
+        return v
+    raise ValueError(msg)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def param_of(loc: tuple) -> str | None:
+    """pydantic's error location ('messages', 0, 'content') as OpenAI's 'messages[0].content'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none"):
+            break  # a union member's tag, not a field
+        else:
+            out += ("." if out else "") + part
+    return out or None
+
+
+# ------------------------------------------------------------------ responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "nabla"}

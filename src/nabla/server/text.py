@@ -1,0 +1,103 @@
+"""Generated text as clients see it: decoded a few tokens at a time, and held back
+while it could still be the start of a stop string, so that a stop string never
+reaches the client, even when it is split over tokens.
+
+Leaves out: the tokens' logprob fields (nabla.server.serving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Tok:
+    """A generated (or echoed) token as the logprobs fields show it."""
+
+    id: int
+    text: str
+    bytes: list[int]
+    logprob: float | None
+    top: list[tuple[str, list[int], float]] | None
+    offset: int = 0  # characters before it in the choice's text
+
+
+class WindowDecoder:
+    """The text each new token adds after the prompt, decoding only a few tokens each time.
+
+    Decoding all ids at every token (nabla.tokenizer.base.IncrementalDecoder)
+    costs O(length) per token. Text only changes at its end, so this decodes
+    from a recent token (`start`) and diffs against that window's text before
+    the new tokens (`read`), as vLLM's incremental detokenizer does; a window
+    ending in an unfinished UTF-8 character waits for the next token.
+    """
+
+    def __init__(self, tokenizer, prefix: list[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(prefix)
+        self.read = len(self.ids)
+        self.start = max(0, self.read - 4)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.start:self.read])
+        after = self.tokenizer.decode(self.ids[self.start:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.start, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        before = self.tokenizer.decode(self.ids[self.start:self.read])
+        after = self.tokenizer.decode(self.ids[self.start:])
+        self.start = self.read = len(self.ids)
+        return after[len(before):]
+
+
+class ChoiceText:
+    """A choice's generated text, released as far as no stop string can still begin."""
+
+    def __init__(self, tokenizer, prompt: list[int], stops: list[str], base: int = 0):
+        self.decoder = WindowDecoder(tokenizer, prompt)
+        self.stops = stops
+        self.base = base  # offset of the generated text in the choice's text (echo)
+        self.text = ""
+        self.sent = 0
+        self.pending: list[tuple[Tok, int, int]] = []  # token, start, end in self.text
+
+    def push(self, tok: Tok) -> tuple[str, list[Tok], bool]:
+        start = len(self.text)
+        self.text += self.decoder.push(tok.id)
+        tok.offset = self.base + start
+        self.pending.append((tok, start, len(self.text)))
+        return self._release(final=False)
+
+    def finish(self) -> tuple[str, list[Tok], bool]:
+        self.text += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> tuple[str, list[Tok], bool]:
+        cut, stopped = len(self.text), False
+        found = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if found:
+            cut, stopped = min(found), True
+        elif not final:
+            cut -= self._held()
+        piece, self.sent = self.text[self.sent:cut], cut
+        if stopped:
+            toks = [t for t, start, _ in self.pending if start < cut]
+            self.pending = []
+        else:
+            toks = [t for t, _, end in self.pending if end <= cut]
+            self.pending = [p for p in self.pending if p[2] > cut]
+        return piece, toks, stopped
+
+    def _held(self) -> int:
+        """Length of the longest tail of the unsent text that starts a stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text) - self.sent), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
