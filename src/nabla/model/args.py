@@ -182,6 +182,8 @@ def args_from_params(params: dict, **overrides) -> ModelArgs:
 # published models (stories15M/110M from llama2.c, TinyLlama 1.1B, Llama 2 7B).
 SHAPES: dict[str, dict] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32),
+    # nabla's built-in story model (src/nabla/assets/stories, see MODEL_CARD.md).
+    "stories": dict(dim=192, n_layers=6, n_heads=6, vocab_size=4096, multiple_of=32),
     "stories15m": dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32),
     "stories42m": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=32),
     "110m": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=32),
