@@ -23,10 +23,17 @@ class KVCache(nn.Module):
             self.k[:B, :, pos.start : pos.length] = k
             self.v[:B, :, pos.start : pos.length] = v
             return self.k[:B, :, : pos.length], self.v[:B, :, : pos.length]
-        rows = pos.rows if pos.rows is not None else torch.arange(B, device=k.device)
         idx = pos.idx if not pos.shared else pos.idx.expand(B, -1)  # (B, T)
-        r = rows[:, None, None]
         h = torch.arange(k.shape[1], device=k.device)[None, :, None]
+        if pos.row_range is not None:  # consecutive rows: write and read through views
+            r0, r1 = pos.row_range
+            kc, vc = self.k[r0:r1], self.v[r0:r1]
+            r = torch.arange(B, device=k.device)[:, None, None]
+            kc[r, h, idx[:, None, :]] = k
+            vc[r, h, idx[:, None, :]] = v
+            return kc[:, :, : pos.length], vc[:, :, : pos.length]
+        rows = pos.rows
+        r = rows[:, None, None]
         self.k[r, h, idx[:, None, :]] = k
         self.v[r, h, idx[:, None, :]] = v
         return self.k[rows, :, : pos.length], self.v[rows, :, : pos.length]

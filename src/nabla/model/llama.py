@@ -29,10 +29,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the compute dtype, as Meta does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # Normalise in float32 whatever the compute dtype, as Meta does (one
+        # fused kernel instead of pow, mean, add, rsqrt, mul).
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -53,24 +52,27 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < old_len / hi, inv_freq, scaled)
 
 
-def rope_table(args: ModelArgs, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, channel pair) angle, each (max_seq_len, head_dim/2)."""
+def rope_table(args: ModelArgs, max_seq_len: int) -> torch.Tensor:
+    """(cos, sin) of every (position, channel pair) angle, (max_seq_len, head_dim/2, 2) float32.
+
+    The last axis is a complex number's (real, imaginary) parts, so
+    `torch.view_as_complex` reads the table as Meta's `freqs_cis` for free.
+    """
     t = torch.arange(max_seq_len, dtype=torch.float32)
     angles = torch.outer(t, rope_frequencies(args))
-    return angles.cos(), angles.sin()
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent channel pair (x0, x1) of x (B, T, H, hd) by its angle.
 
     Meta pairs channels (0,1), (2,3), ... (as complex numbers); Hugging Face
     checkpoints permute the q/k weights so that pairs are (i, i + hd/2) instead,
-    which the HF loader undoes. cos, sin: (B or 1, T, 1, hd/2).
+    which the HF loader undoes. freqs: complex (B or 1, T, 1, hd/2). One complex
+    multiply is one kernel, where cos/sin arithmetic on halves takes eight.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -84,12 +86,12 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.dropout = 0.0
 
-    def forward(self, x, cos, sin, pos: "Positions | None") -> torch.Tensor:
+    def forward(self, x, freqs, pos: "Positions | None") -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
         gqa = q.shape[1] != k.shape[1]
         if pos is None:  # training / no cache: plain causal attention
@@ -122,8 +124,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.drop = nn.Dropout(0.0)
 
-    def forward(self, x, cos, sin, pos):
-        h = x + self.drop(self.attention(self.attention_norm(x), cos, sin, pos))
+    def forward(self, x, freqs, pos):
+        h = x + self.drop(self.attention(self.attention_norm(x), freqs, pos))
         return h + self.drop(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -150,6 +152,15 @@ class Positions:
             self.length = int(self.idx.max()) + 1
             keys = torch.arange(self.length, device=device)
             self.mask = (keys[None, None, :] <= self.idx[:, :, None])[:, None]  # (B, 1, T, L)
+        # Rows r0, r0+1, ... in order (always so without `rows`): the cache rows
+        # are read as a view; otherwise they are gathered, a copy per layer.
+        self.row_range = None
+        if rows is None:
+            self.row_range = (0, B)
+        else:
+            r = rows.tolist()
+            if r == list(range(r[0], r[0] + len(r))):
+                self.row_range = (r[0], r[0] + len(r))
         self.shared = self.idx.dim() == 1
 
 
@@ -165,16 +176,14 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("rope", torch.empty(0), persistent=False)  # (max_seq_len, hd/2, 2)
         self.init_rope()
         self.set_dropout(dropout)
 
     def init_rope(self, max_seq_len: int | None = None) -> None:
         """(Re)compute the float32 rotary tables on the model's device (after to_empty / to(dtype))."""
-        cos, sin = rope_table(self.args, max_seq_len or self.args.max_seq_len)
-        device = self.tok_embeddings.weight.device
-        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        table = rope_table(self.args, max_seq_len or self.args.max_seq_len)
+        self.rope = table.to(self.tok_embeddings.weight.device)
 
     def set_dropout(self, p: float) -> None:
         for layer in self.layers:
@@ -184,11 +193,11 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> None:
         """Allocate the key/value cache once, on the model's device and dtype."""
         max_seq_len = max_seq_len or self.args.max_seq_len
-        w = self.layers[0].attention.wk.weight
+        w = self.tok_embeddings.weight  # the compute dtype (wk may hold int8 once quantized)
         for layer in self.layers:
             a = layer.attention
             a.cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim, w.dtype, w.device)
-        if self.rope_cos.shape[0] < max_seq_len or self.rope_cos.dtype != torch.float32:
+        if self.rope.shape[0] < max_seq_len or self.rope.dtype != torch.float32:
             self.init_rope(max_seq_len)
 
     @property
@@ -214,16 +223,20 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
+        if self.rope.dtype != torch.float32:  # a .to(dtype) cast the table: rebuild it exact
+            self.init_rope(self.rope.shape[0])
         if start_pos is None:
             pos = None
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-            cos, sin = cos[None, :, None], sin[None, :, None]
+            table = self.rope[None, :T]  # a view, no copy
         else:
             pos = Positions(start_pos, T, B, tokens.device, rows)
-            cos, sin = self.rope_cos[pos.idx], self.rope_sin[pos.idx]
-            cos, sin = (cos[None, :, None], sin[None, :, None]) if pos.shared else (cos[:, :, None], sin[:, :, None])
+            if isinstance(start_pos, int) and rows is None:
+                table = self.rope[None, start_pos: start_pos + T]
+            else:
+                table = self.rope[pos.idx if not pos.shared else pos.idx[None]]  # (B or 1, T, hd/2, 2)
+        freqs = torch.view_as_complex(table)[:, :, None]  # (B or 1, T, 1, hd/2)
         for layer in self.layers:
-            h = layer(h, cos, sin, pos)
+            h = layer(h, freqs, pos)
         h = self.norm(h)
         if return_hidden:
             return h

@@ -1,0 +1,345 @@
+"""`nabla bench`: how fast this machine prefills and decodes, against its memory limit.
+
+Decoding one token at batch 1 reads every weight once, so its ceiling is
+(memory read bandwidth) / (bytes of weights). `bench` measures the bandwidth
+with several probes (the best is the roofline), builds a model (a checkpoint,
+or random weights of a named shape from nabla.model.args.SHAPES; token ids are
+drawn at random, no tokenizer needed), times prefill and greedy decode, and
+reports decode as a fraction of the roofline. `--vs hf` times transformers'
+LlamaForCausalLM on the same weights in the same process, alternating runs.
+
+Leaves out: llama.cpp itself (`--vs llama.cpp` says how to install
+llama-cpp-python; writing the GGUF and timing it is not done here yet).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import re
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nabla import device as devices
+from nabla.errors import ConfigError
+from nabla.model.args import ModelArgs, from_name, param_count
+from nabla.model.llama import Transformer
+from nabla.model.quantize import quantize_model, weight_bytes
+
+LLAMA_CPP_HINT = ("llama-cpp-python is not installed; `pip install llama-cpp-python gguf` builds llama.cpp "
+                  "from source (many minutes on a small machine), then run `nabla bench --vs llama.cpp` again")
+
+
+# ------------------------------------------------------------------ machine
+def read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 3) -> dict[str, float]:
+    """Memory read bandwidth in GB/s by several probes over an `nbytes` buffer (best of `repeats`)."""
+    n = nbytes // 4
+    buf = torch.ones(n)
+    K = 4096
+    w = buf[: (n // K) * K].view(-1, K)
+    x = torch.ones(1, K)
+    arr = buf.numpy()
+    probes = {
+        "torch_sum": lambda: buf.sum(),
+        "torch_linear_1xK": lambda: F.linear(x, w),
+        "numpy_sum": lambda: arr.sum(),
+    }
+    out = {}
+    for name, probe in probes.items():
+        probe()
+        best = min(_seconds(probe) for _ in range(repeats))
+        out[name] = nbytes / best / 1e9
+    del buf, w, arr
+    return out
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable), without psutil."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r * 1024 if os.uname().sysname != "Darwin" else r
+
+
+# ------------------------------------------------------------------- models
+@dataclass
+class Setup:
+    shape: str | None = None
+    model: str | None = None
+    dtype: str = "fp32"
+    quantize: str | None = None
+    batch_size: int = 1
+    prompt_len: int = 16
+    gen_len: int = 128
+    vs: str | None = None
+    repeats: int = 3
+    seed: int = 0
+    threads: int | None = None
+    """None: every core (nabla.device.use_all_cores)."""
+
+
+def check_fits(args: ModelArgs, dtype: torch.dtype, setup: Setup) -> int:
+    """Bytes the run needs; a ConfigError when the machine has less."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    cache = 2 * args.n_layers * setup.batch_size * args.n_kv_heads * args.head_dim * \
+        (setup.prompt_len + setup.gen_len) * size
+    need = param_count(args) * size + cache
+    if setup.vs == "hf":
+        need *= 2  # the peer holds its own copy of the permuted weights and its cache
+    have = available_memory()
+    if need > 0.9 * have:
+        who = " and the transformers peer" if setup.vs == "hf" else ""
+        raise ConfigError(
+            f"shape {setup.shape or setup.model} in {setup.dtype}{who} needs about {need / 2**30:.1f} GiB "
+            f"but this machine has {have / 2**30:.1f} GiB available; pick a smaller --shape, "
+            f"--dtype bf16, or drop --vs")
+    return need
+
+
+def random_model(args: ModelArgs, dtype: torch.dtype, seed: int = 0) -> Transformer:
+    """A model of shape `args` with random weights (std 0.02, norms 1), built in place."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to(dtype=dtype).to_empty(device="cpu")
+    model.init_rope()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def hf_peer(model: Transformer, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM holding the same weights (q/k rows permuted to HF order)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nabla.checkpoint.hf import META_TO_HF, args_to_config, permute_qk
+
+    args = model.args
+    config = LlamaConfig(**args_to_config(args, dtype=dtype))
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(config)
+    state = {}
+    for key, t in model.state_dict().items():
+        if key == "rope" or ".cache." in key:
+            continue
+        generic = re.sub(r"layers\.(\d+)\.", "layers.{}.", key)
+        layer = re.search(r"layers\.(\d+)\.", key)
+        name = META_TO_HF[generic].format(layer.group(1)) if layer else META_TO_HF[generic]
+        if key.endswith("attention.wq.weight"):
+            t = permute_qk(t, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            t = permute_qk(t, args.n_kv_heads)
+        state[name] = t.to(dtype)
+    if args.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    hf.load_state_dict(state, assign=True, strict=False)
+    hf.model.rotary_emb.to_empty(device="cpu")
+    hf.model.rotary_emb.__init__(config)  # recompute its non-persistent inv_freq on the CPU
+    return hf.eval()
+
+
+# ------------------------------------------------------------------- timing
+def time_nabla(model: Transformer, tokens: torch.Tensor, gen_len: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) for one run: prompt in one pass, then greedy steps."""
+    B, P = tokens.shape
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = model(tokens, 0, last_only=True)
+        t1 = time.perf_counter()
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(gen_len):
+            logits = model(nxt, P + i, last_only=True)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def time_hf(hf, tokens: torch.Tensor, gen_len: int) -> tuple[float, float]:
+    import inspect
+
+    from transformers import DynamicCache
+
+    # transformers 5 renamed past_key_values to cache; pass whichever this version takes.
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        cache = DynamicCache()
+        t0 = time.perf_counter()
+        out = hf(input_ids=tokens, use_cache=True, logits_to_keep=1, **{key: cache})
+        t1 = time.perf_counter()
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(gen_len):
+            out = hf(input_ids=nxt, use_cache=True, logits_to_keep=1, **{key: cache})
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def _rates(times: list[tuple[float, float]], B: int, P: int, G: int) -> dict:
+    pre = statistics.median(t[0] for t in times)
+    dec = statistics.median(t[1] for t in times)
+    return {"prefill_tok_s": B * P / pre, "decode_tok_s": B * G / dec if G else 0.0,
+            "prefill_s": pre, "decode_s": dec}
+
+
+# ---------------------------------------------------------------------- run
+def run(setup: Setup, progress: bool = True) -> dict:
+    """Build, measure and return every figure of one bench run as a dict."""
+    if setup.vs == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError(LLAMA_CPP_HINT)
+    if setup.vs == "llama.cpp":
+        raise ConfigError("--vs llama.cpp: llama-cpp-python is installed, but writing the GGUF and timing it "
+                          "is not implemented yet in this version of nabla; use --vs hf")
+    for name in ("batch_size", "prompt_len", "repeats"):
+        if getattr(setup, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if setup.gen_len < 0:
+        raise ConfigError("--gen-len must be at least 0")
+    if setup.threads is not None:
+        if setup.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+        torch.set_num_threads(setup.threads)
+    else:
+        devices.use_all_cores()
+    dtype = devices.parse_dtype(setup.dtype)
+    say = _Progress(progress)
+    say("measuring memory read bandwidth")
+    bw = read_bandwidth()
+    if setup.model:
+        from nabla.api import Llama
+
+        llama = Llama.build(setup.model, max_seq_len=setup.prompt_len + setup.gen_len + 1,
+                            max_batch_size=setup.batch_size, device="cpu", dtype=setup.dtype,
+                            quantize=setup.quantize)
+        model, args = llama.model, llama.model.args
+        check_fits(args, dtype, Setup(**{**setup.__dict__, "vs": None}))
+        peer_source = model
+    else:
+        args = from_name(setup.shape or "tiny", max_seq_len=setup.prompt_len + setup.gen_len + 1,
+                         max_batch_size=setup.batch_size)
+        check_fits(args, dtype, setup)
+        say(f"building random {setup.shape} weights ({param_count(args) / 1e6:.0f}M parameters)")
+        model = random_model(args, dtype, setup.seed)
+        peer_source = model
+    hf = None
+    if setup.vs == "hf":
+        if setup.quantize and setup.model:
+            raise ConfigError("--vs hf with --model and --quantize: the weights are already quantized; "
+                              "drop --quantize to compare at equal weights")
+        say("building the transformers peer on the same weights")
+        hf = hf_peer(peer_source, dtype)
+    if setup.quantize and not setup.model:
+        say(f"quantizing to {setup.quantize}")
+        quantize_model(model, setup.quantize)
+    model.setup_cache(setup.batch_size, setup.prompt_len + setup.gen_len + 1)
+    gc.collect()
+    B, P, G = setup.batch_size, setup.prompt_len, setup.gen_len
+    tokens = torch.randint(0, args.vocab_size, (B, P), generator=torch.Generator().manual_seed(setup.seed))
+    ours, theirs = [], []
+    time_nabla(model, tokens, min(G, 2))  # warm up (allocations, first-call costs)
+    if hf is not None:
+        time_hf(hf, tokens, min(G, 2))
+    for r in range(setup.repeats):
+        say(f"run {r + 1}/{setup.repeats}")
+        ours.append(time_nabla(model, tokens, G))
+        if hf is not None:
+            theirs.append(time_hf(hf, tokens, G))
+    result = {
+        "shape": setup.shape, "model": setup.model, "dtype": setup.dtype, "quantize": setup.quantize,
+        "batch_size": B, "prompt_len": P, "gen_len": G, "repeats": setup.repeats,
+        "threads": torch.get_num_threads(), "params": param_count(args),
+        **_rates(ours, B, P, G),
+    }
+    nbytes = weight_bytes(model)
+    best_bw = max(bw.values())
+    steps_per_s = result["decode_tok_s"] / B
+    result.update({
+        "weight_bytes": nbytes,
+        "bandwidth_probes_gb_s": bw, "bandwidth_gb_s": best_bw,
+        "roofline_tok_s": best_bw * 1e9 / nbytes * B,
+        "roofline_fraction": steps_per_s * nbytes / (best_bw * 1e9),
+        "peak_rss_bytes": peak_rss(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    })
+    if hf is not None:
+        peer = _rates(theirs, B, P, G)
+        result["hf"] = peer
+        result["vs_hf_ratio"] = result["decode_tok_s"] / peer["decode_tok_s"] if G else None
+        result["vs_hf_prefill_ratio"] = result["prefill_tok_s"] / peer["prefill_tok_s"]
+    say.close()
+    return result
+
+
+class _Progress:
+    """One status line on stderr (rich when there is a terminal), silent otherwise."""
+
+    def __init__(self, on: bool):
+        import sys
+
+        self.on = on and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.on:
+            import sys
+
+            sys.stderr.write(f"\r\033[K[{time.perf_counter() - self.t0:6.1f}s] {msg}...")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.on:
+            import sys
+
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def format_report(r: dict) -> str:
+    what = r["model"] or r["shape"]
+    q = f", {r['quantize']}" if r["quantize"] else ""
+    lines = [
+        f"nabla bench: {what} ({r['params'] / 1e6:.1f}M params), {r['dtype']}{q}, batch {r['batch_size']}, "
+        f"prompt {r['prompt_len']}, {r['gen_len']} new tokens, {r['threads']} threads, median of {r['repeats']}",
+        "memory read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["bandwidth_probes_gb_s"].items())
+        + f" (roofline uses {r['bandwidth_gb_s']:.1f})",
+        f"weights read per step: {r['weight_bytes'] / 1e6:.1f} MB -> roofline {r['roofline_tok_s']:.1f} tok/s",
+        f"prefill: {r['prefill_tok_s']:10.1f} tok/s",
+        f"decode:  {r['decode_tok_s']:10.1f} tok/s  ({100 * r['roofline_fraction']:.0f}% of the roofline)",
+        f"peak RSS: {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+    ]
+    if "hf" in r:
+        lines.append(f"transformers: prefill {r['hf']['prefill_tok_s']:.1f} tok/s, decode "
+                     f"{r['hf']['decode_tok_s']:.1f} tok/s -> nabla is {r['vs_hf_ratio']:.2f}x at decode, "
+                     f"{r['vs_hf_prefill_ratio']:.2f}x at prefill")
+    if r.get("load_average") is not None and r["load_average"] > os.cpu_count():
+        lines.append(f"note: load average {r['load_average']:.1f} on {os.cpu_count()} cores: "
+                     "the machine is busy, numbers are pessimistic")
+    return "\n".join(lines)

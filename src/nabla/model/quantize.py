@@ -1,0 +1,228 @@
+"""Weight-only quantization of the linear layers, applied after loading.
+
+int8: one scale per output channel, symmetric, w ~ q * s with q in [-127, 127].
+int4: one scale and one offset per group of 32 input channels, w ~ q * s + m
+with q in [0, 15], two values packed per byte. Fewer bytes per weight means
+fewer bytes read per decoded token, which is what bounds decoding speed.
+
+`quantize_model(model, "int8" | "int4")` swaps every `nn.Linear` of the blocks
+and the output head for an `Int8Linear` / `Int4Linear` under the same name
+(`layers.0.attention.wq` stays `wq`); the token embedding (one row read per
+token) and the norms stay as they are. Under int4 the output head, and any
+layer whose input width is not a multiple of the group, use int8: the head is
+where quantization error shows most.
+
+Which kernel computes the product is nabla.device's choice (`quantized_kernel`),
+measured on the machine it targets; every kernel takes the same stored
+weights:
+
+- "fbgemm" (int8, x86 CPUs): torch's FBGEMM dynamic int8 linear; the input is
+  also quantized, per call, to 8 bits. The fastest here by far at batch > 1.
+- "int8pack" / "int4pack": torch's weight-only kernels
+  (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); exact up to the
+  weight quantization. int4pack serves decode (a few rows); prefill rebuilds
+  the weight in the compute dtype once per call instead, which is faster.
+- "dequant": rebuild the weight in the compute dtype and call F.linear
+  (any device; the reference the others are tested against).
+
+Leaves out: saving quantized checkpoints (`nabla convert`), activation
+outliers handling (SmoothQuant, GPTQ/AWQ calibration).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nabla.errors import ConfigError
+
+MODES = ("int8", "int4")
+KERNELS = ("fbgemm", "int8pack", "int4pack", "dequant")
+GROUP_SIZE = 32
+# Above this many rows (prefill) torch's int4pack CPU kernel is slower than
+# rebuilding the fp32 weight once and calling F.linear (measured, issue 9).
+INT4PACK_MAX_ROWS = 4
+# At or below this many rows (decode) FBGEMM's dynamic linear runs on one
+# thread: on 2 cores its threaded path made 110M int8 decode 6x slower
+# (0.63 vs 3.96 tok/s, same process, alternating; issue 9).
+FBGEMM_SERIAL_ROWS = 16
+
+
+# ---------------------------------------------------------------- the maths
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (N, K), scales float32 (N,)) with w ~ q * scales[:, None]; error <= scale/2."""
+    w = w.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q uint8 (N, K) in 0..15, scales (N, K/g), mins (N, K/g)) with w ~ q * s + m; error <= s/2."""
+    N, K = w.shape
+    if K % group_size:
+        raise ConfigError(f"int4 needs the input width ({K}) to be a multiple of the group size ({group_size})")
+    wg = w.detach().float().reshape(N, K // group_size, group_size)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(N, K), scales, lo
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    N, K = q.shape
+    g = K // scales.shape[1]
+    w = q.float().reshape(N, -1, g) * scales[..., None] + mins[..., None]
+    return w.reshape(N, K)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit values per byte: (N, K) in 0..15 -> (N, K/2) uint8, even columns in the low nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+# ------------------------------------------------------------------ modules
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 per-channel (buffers `weight`, `scales`)."""
+
+    def __init__(self, weight: torch.Tensor, kernel: str = "dequant"):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scales = quantize_int8(weight)
+        self.register_buffer("weight", q.to(weight.device))
+        self.register_buffer("scales", scales.to(weight.device))
+        self.kernel = kernel
+        self._packed = None  # FBGEMM's prepacked weight, built on first use
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "fbgemm":
+            if self._packed is None:
+                self._packed = _fbgemm_prepack(self.weight, self.scales)
+            x2 = x.reshape(-1, self.in_features).float()
+            threads = torch.get_num_threads()
+            serial = threads > 1 and x2.shape[0] <= FBGEMM_SERIAL_ROWS
+            if serial:
+                torch.set_num_threads(1)
+            try:
+                # reduce_range=True: 7-bit inputs, so AVX2's 16-bit pair sums cannot saturate.
+                y = torch.ops.quantized.linear_dynamic(x2, self._packed, True)
+            finally:
+                if serial:
+                    torch.set_num_threads(threads)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        if self.kernel == "int8pack":
+            x2 = x.reshape(-1, self.in_features)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, kernel={self.kernel}"
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W stored as 4-bit groups (buffers `weight` packed (N, K/2), `scales`, `mins`)."""
+
+    def __init__(self, weight: torch.Tensor, kernel: str = "dequant", group_size: int = GROUP_SIZE):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        q, scales, mins = quantize_int4(weight, group_size)
+        self.register_buffer("weight", pack_int4(q).to(weight.device))
+        self.register_buffer("scales", scales.to(weight.device))
+        self.register_buffer("mins", mins.to(weight.device))
+        self.kernel = kernel
+        self._packed = None  # (torch's int4pack layout, scales_and_zeros), built on first use
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4(unpack_int4(self.weight), self.scales, self.mins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int4pack" and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
+            if self._packed is None:
+                q = unpack_int4(self.weight).to(torch.int32)
+                # torch's layout reads w = (q - 8) * scale + zero, zero being the group's middle.
+                sz = torch.stack((self.scales.t(), (self.mins + 8 * self.scales).t()), dim=-1).contiguous()
+                self._packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz)
+            packed, sz = self._packed
+            x2 = x.reshape(-1, self.in_features).float()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+            return y.view(*x.shape[:-1], self.out_features).type_as(x)
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group {self.group_size}, kernel={self.kernel}")
+
+
+def _fbgemm_prepack(q: torch.Tensor, scales: torch.Tensor):
+    with warnings.catch_warnings():  # torch marks its quantized tensor type deprecated; the op is the fast one
+        warnings.simplefilter("ignore")
+        zeros = torch.zeros(q.shape[0], dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(q.cpu(), scales.cpu().double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+# -------------------------------------------------------------- whole model
+def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
+                   group_size: int = GROUP_SIZE) -> nn.Module:
+    """Swap the model's linear layers for quantized ones in place; returns the model.
+
+    `kernel` None asks nabla.device for the fastest measured kernel on the
+    model's device.
+    """
+    from nabla import device as devices
+
+    if mode not in MODES:
+        raise ConfigError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+    if kernel is not None and kernel not in KERNELS:
+        raise ConfigError(f"unknown quantized kernel {kernel!r}: use one of {', '.join(KERNELS)}")
+    dev = model.tok_embeddings.weight.device
+    k8 = kernel if kernel in ("fbgemm", "int8pack", "dequant") else devices.quantized_kernel(dev, "int8")
+    k4 = kernel if kernel in ("int4pack", "dequant") else devices.quantized_kernel(dev, "int4")
+    targets = [(layer.attention, name) for layer in model.layers for name in ("wq", "wk", "wv", "wo")]
+    targets += [(layer.feed_forward, name) for layer in model.layers for name in ("w1", "w2", "w3")]
+    with torch.no_grad():
+        for parent, name in targets:
+            lin = getattr(parent, name)
+            if type(lin) is not nn.Linear:
+                continue  # already quantized, or a layer type this module does not know
+            w = lin.weight
+            if mode == "int4" and w.shape[1] % group_size == 0:
+                new = Int4Linear(w, k4, group_size)
+            else:
+                new = Int8Linear(w, k8)
+            setattr(parent, name, new)
+            del lin, w
+        if type(model.output) is nn.Linear:
+            model.output = Int8Linear(model.output.weight, k8)
+    model.quantization = mode
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every tensor once, the embedding one row."""
+    emb = model.tok_embeddings.weight
+    total = emb[0].numel() * emb.element_size()
+    if getattr(model.output, "weight", None) is emb:  # tied head: the whole matrix is read
+        total += emb.numel() * emb.element_size()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is emb or name == "rope" or ".cache." in name:
+            continue
+        total += t.numel() * t.element_size()
+    return total
