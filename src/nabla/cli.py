@@ -17,6 +17,11 @@ from nabla.errors import NablaError
 COMMAND_MODULES = (
     "nabla.generation.commands",  # generate, chat
     "nabla.network.commands",  # mnist
+    "nabla.generation.explain_commands",  # explain
+    "nabla.server.commands",  # serve
+    "nabla.training.commands",  # train
+    "nabla.checkpoint.commands",  # info, convert
+    "nabla.generation.bench_commands",  # bench
 )
 
 
