@@ -139,3 +139,37 @@ def quantized_kernel(device: torch.device, mode: str) -> str:
             return "fbgemm"
         return "dequant"
     return "int4pack" if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else "dequant"
+
+
+# ---- what training and data loading ask about a device (so they never name one)
+
+def is_accelerator(device: torch.device) -> bool:
+    """A GPU-like device: pinned host memory, async copies, fused optimizers, its own RNG."""
+    return device.type == "cuda"
+
+
+def bind(device: torch.device) -> None:
+    """Make `device` this process's current device (one GPU per torchrun process)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def ddp_device_ids(device: torch.device) -> list[int] | None:
+    return [device.index] if device.type == "cuda" else None
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision for training: bf16 autocast where the device computes bf16 natively, else none."""
+    if device.type == "cuda" and default_dtype(device) == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
+def rng_state(device: torch.device) -> torch.Tensor | None:
+    """The device's own random state (None where it shares the CPU's)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
+    if state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)

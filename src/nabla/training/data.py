@@ -38,6 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from nabla.device import is_accelerator
 from nabla.errors import ConfigError
 
 EOT_MARKER = "<|endoftext|>"
@@ -333,7 +334,7 @@ def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, generator: torc
     ix = torch.randint(len(tokens) - seq_len - 1, (batch_size,), generator=generator).tolist()
     xy = torch.from_numpy(np.stack([tokens[i:i + seq_len + 1].astype(np.int64) for i in ix]))
     x, y = xy[:, :-1], xy[:, 1:]
-    if device.type == "cuda":
+    if is_accelerator(device):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 

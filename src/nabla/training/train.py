@@ -43,7 +43,8 @@ import torch
 
 from nabla.checkpoint.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from nabla.checkpoint.meta import save_meta_checkpoint
-from nabla.device import choose_device, default_dtype, dist_backend, parse_dtype, use_all_cores
+from nabla.device import (autocast_dtype, bind, choose_device, ddp_device_ids, dist_backend, is_accelerator,
+                          parse_dtype, rng_state, set_rng_state, use_all_cores)
 from nabla.errors import CheckpointError, ConfigError, NablaError
 from nabla.model.args import ModelArgs, args_from_params, from_name, param_count, read_params
 from nabla.model.llama import Transformer
@@ -164,7 +165,7 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
+    extra = {"fused": True} if is_accelerator(device) else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
@@ -268,8 +269,7 @@ def train(**given) -> dict:
     if ddp:
         import torch.distributed as dist
 
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        bind(device)
         dist.init_process_group(backend=dist_backend(device))
     elif device.type == "cpu":
         use_all_cores()
@@ -341,8 +341,7 @@ def _train(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["batch_rng"])
         torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        set_rng_state(device, state.get("cuda_rng"))
         step, history = int(state["step"]), list(state["history"])
     if rank:
         torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
@@ -353,9 +352,9 @@ def _train(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = device.type == "cuda" and default_dtype(device) == torch.bfloat16
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        model = DDP(model, device_ids=ddp_device_ids(device))
+    amp = autocast_dtype(device)
+    ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     save_dtype = parse_dtype(cfg.save_dtype)
     micro_per_rank = cfg.grad_accum // world
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
@@ -371,8 +370,8 @@ def _train(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world
             "step": step, "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "config": asdict(cfg), "model_args": args.as_dict(), "history": history,
         }
-        if device.type == "cuda":
-            payload["cuda_rng"] = torch.cuda.get_rng_state(device)
+        if rng_state(device) is not None:
+            payload["cuda_rng"] = rng_state(device)
         save_meta_checkpoint(out, raw, args, tok_path, dtype=save_dtype)
         atomic_torch_save(payload, out / STATE_FILE)
         _write_log(out, history)
