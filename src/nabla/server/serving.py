@@ -200,17 +200,24 @@ class Serving:
                 "system_fingerprint": None, "choices": choices,
                 "usage": usage(sum(map(len, prepared[0])), generated)}
 
-    async def completion_stream(self, req: CompletionRequest, prepared) -> AsyncIterator[str]:
-        rid, created = new_id("cmpl"), now()
+    def _chunker(self, req, prefix: str, obj: str):
+        """The function that makes one stream's SSE chunks (the same id and time on each)."""
+        rid, created = new_id(prefix), now()
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
-        generated = 0
 
         def chunk(choices, use=None):
-            body = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+            body = {"id": rid, "object": obj, "created": created, "model": self.model_name,
                     "system_fingerprint": None, "choices": choices}
             if with_usage:
                 body["usage"] = use
             return sse(body)
+
+        chunk.with_usage = with_usage
+        return chunk
+
+    async def completion_stream(self, req: CompletionRequest, prepared) -> AsyncIterator[str]:
+        chunk = self._chunker(req, "cmpl", "text_completion")
+        generated = 0
 
         async for i, part in self.completion_events(req, prepared):
             if "error" in part:
@@ -223,7 +230,7 @@ class Serving:
             yield chunk([{"index": i, "text": part["text"], "logprobs": part["logprobs"],
                           "finish_reason": part.get("finish_reason")}])
         else:
-            if with_usage:
+            if chunk.with_usage:
                 yield chunk([], usage(sum(map(len, prepared[0])), generated))
         yield "data: [DONE]\n\n"
 
@@ -274,16 +281,8 @@ class Serving:
                 "usage": usage(len(prepared[0]), generated)}
 
     async def chat_stream(self, req: ChatCompletionRequest, prepared) -> AsyncIterator[str]:
-        rid, created = new_id("chatcmpl"), now()
-        with_usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunk = self._chunker(req, "chatcmpl", "chat.completion.chunk")
         generated = 0
-
-        def chunk(choices, use=None):
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "system_fingerprint": None, "choices": choices}
-            if with_usage:
-                body["usage"] = use
-            return sse(body)
 
         for i in range(len(prepared[1])):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -302,7 +301,7 @@ class Serving:
             if part["finish_reason"]:
                 yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": part["finish_reason"]}])
         else:
-            if with_usage:
+            if chunk.with_usage:
                 yield chunk([], usage(len(prepared[0]), generated))
         yield "data: [DONE]\n\n"
 
