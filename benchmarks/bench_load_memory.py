@@ -105,7 +105,7 @@ def main() -> None:
             for mode in (("nabla", "naive") if name == "meta" else ("nabla",)):
                 r = measure(mode, path)
                 rows.append((name, mode, size, r))
-    print(f"| checkpoint | loader | size on disk | RSS before | peak RSS | peak / size | (peak - before) / size |")
+    print("| checkpoint | loader | size on disk | RSS before | peak RSS | peak / size | (peak - before) / size |")
     print("|---|---|---|---|---|---|---|")
     for name, mode, size, r in rows:
         mb = 1e6

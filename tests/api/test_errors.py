@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import LLAMA2_TOKENIZER, LLAMA3_TOKENIZER, TINY_MHA
+from conftest import LLAMA2_TOKENIZER, TINY_MHA
 from nabla import Llama
 from nabla.errors import (CheckpointError, ConfigError, ContextLengthError, InvalidRequestError, NablaError,
                           TokenizerError)

@@ -175,7 +175,6 @@ def merge_shards(shards: Sequence[Mapping[str, torch.Tensor]], params: dict | No
     ents = [entries_of(s) for s in shards]
     if len(ents) == 1:
         return LazyState(ents[0], file_backed)
-    n = len(ents)
     keys = list(ents[0])
     for i, e in enumerate(ents[1:], 1):
         if set(e) != set(keys):

@@ -55,7 +55,6 @@ def read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 3) -> dict[str, flo
         probe()
         best = min(_seconds(probe) for _ in range(repeats))
         out[name] = nbytes / best / 1e9
-    del buf, w, arr
     return out
 
 

@@ -165,7 +165,7 @@ class EmbeddingRequest(Strict):
 
 def _text_or_ids(v, what: str) -> list[str | list[int]]:
     """A string, strings, token ids or lists of token ids, as a list of items."""
-    msg = f"must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    msg = "must be a string, a list of strings, a list of token ids or a list of lists of token ids"
     if v is None:
         raise ValueError(f"'{what}' is required")
     if isinstance(v, str):
