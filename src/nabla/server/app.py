@@ -115,8 +115,13 @@ async def read_request(request: Request, model: type[BaseModel]):
     try:
         return model.model_validate_json(bytes(body))
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        raise validation_error(err) from None
+        raise validation_error(first_error(e.errors(include_url=False))) from None
+
+
+def first_error(errors: list[dict]) -> dict:
+    """The error to report: an unsupported field first, so the answer does not
+    depend on the order pydantic happens to list errors in (it varies by release)."""
+    return min(errors, key=lambda err: err.get("type") != "extra_forbidden")
 
 
 def validation_error(err: dict) -> APIError:
@@ -223,7 +228,7 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
-        err = validation_error(e.errors()[0])
+        err = validation_error(first_error(e.errors()))
         return JSONResponse(err.body, status_code=err.status)
 
     @app.exception_handler(Exception)
