@@ -93,6 +93,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
     return parse_dtype(dtype) or default_dtype(device)
 
 
+def complex_ok(device: torch.device) -> bool:
+    """Whether `device` has complex-number kernels (the rotary embedding uses one
+    complex multiply where it can; older macOS MPS builds lack them)."""
+    return device.type != "mps"
+
+
 def dist_backend(device: torch.device) -> str:
     """NCCL only where the processes compute on CUDA; gloo everywhere else."""
     return "nccl" if device.type == "cuda" else "gloo"

@@ -100,3 +100,20 @@ def test_unknown_params_warn_and_are_ignored():
     with pytest.warns(UserWarning, match="moe_experts"):
         args = args_from_params(CONFIGS["mha"] | {"moe_experts": 8})
     assert args.dim == 64
+
+
+def test_real_rotary_path_equals_complex(monkeypatch):
+    """Devices without complex kernels (older MPS) rotate with cos/sin arithmetic: same logits."""
+    import nabla.model.llama as llama_module
+
+    model, args = build(CONFIGS["gqa"])
+    tokens = torch.randint(0, args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(tokens)
+        model.setup_cache(2, 64)
+        ref_cached = torch.cat([model(tokens[:, :20], 0), model(tokens[:, 20:], 20)], 1)
+        monkeypatch.setattr(llama_module, "complex_ok", lambda device: False)
+        real = model(tokens)
+        real_cached = torch.cat([model(tokens[:, :20], 0), model(tokens[:, 20:], 20)], 1)
+    torch.testing.assert_close(real, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(real_cached, ref_cached, atol=1e-5, rtol=1e-5)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nabla.device import complex_ok
 from nabla.model.args import ModelArgs
 from nabla.model.kv_cache import KVCache
 
@@ -71,6 +72,10 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     which the HF loader undoes. freqs: complex (B or 1, T, 1, hd/2). One complex
     multiply is one kernel, where cos/sin arithmetic on halves takes eight.
     """
+    if not freqs.is_complex():  # devices without complex kernels: (cos, sin) in the last axis
+        xf = x.float().unflatten(-1, (-1, 2))
+        x0, x1, cos, sin = xf[..., 0], xf[..., 1], freqs[..., 0], freqs[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
 
@@ -234,7 +239,10 @@ class Transformer(nn.Module):
                 table = self.rope[None, start_pos: start_pos + T]
             else:
                 table = self.rope[pos.idx if not pos.shared else pos.idx[None]]  # (B or 1, T, hd/2, 2)
-        freqs = torch.view_as_complex(table)[:, :, None]  # (B or 1, T, 1, hd/2)
+        if complex_ok(tokens.device):
+            freqs = torch.view_as_complex(table)[:, :, None]  # (B or 1, T, 1, hd/2)
+        else:
+            freqs = table[:, :, None]  # (B or 1, T, 1, hd/2, 2): cos and sin
         for layer in self.layers:
             h = layer(h, freqs, pos)
         h = self.norm(h)
