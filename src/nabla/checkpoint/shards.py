@@ -69,7 +69,7 @@ class LazyState(Mapping):
 
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor], file_backed: bool = False) -> "LazyState":
-        """Wrap ready tensors (e.g. from torch.load(mmap=True))."""
+        """Wrap ready tensors (e.g. from torch.load(weights_only=True, mmap=True))."""
         return cls({k: _Entry(lambda t=t: t, tuple(t.shape), t.dtype, [t])
                     for k, t in tensors.items() if isinstance(t, torch.Tensor)}, file_backed)
 
@@ -120,7 +120,7 @@ def drop_pages(t: torch.Tensor) -> None:
     """madvise(DONTNEED) the whole pages under a tensor of a read-only file mapping.
 
     Only ever called on tensors of MAP_PRIVATE file mappings that nobody
-    wrote to (torch.load(mmap=True), UntypedStorage.from_file(shared=False)):
+    wrote to (torch.load(weights_only=True, mmap=True), UntypedStorage.from_file(shared=False)):
     there it only unmaps clean page-cache pages, and reading them again
     faults them back in from the file. A no-op where madvise is unavailable.
     """
