@@ -24,7 +24,7 @@ import torch
 from nabla.checkpoint.io import atomic_open, atomic_write_text
 from nabla.checkpoint.shards import LazyState, _Entry, drop_pages, entries_of
 from nabla.errors import CheckpointError, ConfigError
-from nabla.model.args import ModelArgs
+from nabla.model.args import ModelArgs, read_json_object
 
 # Hugging Face name -> Meta name; "{}" is the layer number; None means "not a weight, skip".
 WEIGHT_MAP: dict[str, str | None] = {
@@ -99,13 +99,7 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------- config
 def read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path)
 
 
 def check_llama(config: dict, source: str = "config.json") -> None:

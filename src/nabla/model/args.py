@@ -148,13 +148,18 @@ def read_params(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} is missing: a Meta checkpoint folder needs params.json next to its .pth files")
+    return read_json_object(path, "a JSON object of model settings")
+
+
+def read_json_object(path: Path, what: str = "a JSON object") -> dict:
+    """A JSON file holding one object (a config), with a clear error when it is not."""
     try:
-        params = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path} must hold a JSON object of model settings, got {type(params).__name__}")
-    return params
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} must hold {what}, got {type(value).__name__}")
+    return value
 
 
 def args_from_params(params: dict, **overrides) -> ModelArgs:
