@@ -231,7 +231,19 @@ class Network:
         `x` and `y` are matrices with one example per column (a single column
         is one example); the gradient returned is the sum of the examples'
         gradients, computed for all of them at once."""
-        # Forward pass, keeping every layer's weighted inputs z and activations.
+        activations, zs = self._forward(x)
+        deltas = self._deltas(activations, zs, y)
+        # Summing over the columns (for b) and the matrix product (for w) add up
+        # the examples.  np.dot, not @: for one example (a 30x1 times 1x784 outer
+        # product) NumPy's matmul is about 3x slower, which would flatter the
+        # matrix version.
+        nabla_b = [delta.sum(axis=1, keepdims=True) for delta in deltas]
+        nabla_w = [np.dot(delta, a.T) for delta, a in zip(deltas, activations)]
+        return nabla_b, nabla_w
+
+    def _forward(self, x):
+        """Every layer's activations (input first) and weighted inputs z,
+        one column per example."""
         activation = x
         activations = [x]  # (sizes[l], m) for each layer l
         zs = []
@@ -240,22 +252,19 @@ class Network:
             zs.append(z)
             activation = sigmoid(z)
             activations.append(activation)
-        # Backward pass: delta is dC/dz, one column per example.  Summing over
-        # the columns (for b) and the matrix product (for w) add up the examples.
-        # np.dot, not @: for one example (a 30x1 times 1x784 outer product)
-        # NumPy's matmul is about 3x slower, which would flatter the matrix version.
-        nabla_b = [None] * len(self.biases)
-        nabla_w = [None] * len(self.weights)
+        return activations, zs
+
+    def _deltas(self, activations, zs, y):
+        """The backward pass: delta = dC/dz for each layer after the input,
+        first to last, one column per example."""
         delta = self.cost.delta(zs[-1], activations[-1], y)
-        nabla_b[-1] = delta.sum(axis=1, keepdims=True)
-        nabla_w[-1] = np.dot(delta, activations[-2].T)
+        deltas = [delta]
         # l counts layers from the end: l = 2 is the last hidden layer.
         for l in range(2, self.num_layers):
             a = activations[-l]
             delta = np.dot(self.weights[-l + 1].T, delta) * (a * (1 - a))  # a(1-a) = sigmoid_prime(zs[-l])
-            nabla_b[-l] = delta.sum(axis=1, keepdims=True)
-            nabla_w[-l] = np.dot(delta, activations[-l - 1].T)
-        return nabla_b, nabla_w
+            deltas.append(delta)
+        return deltas[::-1]
 
     def evaluate(self, test_data) -> int:
         """How many of the pairs (x, y) in `test_data` the network gets right:
@@ -299,8 +308,18 @@ class Network:
     #### Helpers on matrices
 
     def _update(self, X, Y, eta, lmbda, n):
-        nabla_b, nabla_w = self.backprop(X, Y)
-        self._step(nabla_b, nabla_w, X.shape[1], eta, lmbda, n)
+        """The step of `_step` for the m columns of X, Y, without forming the
+        gradient: each layer's weights move by a product of (eta/m) * delta, a
+        few small columns, and the activations, so the big (sizes[l+1],
+        sizes[l]) matrix is made once per step, not three times."""
+        activations, zs = self._forward(X)
+        deltas = self._deltas(activations, zs, Y)  # all of them before any weight moves
+        k = eta / X.shape[1]
+        for w, b, delta, a in zip(self.weights, self.biases, deltas, activations):
+            if lmbda:
+                w *= 1 - eta * lmbda / n
+            w -= np.dot(k * delta, a.T)
+            b -= k * delta.sum(axis=1, keepdims=True)
 
     def _step(self, nabla_b, nabla_w, m, eta, lmbda, n):
         """Move against the mean gradient of the m examples; the L2 term
