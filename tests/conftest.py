@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ LLAMA3_TOKENIZER = SHARED / "tokenizers" / "llama3" / "tokenizer.model"
 TINYLLAMA_DIR = SHARED / "tokenizers" / "tinyllama-1.1b-chat-v1.0"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Every test computes on the CPU in fp32, where the references are exact, even
+# on a machine with a GPU; tests/gpu names its device itself.
+os.environ["NABLA_DEVICE"] = "cpu"
 
 
 def random_state(args, seed: int = 0, std: float = 0.05) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ or "nccl". Order of preference: CUDA, then Apple MPS, then CPU.
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 
@@ -29,7 +30,13 @@ DTYPE_NAMES = {
 
 
 def choose_device(name: str | torch.device | None = None) -> torch.device:
-    """The device to compute on: the one named, else CUDA, MPS, CPU in that order."""
+    """The device to compute on: the one named, else $NABLA_DEVICE, else CUDA, MPS, CPU in that order.
+
+    Under torchrun each process takes the GPU of its LOCAL_RANK; more processes
+    on a machine than it has GPUs is refused (NCCL runs one process per GPU).
+    """
+    if name is None:
+        name = os.environ.get("NABLA_DEVICE") or None
     if name is not None:
         try:
             device = torch.device(name)
@@ -40,13 +47,23 @@ def choose_device(name: str | torch.device | None = None) -> torch.device:
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise ConfigError(f"device {name!r} was asked for but MPS is not available here; use device='cpu'")
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+            device = _rank_gpu()
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+        return _rank_gpu()
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _rank_gpu() -> torch.device:
+    n, rank = torch.cuda.device_count(), local_rank()
+    if rank >= n:
+        raise ConfigError(
+            f"this is process {rank} (LOCAL_RANK) on a machine with {n} CUDA GPU(s): NCCL runs one process "
+            f"per GPU, so start at most {n} per machine (torchrun --nproc_per_node {n}), or set "
+            "NABLA_DEVICE=cpu to run every process on the CPU (gloo)")
+    return torch.device("cuda", rank)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -114,6 +131,45 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def describe(device: torch.device) -> str:
+    """The device in words, for reports: the GPU's name, or the CPU's model and cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes `device` can still give: the GPU's free memory, else the machine's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse
+
+
+def peak_device_memory(device: torch.device) -> int | None:
+    """Most bytes torch has held on an accelerator so far (None on the CPU: see peak RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return None
 
 
 def use_all_cores() -> None:

@@ -41,7 +41,7 @@ def test_hf_peer_gives_our_logits():
 
 
 def test_bench_refuses_what_does_not_fit(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(bench, "available_memory", lambda device=None: 2**30)
     rc = main(["bench", "--shape", "llama2-7b", "--json"])
     assert rc == 1
     assert "GiB available" in capsys.readouterr().err

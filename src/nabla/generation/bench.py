@@ -14,6 +14,7 @@ llama-cpp-python; writing the GGUF and timing it is not done here yet).
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import os
@@ -37,46 +38,46 @@ LLAMA_CPP_HINT = ("llama-cpp-python is not installed; `pip install llama-cpp-pyt
 
 
 # ------------------------------------------------------------------ machine
-def read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 3) -> dict[str, float]:
-    """Memory read bandwidth in GB/s by several probes over an `nbytes` buffer (best of `repeats`)."""
+def read_bandwidth(device: torch.device | None = None, nbytes: int | None = None,
+                   repeats: int = 3) -> dict[str, float]:
+    """Memory read bandwidth of `device` in GB/s by several probes over an `nbytes` buffer (best of `repeats`).
+
+    256 MiB on a CPU, 2 GiB on an accelerator (well past any cache).
+    """
+    device = device or torch.device("cpu")
+    on_cpu = device.type == "cpu"
+    nbytes = nbytes or (256 if on_cpu else 2048) * 2**20
     n = nbytes // 4
-    buf = torch.ones(n)
+    buf = torch.ones(n, device=device)
     K = 4096
     w = buf[: (n // K) * K].view(-1, K)
-    x = torch.ones(1, K)
-    arr = buf.numpy()
+    x = torch.ones(1, K, device=device)
     probes = {
         "torch_sum": lambda: buf.sum(),
         "torch_linear_1xK": lambda: F.linear(x, w),
-        "numpy_sum": lambda: arr.sum(),
     }
+    if on_cpu:
+        arr = buf.numpy()
+        probes["numpy_sum"] = lambda: arr.sum()
     out = {}
     for name, probe in probes.items():
         probe()
-        best = min(_seconds(probe) for _ in range(repeats))
+        best = min(_seconds(probe, device) for _ in range(repeats))
         out[name] = nbytes / best / 1e9
     return out
 
 
-def _seconds(fn) -> float:
+def _seconds(fn, device: torch.device) -> float:
+    devices.synchronize(device)
     t0 = time.perf_counter()
     fn()
+    devices.synchronize(device)
     return time.perf_counter() - t0
 
 
-def available_memory() -> int:
-    """Bytes this machine can still give (MemAvailable), without psutil."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: do not refuse
+def available_memory(device: torch.device | None = None) -> int:
+    """Bytes `device` (default: the CPU) can still give."""
+    return devices.free_memory(device or torch.device("cpu"))
 
 
 def peak_rss() -> int:
@@ -100,9 +101,11 @@ class Setup:
     seed: int = 0
     threads: int | None = None
     """None: every core (nabla.device.use_all_cores)."""
+    device: str | None = None
+    """None: the one nabla.device picks (CUDA, MPS, CPU)."""
 
 
-def check_fits(args: ModelArgs, dtype: torch.dtype, setup: Setup) -> int:
+def check_fits(args: ModelArgs, dtype: torch.dtype, setup: Setup, device: torch.device | None = None) -> int:
     """Bytes the run needs; a ConfigError when the machine has less."""
     size = torch.tensor([], dtype=dtype).element_size()
     cache = 2 * args.n_layers * setup.batch_size * args.n_kv_heads * args.head_dim * \
@@ -110,23 +113,27 @@ def check_fits(args: ModelArgs, dtype: torch.dtype, setup: Setup) -> int:
     need = param_count(args) * size + cache
     if setup.vs == "hf":
         need *= 2  # the peer holds its own copy of the permuted weights and its cache
-    have = available_memory()
+    device = device or torch.device("cpu")
+    have = available_memory(device)
     if need > 0.9 * have:
         who = " and the transformers peer" if setup.vs == "hf" else ""
+        where = "this machine" if device.type == "cpu" else str(device)
         raise ConfigError(
             f"shape {setup.shape or setup.model} in {setup.dtype}{who} needs about {need / 2**30:.1f} GiB "
-            f"but this machine has {have / 2**30:.1f} GiB available; pick a smaller --shape, "
+            f"but {where} has {have / 2**30:.1f} GiB available; pick a smaller --shape, "
             f"--dtype bf16, or drop --vs")
     return need
 
 
-def random_model(args: ModelArgs, dtype: torch.dtype, seed: int = 0) -> Transformer:
-    """A model of shape `args` with random weights (std 0.02, norms 1), built in place."""
+def random_model(args: ModelArgs, dtype: torch.dtype, seed: int = 0,
+                 device: torch.device | None = None) -> Transformer:
+    """A model of shape `args` with random weights (std 0.02, norms 1), built in place on `device`."""
+    device = device or torch.device("cpu")
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to(dtype=dtype).to_empty(device="cpu")
+    model = model.to(dtype=dtype).to_empty(device=device)
     model.init_rope()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -161,8 +168,10 @@ def hf_peer(model: Transformer, dtype: torch.dtype):
     if args.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     hf.load_state_dict(state, assign=True, strict=False)
-    hf.model.rotary_emb.to_empty(device="cpu")
-    hf.model.rotary_emb.__init__(config)  # recompute its non-persistent inv_freq on the CPU
+    device = next(model.parameters()).device
+    hf.model.rotary_emb.to_empty(device=device)
+    with device:  # recompute its non-persistent inv_freq there
+        hf.model.rotary_emb.__init__(config)
     return hf.eval()
 
 
@@ -170,14 +179,18 @@ def hf_peer(model: Transformer, dtype: torch.dtype):
 def time_nabla(model: Transformer, tokens: torch.Tensor, gen_len: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds) for one run: prompt in one pass, then greedy steps."""
     B, P = tokens.shape
+    sync = functools.partial(devices.synchronize, tokens.device)
     with torch.inference_mode():
+        sync()
         t0 = time.perf_counter()
         logits = model(tokens, 0, last_only=True)
+        sync()
         t1 = time.perf_counter()
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         for i in range(gen_len):
             logits = model(nxt, P + i, last_only=True)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
+        sync()
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 
@@ -189,15 +202,19 @@ def time_hf(hf, tokens: torch.Tensor, gen_len: int) -> tuple[float, float]:
 
     # transformers 5 renamed past_key_values to cache; pass whichever this version takes.
     key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    sync = functools.partial(devices.synchronize, tokens.device)
     with torch.inference_mode():
         cache = DynamicCache()
+        sync()
         t0 = time.perf_counter()
         out = hf(input_ids=tokens, use_cache=True, logits_to_keep=1, **{key: cache})
+        sync()
         t1 = time.perf_counter()
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(gen_len):
             out = hf(input_ids=nxt, use_cache=True, logits_to_keep=1, **{key: cache})
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 
@@ -228,25 +245,26 @@ def run(setup: Setup, progress: bool = True) -> dict:
         torch.set_num_threads(setup.threads)
     else:
         devices.use_all_cores()
+    dev = devices.choose_device(setup.device)
     dtype = devices.parse_dtype(setup.dtype)
     say = _Progress(progress)
-    say("measuring memory read bandwidth")
-    bw = read_bandwidth()
+    say(f"measuring the read bandwidth of {dev}")
+    bw = read_bandwidth(dev)
     if setup.model:
         from nabla.api import Llama
 
         llama = Llama.build(setup.model, max_seq_len=setup.prompt_len + setup.gen_len + 1,
-                            max_batch_size=setup.batch_size, device="cpu", dtype=setup.dtype,
+                            max_batch_size=setup.batch_size, device=dev, dtype=setup.dtype,
                             quantize=setup.quantize)
         model, args = llama.model, llama.model.args
-        check_fits(args, dtype, Setup(**{**setup.__dict__, "vs": None}))
+        check_fits(args, dtype, Setup(**{**setup.__dict__, "vs": None}), dev)
         peer_source = model
     else:
         args = from_name(setup.shape or "tiny", max_seq_len=setup.prompt_len + setup.gen_len + 1,
                          max_batch_size=setup.batch_size)
-        check_fits(args, dtype, setup)
+        check_fits(args, dtype, setup, dev)
         say(f"building random {setup.shape} weights ({param_count(args) / 1e6:.0f}M parameters)")
-        model = random_model(args, dtype, setup.seed)
+        model = random_model(args, dtype, setup.seed, dev)
         peer_source = model
     hf = None
     if setup.vs == "hf":
@@ -261,7 +279,7 @@ def run(setup: Setup, progress: bool = True) -> dict:
     model.setup_cache(setup.batch_size, setup.prompt_len + setup.gen_len + 1)
     gc.collect()
     B, P, G = setup.batch_size, setup.prompt_len, setup.gen_len
-    tokens = torch.randint(0, args.vocab_size, (B, P), generator=torch.Generator().manual_seed(setup.seed))
+    tokens = torch.randint(0, args.vocab_size, (B, P), generator=torch.Generator().manual_seed(setup.seed)).to(dev)
     ours, theirs = [], []
     time_nabla(model, tokens, min(G, 2))  # warm up (allocations, first-call costs)
     if hf is not None:
@@ -273,6 +291,7 @@ def run(setup: Setup, progress: bool = True) -> dict:
             theirs.append(time_hf(hf, tokens, G))
     result = {
         "shape": setup.shape, "model": setup.model, "dtype": setup.dtype, "quantize": setup.quantize,
+        "device": str(dev), "device_name": devices.describe(dev),
         "batch_size": B, "prompt_len": P, "gen_len": G, "repeats": setup.repeats,
         "threads": torch.get_num_threads(), "params": param_count(args),
         **_rates(ours, B, P, G),
@@ -286,6 +305,7 @@ def run(setup: Setup, progress: bool = True) -> dict:
         "roofline_tok_s": best_bw * 1e9 / nbytes * B,
         "roofline_fraction": steps_per_s * nbytes / (best_bw * 1e9),
         "peak_rss_bytes": peak_rss(),
+        "peak_device_bytes": devices.peak_device_memory(dev),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     })
     if hf is not None:
@@ -326,19 +346,21 @@ def format_report(r: dict) -> str:
     q = f", {r['quantize']}" if r["quantize"] else ""
     lines = [
         f"nabla bench: {what} ({r['params'] / 1e6:.1f}M params), {r['dtype']}{q}, batch {r['batch_size']}, "
-        f"prompt {r['prompt_len']}, {r['gen_len']} new tokens, {r['threads']} threads, median of {r['repeats']}",
+        f"prompt {r['prompt_len']}, {r['gen_len']} new tokens, median of {r['repeats']}, on {r['device_name']}"
+        + (f" ({r['threads']} threads)" if r["device"] == "cpu" else ""),
         "memory read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["bandwidth_probes_gb_s"].items())
         + f" (roofline uses {r['bandwidth_gb_s']:.1f})",
         f"weights read per step: {r['weight_bytes'] / 1e6:.1f} MB -> roofline {r['roofline_tok_s']:.1f} tok/s",
         f"prefill: {r['prefill_tok_s']:10.1f} tok/s",
         f"decode:  {r['decode_tok_s']:10.1f} tok/s  ({100 * r['roofline_fraction']:.0f}% of the roofline)",
-        f"peak RSS: {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+        f"peak RSS: {r['peak_rss_bytes'] / 2**20:.0f} MiB"
+        + (f", peak {r['device']} memory: {r['peak_device_bytes'] / 2**20:.0f} MiB" if r["peak_device_bytes"] else ""),
     ]
     if "hf" in r:
         lines.append(f"transformers: prefill {r['hf']['prefill_tok_s']:.1f} tok/s, decode "
                      f"{r['hf']['decode_tok_s']:.1f} tok/s -> nabla is {r['vs_hf_ratio']:.2f}x at decode, "
                      f"{r['vs_hf_prefill_ratio']:.2f}x at prefill")
-    if r.get("load_average") is not None and r["load_average"] > os.cpu_count():
+    if r["device"] == "cpu" and r.get("load_average") is not None and r["load_average"] > os.cpu_count():
         lines.append(f"note: load average {r['load_average']:.1f} on {os.cpu_count()} cores: "
                      "the machine is busy, numbers are pessimistic")
     return "\n".join(lines)

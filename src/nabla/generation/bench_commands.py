@@ -16,7 +16,7 @@ def run_bench(args: argparse.Namespace) -> int:
     setup = Setup(shape=None if args.model else (args.shape or "110m"), model=args.model, dtype=args.dtype,
                   quantize=args.quantize, batch_size=args.batch_size, prompt_len=args.prompt_len,
                   gen_len=args.gen_len, vs=args.vs, repeats=args.repeats, seed=args.seed,
-                  threads=args.threads)
+                  threads=args.threads, device=args.device)
     result = run(setup, progress=not args.json)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
@@ -30,7 +30,9 @@ def register(sub) -> None:
                                    "named shape, and compare decode with the machine's memory read bandwidth.")
     p.add_argument("--model", metavar="DIR", help="checkpoint folder (default: random weights of --shape)")
     p.add_argument("--shape", choices=list(SHAPES), help="named model shape for random weights (default: 110m)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and compute dtype")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="weights and compute dtype (default: %(default)s)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the linear layers")
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence (default: %(default)s)")
