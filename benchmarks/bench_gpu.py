@@ -1,7 +1,8 @@
 """Issue 9's table on a GPU: nabla against transformers on the same card, same weights, same run.
 
-For each named shape (random weights, bf16): decode at batch 1 and 32 (16-token
-prompt, 128 new tokens) and prefill of 512 tokens at batch 1, each through
+For each named shape (random weights, bf16): decode at batch 1 (with and without
+CUDA graphs) and 32 (16-token prompt, 128 new tokens) and prefill of 512 tokens
+at batch 1, each through
 nabla.generation.bench.run with `--vs hf` (nabla and transformers alternate,
 median of 3). One process, so the card and its clocks are the same for both.
 
@@ -23,10 +24,11 @@ from nabla import device as devices
 from nabla.errors import ConfigError
 from nabla.generation.bench import Setup, run
 
-RUNS = [  # (label, batch, prompt, new tokens)
-    ("decode b1", 1, 16, 128),
-    ("decode b32", 32, 16, 128),
-    ("prefill 512", 1, 512, 0),
+RUNS = [  # (label, batch, prompt, new tokens, replay recorded decode steps)
+    ("decode b1", 1, 16, 128, True),
+    ("decode b1, no graphs", 1, 16, 128, False),
+    ("decode b32", 32, 16, 128, True),
+    ("prefill 512", 1, 512, 0, True),
 ]
 
 
@@ -45,9 +47,9 @@ def main() -> None:
     print("| shape | run | nabla tok/s | transformers tok/s | ratio | nabla roofline | peak GPU memory |")
     print("|---|---|---:|---:|---:|---:|---:|", flush=True)
     for shape in args.shapes.split(","):
-        for label, batch, prompt, gen in RUNS:
+        for label, batch, prompt, gen, graphs in RUNS:
             setup = Setup(shape=shape, dtype=args.dtype, batch_size=batch, prompt_len=prompt, gen_len=gen,
-                          vs="hf", repeats=args.repeats)
+                          vs="hf", repeats=args.repeats, graphs=graphs)
             try:
                 r = run(setup, progress=False)
             except (ConfigError, torch.OutOfMemoryError) as e:

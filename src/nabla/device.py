@@ -116,6 +116,30 @@ def complex_ok(device: torch.device) -> bool:
     return device.type != "mps"
 
 
+def records_graphs(device: torch.device) -> bool:
+    """Whether `device` can record a sequence of kernels once and replay it (CUDA graphs)."""
+    return device.type == "cuda"
+
+
+def record_graph(fn, device: torch.device, pool=None):
+    """Run `fn` twice to warm up, then record one call of it as a CUDA graph.
+
+    Returns (replay, output, pool): `replay()` reruns the recorded kernels,
+    which rewrite `output` in place; graphs recorded with the same `pool`
+    share their scratch memory (they must not run concurrently).
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph.replay, out, graph.pool()
+
+
 def dist_backend(device: torch.device) -> str:
     """NCCL only where the processes compute on CUDA; gloo everywhere else."""
     return "nccl" if device.type == "cuda" else "gloo"

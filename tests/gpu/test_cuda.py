@@ -207,3 +207,23 @@ def test_two_processes_on_one_gpu_get_a_clear_error(make_checkpoint):
                         "Hello"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
     assert "NCCL runs one process per GPU" in r.stderr
+
+
+def test_recorded_decode_on_gpu_equals_plain_decode(make_checkpoint):
+    """CUDA graphs of the decode step (nabla.model.graphs) give the plain forward's tokens and logprobs,
+    across a bucket boundary (256 cache positions)."""
+    from nabla.model.graphs import StepGraphs
+
+    path = make_checkpoint(TINY_GQA, seed=2)
+    plain = Llama.build(path, None, max_seq_len=600, max_batch_size=2, device=GPU, dtype="fp32")
+    plain.model.step_graphs = StepGraphs(plain.model)
+    plain.model.step_graphs.failed = True  # never records
+    fast = Llama.build(path, None, max_seq_len=600, max_batch_size=2, device=GPU, dtype="fp32")
+    plain.tokenizer.stop_ids = fast.tokenizer.stop_ids = ()
+    plain.stop_ids = fast.stop_ids = ()
+    plain._stop = fast._stop = torch.tensor([-1], device=GPU)  # run the full length
+    a, alp = plain.generate(PROMPTS, max_gen_len=300, temperature=0, logprobs=True)
+    b, blp = fast.generate(PROMPTS, max_gen_len=300, temperature=0, logprobs=True)
+    assert sorted(k[1] for k in fast.model.step_graphs.graphs) == [256, 512]
+    assert a == b
+    torch.testing.assert_close(torch.tensor(blp), torch.tensor(alp), atol=1e-4, rtol=1e-4)

@@ -103,6 +103,8 @@ class Setup:
     """None: every core (nabla.device.use_all_cores)."""
     device: str | None = None
     """None: the one nabla.device picks (CUDA, MPS, CPU)."""
+    graphs: bool = True
+    """Replay recorded decode steps where the device records graphs (nabla.model.graphs)."""
 
 
 def check_fits(args: ModelArgs, dtype: torch.dtype, setup: Setup, device: torch.device | None = None) -> int:
@@ -188,7 +190,7 @@ def time_nabla(model: Transformer, tokens: torch.Tensor, gen_len: int) -> tuple[
         t1 = time.perf_counter()
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         for i in range(gen_len):
-            logits = model(nxt, P + i, last_only=True)
+            logits = model.decode(nxt, P + i)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
         sync()
         t2 = time.perf_counter()
@@ -277,6 +279,12 @@ def run(setup: Setup, progress: bool = True) -> dict:
         say(f"quantizing to {setup.quantize}")
         quantize_model(model, setup.quantize)
     model.setup_cache(setup.batch_size, setup.prompt_len + setup.gen_len + 1)
+    graphs = setup.graphs and devices.records_graphs(dev)
+    if not graphs:
+        from nabla.model.graphs import StepGraphs
+
+        model.step_graphs = StepGraphs(model)
+        model.step_graphs.failed = True  # the plain forward at every step
     gc.collect()
     B, P, G = setup.batch_size, setup.prompt_len, setup.gen_len
     tokens = torch.randint(0, args.vocab_size, (B, P), generator=torch.Generator().manual_seed(setup.seed)).to(dev)
@@ -291,7 +299,7 @@ def run(setup: Setup, progress: bool = True) -> dict:
             theirs.append(time_hf(hf, tokens, G))
     result = {
         "shape": setup.shape, "model": setup.model, "dtype": setup.dtype, "quantize": setup.quantize,
-        "device": str(dev), "device_name": devices.describe(dev),
+        "device": str(dev), "device_name": devices.describe(dev), "graphs": graphs,
         "batch_size": B, "prompt_len": P, "gen_len": G, "repeats": setup.repeats,
         "threads": torch.get_num_threads(), "params": param_count(args),
         **_rates(ours, B, P, G),

@@ -16,7 +16,7 @@ def run_bench(args: argparse.Namespace) -> int:
     setup = Setup(shape=None if args.model else (args.shape or "110m"), model=args.model, dtype=args.dtype,
                   quantize=args.quantize, batch_size=args.batch_size, prompt_len=args.prompt_len,
                   gen_len=args.gen_len, vs=args.vs, repeats=args.repeats, seed=args.seed,
-                  threads=args.threads, device=args.device)
+                  threads=args.threads, device=args.device, graphs=not args.no_graphs)
     result = run(setup, progress=not args.json)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
@@ -40,6 +40,8 @@ def register(sub) -> None:
     p.add_argument("--vs", choices=["hf", "llama.cpp"], help="time a peer on the same weights in the same run")
     p.add_argument("--repeats", type=int, default=3, help="runs of each, median reported (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="run every decode step directly, not as a replayed CUDA graph (to compare)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_bench)

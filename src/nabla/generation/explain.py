@@ -207,6 +207,11 @@ class _Tap:
         self.last = logits[0, -1]
         return logits
 
+    def decode(self, tokens, start_pos):
+        logits = self.model.decode(tokens, start_pos)
+        self.last = logits[0, -1].clone()  # a replayed graph rewrites its logits at the next step
+        return logits
+
 
 def check_top_k_shown(top_k_shown) -> None:
     if isinstance(top_k_shown, bool) or not isinstance(top_k_shown, int) or top_k_shown < 1:

@@ -72,7 +72,10 @@ def decode_steps(model, batch: Batch, temperature: float, top_p: float, stop_ids
     eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
     prev_pos = 0
     for cur_pos in range(min_len, batch.total_len):
-        logits = model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=logprobs is None)
+        if cur_pos - prev_pos == 1:  # one new token each: a step that may replay a recorded graph
+            logits = model.decode(tokens[:, prev_pos:cur_pos], prev_pos)
+        else:
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=logprobs is None)
         next_token = sample(logits[:, -1], temperature, top_p, generator)
         next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
         tokens[:, cur_pos] = next_token

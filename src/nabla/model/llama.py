@@ -143,7 +143,10 @@ class Positions:
     may attend a key.
     """
 
-    def __init__(self, start: int | torch.Tensor, T: int, B: int, device, rows: torch.Tensor | None = None):
+    def __init__(self, start: int | torch.Tensor, T: int, B: int, device, rows: torch.Tensor | None = None,
+                 length: int | None = None):
+        """`length` (with a tensor `start`): attend over that many cache positions, masked, rather than
+        up to the furthest sequence; a shape that does not change with the positions, and no host sync."""
         self.start, self.T, self.rows = start, T, rows
         if isinstance(start, int) and rows is None:
             self.idx = torch.arange(start, start + T, device=device)  # (T,)
@@ -154,7 +157,7 @@ class Positions:
         else:
             start = torch.as_tensor(start, device=device).reshape(-1).expand(B)
             self.idx = start[:, None] + torch.arange(T, device=device)  # (B, T)
-            self.length = int(self.idx.max()) + 1
+            self.length = length if length is not None else int(self.idx.max()) + 1
             keys = torch.arange(self.length, device=device)
             self.mask = (keys[None, None, :] <= self.idx[:, :, None])[:, None]  # (B, 1, T, L)
         # Rows r0, r0+1, ... in order (always so without `rows`): the cache rows
@@ -182,6 +185,7 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope", torch.empty(0), persistent=False)  # (max_seq_len, hd/2, 2)
+        self.step_graphs = None  # nabla.model.graphs.StepGraphs, made by the first decode()
         self.init_rope()
         self.set_dropout(dropout)
 
@@ -202,8 +206,19 @@ class Transformer(nn.Module):
         for layer in self.layers:
             a = layer.attention
             a.cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim, w.dtype, w.device)
+        self.step_graphs = None  # recorded against the old cache
         if self.rope.shape[0] < max_seq_len or self.rope.dtype != torch.float32:
             self.init_rope(max_seq_len)
+
+    def decode(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits (B, 1, vocab) for one new token per sequence, all at `start_pos`: the same as
+        forward(tokens, start_pos, last_only=True), replayed from a recorded graph of the step where
+        the device records them (CUDA), which removes the per-kernel launch cost of small batches."""
+        if self.step_graphs is None:
+            from nabla.model.graphs import StepGraphs
+
+            self.step_graphs = StepGraphs(self)
+        return self.step_graphs(tokens, start_pos)
 
     @property
     def has_cache(self) -> bool:
@@ -217,6 +232,7 @@ class Transformer(nn.Module):
         rows: torch.Tensor | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        cache_len: int | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in float32 for tokens (B, T).
 
@@ -225,6 +241,8 @@ class Transformer(nn.Module):
         start_pos.. and attention reads everything cached before them.
         `last_only` computes logits for the last position only (B, 1, vocab).
         `return_hidden` returns the final normalised hidden states instead.
+        `cache_len` (with a tensor `start_pos`) attends over that many cache
+        positions, masked, so that every step has the same shapes (graphs).
         """
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
@@ -234,7 +252,7 @@ class Transformer(nn.Module):
             pos = None
             table = self.rope[None, :T]  # a view, no copy
         else:
-            pos = Positions(start_pos, T, B, tokens.device, rows)
+            pos = Positions(start_pos, T, B, tokens.device, rows, cache_len)
             if isinstance(start_pos, int) and rows is None:
                 table = self.rope[None, start_pos: start_pos + T]
             else:
