@@ -121,6 +121,10 @@ class Llama:
             from nabla.model.quantize import quantize_model
 
             quantize_model(model, quantize)
+        elif mp == 1 and devices.row_kernels(dev):
+            from nabla.model.cpu_kernels import use_row_kernels
+
+            use_row_kernels(model)  # decode steps read fp32 weights at the memory's speed
         model.setup_cache(max_batch_size, max_seq_len)
         # Seed last, so the first sample draws from a freshly seeded stream
         # whatever loading did; every rank seeds the same way.

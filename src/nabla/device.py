@@ -6,6 +6,7 @@ or "nccl". Order of preference: CUDA, then Apple MPS, then CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 
@@ -206,6 +207,16 @@ def use_all_cores() -> None:
         torch.set_num_threads(n)
 
 
+def row_kernels(device: torch.device) -> bool:
+    """Whether decode-sized products on `device` run nabla's numba kernels (nabla.model.cpu_kernels).
+
+    Measured on a 2-core AVX2 CPU (BENCHMARKS.md, issue 9): torch's fp32
+    F.linear read one-row weights at 4-10 GB/s, the numba kernels at 17-21,
+    the memory's limit. Only where numba is installed.
+    """
+    return device.type == "cpu" and importlib.util.find_spec("numba") is not None
+
+
 def quantized_kernel(device: torch.device, mode: str) -> str:
     """The kernel that computes int8 / int4 products fastest on `device` (see nabla.model.quantize).
 
@@ -214,12 +225,16 @@ def quantized_kernel(device: torch.device, mode: str) -> str:
     batch 8) while torch's weight-only int8/int4 kernels ran 20-40x slower than
     fp32; so x86 CPUs take FBGEMM for int8. For int4 torch's int4pack kernel
     beat rebuilding the weight per call (4x at batch 1) but stayed slower than
-    fp32 there: int4 saves memory, not time, on such a CPU. Weights stay small;
-    products run in fp32 or in the integer kernel, never in bf16 arithmetic the
-    CPU lacks.
+    fp32 there. nabla's own numba kernels (weight-only, decode-sized calls)
+    read the int8 / int4 bytes at the memory's speed and win where numba is
+    installed; prefill then takes FBGEMM (int8) or a rebuilt weight (int4).
+    Weights stay small; products run in fp32 or in the integer kernel, never in
+    bf16 arithmetic the CPU lacks.
     """
     if device.type != "cpu":
         return "dequant"
+    if row_kernels(device):
+        return "numba"
     if mode == "int8":
         if "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic"):
             return "fbgemm"

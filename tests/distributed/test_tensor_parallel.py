@@ -185,7 +185,7 @@ def test_heads_that_do_not_divide(folders, no_torchrun):
 
 def test_one_process_stays_one_process(folders, no_torchrun):
     llama = Llama.build(folders["mha-mp2"], None, max_seq_len=32, model_parallel_size=1)
-    assert type(llama.model.layers[0].attention.wq) is torch.nn.Linear
+    assert isinstance(llama.model.layers[0].attention.wq, torch.nn.Linear)  # not a parallel slice
 
 
 # -------------------------------------------------- slicing straight from shards

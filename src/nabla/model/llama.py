@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nabla.device import complex_ok
+from nabla.model import cpu_kernels
 from nabla.model.args import ModelArgs
 from nabla.model.kv_cache import KVCache
 
@@ -30,6 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32 and cpu_kernels.usable(x):  # a decode step on the CPU
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the compute dtype, as Meta does (one
         # fused kernel instead of pow, mean, add, rsqrt, mul).
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
@@ -93,9 +96,8 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs, pos: "Positions | None") -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.head_dim)
-        k = self.wk(x).view(B, T, -1, self.head_dim)
-        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k, v = cpu_kernels.project(x, self.wq, self.wk, self.wv)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
         q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
         gqa = q.shape[1] != k.shape[1]
@@ -117,7 +119,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = cpu_kernels.project(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

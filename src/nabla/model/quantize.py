@@ -16,6 +16,10 @@ Which kernel computes the product is nabla.device's choice (`quantized_kernel`),
 measured on the machine it targets; every kernel takes the same stored
 weights:
 
+- "numba" (CPUs with numba): nabla.model.cpu_kernels' weight-only kernels for
+  decode-sized calls (exact up to the weight quantization, reading the int8 /
+  int4 bytes at the memory's speed); larger calls (prefill) take "fbgemm" for
+  int8 where torch has it and rebuild the weight for int4.
 - "fbgemm" (int8, x86 CPUs): torch's FBGEMM dynamic int8 linear; the input is
   also quantized, per call, to 8 bits. The fastest here by far at batch > 1.
 - "int8pack" / "int4pack": torch's weight-only kernels
@@ -38,9 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nabla.errors import ConfigError
+from nabla.model import cpu_kernels
 
 MODES = ("int8", "int4")
-KERNELS = ("fbgemm", "int8pack", "int4pack", "dequant")
+PLAIN = (nn.Linear, cpu_kernels.RowKernelLinear)  # the layers quantize_model replaces
+KERNELS = ("numba", "fbgemm", "int8pack", "int4pack", "dequant")
 GROUP_SIZE = 32
 # Above this many rows (prefill) torch's int4pack CPU kernel is slower than
 # rebuilding the fp32 weight once and calling F.linear (measured, issue 9).
@@ -109,7 +115,12 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.weight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "fbgemm":
+        kernel = self.kernel
+        if kernel == "numba":
+            if cpu_kernels.usable(x):
+                return cpu_kernels.rows_i8(x, self.weight, self.scales)
+            kernel = "fbgemm" if _has_fbgemm() else "dequant"
+        if kernel == "fbgemm":
             if self._packed is None:
                 self._packed = _fbgemm_prepack(self.weight, self.scales)
             x2 = x.reshape(-1, self.in_features).float()
@@ -125,7 +136,7 @@ class Int8Linear(nn.Module):
                     torch.set_num_threads(threads)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if y.dtype == x.dtype else y.to(x.dtype)
-        if self.kernel == "int8pack":
+        if kernel == "int8pack":
             x2 = x.reshape(-1, self.in_features)
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
             return y.view(*x.shape[:-1], self.out_features)
@@ -153,6 +164,8 @@ class Int4Linear(nn.Module):
         return dequantize_int4(unpack_int4(self.weight), self.scales, self.mins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "numba" and cpu_kernels.usable(x):
+            return cpu_kernels.rows_i4(x, self.weight, self.scales, self.mins)
         if self.kernel == "int4pack" and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
             if self._packed is None:
                 q = unpack_int4(self.weight).to(torch.int32)
@@ -168,6 +181,10 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int4 group {self.group_size}, kernel={self.kernel}")
+
+
+def _has_fbgemm() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
 def _fbgemm_prepack(q: torch.Tensor, scales: torch.Tensor):
@@ -193,14 +210,14 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
     if kernel is not None and kernel not in KERNELS:
         raise ConfigError(f"unknown quantized kernel {kernel!r}: use one of {', '.join(KERNELS)}")
     dev = model.tok_embeddings.weight.device
-    k8 = kernel if kernel in ("fbgemm", "int8pack", "dequant") else devices.quantized_kernel(dev, "int8")
-    k4 = kernel if kernel in ("int4pack", "dequant") else devices.quantized_kernel(dev, "int4")
+    k8 = kernel if kernel in ("numba", "fbgemm", "int8pack", "dequant") else devices.quantized_kernel(dev, "int8")
+    k4 = kernel if kernel in ("numba", "int4pack", "dequant") else devices.quantized_kernel(dev, "int4")
     targets = [(layer.attention, name) for layer in model.layers for name in ("wq", "wk", "wv", "wo")]
     targets += [(layer.feed_forward, name) for layer in model.layers for name in ("w1", "w2", "w3")]
     with torch.no_grad():
         for parent, name in targets:
             lin = getattr(parent, name)
-            if type(lin) is not nn.Linear:
+            if type(lin) not in PLAIN:
                 continue  # already quantized, or a layer type this module does not know
             w = lin.weight
             if mode == "int4" and w.shape[1] % group_size == 0:
@@ -209,7 +226,7 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
                 new = Int8Linear(w, k8)
             setattr(parent, name, new)
             del lin, w
-        if type(model.output) is nn.Linear:
+        if type(model.output) in PLAIN:
             model.output = Int8Linear(model.output.weight, k8)
     model.quantization = mode
     return model

@@ -1,0 +1,220 @@
+"""Matrix-vector products for CPU decoding that read weights at the memory's speed (numba).
+
+Decoding a few sequences multiplies a handful of rows by every weight matrix,
+so the time is the time to read the weights. torch's CPU `F.linear` (MKL)
+reads a (N, K) fp32 weight at 4-10 GB/s for one row on this project's 2-core
+machine, where the memory gives ~20 GB/s; the kernels here, compiled by numba
+(one row of W per task, across every core, SIMD over K), read at 17-21 GB/s
+(BENCHMARKS.md, issue 9). Weights stay where torch keeps them; the kernels
+see them through zero-copy NumPy views.
+
+`RowKernelLinear` (fp32 weights) and the "numba" kernel of nabla.model.quantize
+(`rows_i8`, `rows_i4`) run up to MAX_ROWS rows per call (decode steps); more
+rows (prefill) go to torch's matrix products, which are compute-bound and good
+at it. Compiled code is cached on disk after the first use.
+
+Where numba is not installed everything falls back to torch.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a dependency; this keeps nabla usable without it
+    numba = None
+
+MAX_ROWS = 16
+
+
+def available() -> bool:
+    return numba is not None
+
+
+if numba is not None:
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _rows_f32(W, X, Y):  # pragma: no cover - compiled
+        N, K = W.shape
+        B = X.shape[0]
+        for n in prange(N):
+            for b in range(B):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += W[n, k] * X[b, k]
+                Y[b, n] = acc
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _rows_f32_multi(Ws, X, Ys):  # pragma: no cover - compiled
+        # Several weights that read the same X (q, k, v; or w1, w3) in one parallel loop.
+        B = X.shape[0]
+        ends = np.zeros(len(Ws), dtype=np.int64)
+        total = 0
+        for i in range(len(Ws)):
+            total += Ws[i].shape[0]
+            ends[i] = total
+        for r in prange(total):
+            i = 0
+            while r >= ends[i]:
+                i += 1
+            W, Y = Ws[i], Ys[i]
+            n = r - (ends[i] - W.shape[0])
+            K = W.shape[1]
+            for b in range(B):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += W[n, k] * X[b, k]
+                Y[b, n] = acc
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def _rms_norm(X, w, eps, Y):  # pragma: no cover - compiled
+        B, D = X.shape
+        for b in range(B):
+            ss = np.float32(0.0)
+            for d in range(D):
+                ss += X[b, d] * X[b, d]
+            r = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
+            for d in range(D):
+                Y[b, d] = X[b, d] * r * w[d]
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _rows_i8(W, scale, X, Y):  # pragma: no cover - compiled
+        N, K = W.shape
+        B = X.shape[0]
+        for n in prange(N):
+            for b in range(B):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += np.float32(W[n, k]) * X[b, k]
+                Y[b, n] = acc * scale[n]
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _rows_i4(P, scales, mins, X, Y):  # pragma: no cover - compiled
+        # P (N, K/2): two 4-bit q per byte, even column in the low nibble; w = q * s + m per group.
+        N, half = P.shape
+        G = scales.shape[1]
+        per = half // G  # bytes per group
+        B = X.shape[0]
+        XS = np.zeros((B, G), dtype=np.float32)  # each group's sum of x, for the m terms
+        for b in range(B):
+            for g in range(G):
+                acc = np.float32(0.0)
+                for k in range(2 * g * per, 2 * (g + 1) * per):
+                    acc += X[b, k]
+                XS[b, g] = acc
+        for n in prange(N):
+            for b in range(B):
+                total = np.float32(0.0)
+                for g in range(G):
+                    dot = np.float32(0.0)
+                    for j in range(g * per, (g + 1) * per):
+                        p = P[n, j]
+                        dot += np.float32(p & 15) * X[b, 2 * j] + np.float32(p >> 4) * X[b, 2 * j + 1]
+                    total += scales[n, g] * dot + mins[n, g] * XS[b, g]
+                Y[b, n] = total
+
+
+# numba's fallback thread pool (workqueue, where no OpenMP/TBB is found) aborts the
+# process if two threads launch parallel kernels at once; one launch at a time.
+_launch = threading.Lock()
+
+
+def _set_threads() -> None:
+    want = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
+
+
+def rows_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for a few rows of fp32 x (..., K) and an fp32 weight (N, K)."""
+    K = x.shape[-1]
+    X = x.reshape(-1, K).contiguous()
+    Y = torch.empty(X.shape[0], weight.shape[0], dtype=torch.float32)
+    with _launch:
+        _set_threads()
+        _rows_f32(weight.detach().numpy(), X.numpy(), Y.numpy())
+    return Y.view(*x.shape[:-1], weight.shape[0])
+
+
+def rows_f32_multi(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[x @ w.T for w in weights], in one pass over the weights (they share the input)."""
+    K = x.shape[-1]
+    X = x.reshape(-1, K).contiguous()
+    Ys = [torch.empty(X.shape[0], w.shape[0], dtype=torch.float32) for w in weights]
+    with _launch:
+        _set_threads()
+        _rows_f32_multi(tuple(w.detach().numpy() for w in weights), X.numpy(), tuple(y.numpy() for y in Ys))
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of a few fp32 rows (torch's CPU reductions cost ~30 us each on such small inputs)."""
+    D = x.shape[-1]
+    X = x.reshape(-1, D).contiguous()
+    Y = torch.empty_like(X)
+    _rms_norm(X.numpy(), weight.detach().numpy(), eps, Y.numpy())
+    return Y.view(x.shape)
+
+
+def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+    """[lin(x) for lin in linears]: one kernel call when they are all RowKernelLinear and the call is small."""
+    if len(linears) > 1 and all(type(lin) is RowKernelLinear and lin.bias is None for lin in linears) \
+            and usable(x):
+        return rows_f32_multi(x, [lin.weight for lin in linears])
+    return [lin(x) for lin in linears]
+
+
+def rows_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (qweight * scale[:, None]).T for a few rows of fp32 x, int8 qweight (N, K), fp32 scale (N,)."""
+    K = x.shape[-1]
+    X = x.reshape(-1, K).contiguous()
+    Y = torch.empty(X.shape[0], qweight.shape[0], dtype=torch.float32)
+    with _launch:
+        _set_threads()
+        _rows_i8(qweight.numpy(), scale.numpy(), X.numpy(), Y.numpy())
+    return Y.view(*x.shape[:-1], qweight.shape[0])
+
+
+def rows_i4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """x @ W.T for a few rows of fp32 x and W in nabla's int4 groups (nabla.model.quantize)."""
+    K = x.shape[-1]
+    X = x.reshape(-1, K).contiguous()
+    Y = torch.empty(X.shape[0], packed.shape[0], dtype=torch.float32)
+    with _launch:
+        _set_threads()
+        _rows_i4(packed.numpy(), scales.numpy(), mins.numpy(), X.numpy(), Y.numpy())
+    return Y.view(*x.shape[:-1], packed.shape[0])
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernels take this call: fp32 input on the CPU, outside autograd, a few rows."""
+    return (numba is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1])
+
+
+class RowKernelLinear(nn.Linear):
+    """nn.Linear whose decode-sized calls run `rows_f32`; same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and self.weight.dtype == torch.float32 and usable(x):
+            return rows_f32(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_row_kernels(model: nn.Module) -> int:
+    """Make every plain fp32 nn.Linear of `model` a RowKernelLinear (in place); returns how many."""
+    if numba is None:
+        return 0
+    n = 0
+    for mod in model.modules():
+        if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu":
+            mod.__class__ = RowKernelLinear  # same object, parameters and hooks; only forward changes
+            n += 1
+    return n

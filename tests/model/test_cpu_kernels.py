@@ -1,0 +1,83 @@
+"""nabla.model.cpu_kernels (numba) against torch's own products on the same tensors."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from conftest import TINY_GQA, random_state  # noqa: E402
+from nabla.model import Transformer, args_from_params, cpu_kernels  # noqa: E402
+from nabla.model.quantize import Int4Linear, Int8Linear  # noqa: E402
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def randn(*shape):
+    return torch.randn(*shape, generator=GEN)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("N,K", [(96, 64), (300, 288), (64, 200)])
+def test_rows_f32_equals_linear(rows, N, K):
+    x, w = randn(rows, K), randn(N, K)
+    torch.testing.assert_close(cpu_kernels.rows_f32(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+def test_rows_f32_multi_equals_separate_products():
+    x = randn(2, 1, 64)
+    ws = [randn(64, 64), randn(32, 64), randn(32, 64)]
+    for y, w in zip(cpu_kernels.rows_f32_multi(x, ws), ws):
+        assert y.shape == (2, 1, w.shape[0])
+        torch.testing.assert_close(y, x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+def test_rms_norm_equals_torch():
+    x, w = randn(3, 1, 96), randn(96)
+    ref = torch.nn.functional.rms_norm(x, (96,), eps=1e-5) * w
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_quantized_rows_equal_the_dequantized_weight(cls):
+    w = randn(80, 128)
+    lin = cls(w, kernel="numba")
+    x = randn(4, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), x @ lin.dequantize().T, atol=1e-4, rtol=1e-5)
+        big = randn(40, 128)  # more rows than a decode step: the bulk path
+        ref = big @ lin.dequantize().T
+        assert (lin(big) - ref).norm() / ref.norm() < 0.02
+
+
+def test_kernels_stay_out_of_autograd_and_big_calls():
+    w = randn(16, 32)
+    assert cpu_kernels.usable(randn(2, 32)) is False  # grad mode is on outside inference
+    with torch.inference_mode():
+        assert cpu_kernels.usable(randn(2, 32))
+        assert not cpu_kernels.usable(randn(cpu_kernels.MAX_ROWS + 1, 32))
+        assert not cpu_kernels.usable(randn(2, 32).double())
+    lin = torch.nn.Linear(32, 16, bias=False)
+    lin.weight.data.copy_(w)
+    lin.__class__ = cpu_kernels.RowKernelLinear
+    x = randn(2, 32).requires_grad_()
+    lin(x).sum().backward()  # F.linear under autograd
+    torch.testing.assert_close(x.grad, w.sum(0).expand(2, -1))
+
+
+def test_model_with_row_kernels_decodes_as_without():
+    args = args_from_params(dict(TINY_GQA), max_seq_len=64)
+    plain = Transformer(args).eval()
+    plain.load_state_dict(random_state(args, 1), strict=False)
+    fast = copy.deepcopy(plain)
+    assert cpu_kernels.use_row_kernels(fast) == 2 * 7 + 1
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=GEN)
+    with torch.inference_mode():
+        for m in (plain, fast):
+            m.setup_cache(2, 32)
+        torch.testing.assert_close(fast(tokens[:, :8], 0), plain(tokens[:, :8], 0))  # prefill: torch
+        for p in range(8, 12):
+            torch.testing.assert_close(fast(tokens[:, p:p + 1], p), plain(tokens[:, p:p + 1], p),
+                                       atol=2e-5, rtol=1e-5)
+    assert set(fast.state_dict()) == set(plain.state_dict())
