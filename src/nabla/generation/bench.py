@@ -6,17 +6,16 @@ with several probes (the best is the roofline), builds a model (a checkpoint,
 or random weights of a named shape from nabla.model.args.SHAPES; token ids are
 drawn at random, no tokenizer needed), times prefill and greedy decode, and
 reports decode as a fraction of the roofline. `--vs hf` times transformers'
-LlamaForCausalLM on the same weights in the same process, alternating runs.
-
-Leaves out: llama.cpp itself (`--vs llama.cpp` says how to install
-llama-cpp-python; writing the GGUF and timing it is not done here yet).
+LlamaForCausalLM on the same weights in the same process, alternating runs;
+`--vs llama.cpp` writes the same weights to GGUF (f32, bf16, f16, or q8_0 /
+q4_0 beside nabla's int8 / int4) and times llama.cpp the same way
+(nabla.generation.bench_llamacpp).
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-import importlib.util
 import os
 import re
 import resource
@@ -33,8 +32,7 @@ from nabla.model.args import ModelArgs, from_name, param_count
 from nabla.model.llama import Transformer
 from nabla.model.quantize import quantize_model, weight_bytes
 
-LLAMA_CPP_HINT = ("llama-cpp-python is not installed; `pip install llama-cpp-python gguf` builds llama.cpp "
-                  "from source (many minutes on a small machine), then run `nabla bench --vs llama.cpp` again")
+GGUF_TYPE = {("fp32", None): "f32", ("bf16", None): "bf16", ("fp16", None): "f16"}  # else by --quantize
 
 
 # ------------------------------------------------------------------ machine
@@ -231,11 +229,10 @@ def _rates(times: list[tuple[float, float]], B: int, P: int, G: int) -> dict:
 # ---------------------------------------------------------------------- run
 def run(setup: Setup, progress: bool = True) -> dict:
     """Build, measure and return every figure of one bench run as a dict."""
-    if setup.vs == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
-        raise ConfigError(LLAMA_CPP_HINT)
     if setup.vs == "llama.cpp":
-        raise ConfigError("--vs llama.cpp: llama-cpp-python is installed, but writing the GGUF and timing it "
-                          "is not implemented yet in this version of nabla; use --vs hf")
+        from nabla.generation.bench_llamacpp import check_installed
+
+        check_installed()
     for name in ("batch_size", "prompt_len", "repeats"):
         if getattr(setup, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -248,6 +245,8 @@ def run(setup: Setup, progress: bool = True) -> dict:
     else:
         devices.use_all_cores()
     dev = devices.choose_device(setup.device)
+    if setup.vs == "llama.cpp" and dev.type != "cpu":
+        raise ConfigError("--vs llama.cpp times llama.cpp on the CPU; add --device cpu")
     dtype = devices.parse_dtype(setup.dtype)
     say = _Progress(progress)
     say(f"measuring the read bandwidth of {dev}")
@@ -256,28 +255,28 @@ def run(setup: Setup, progress: bool = True) -> dict:
         from nabla.api import Llama
 
         llama = Llama.build(setup.model, max_seq_len=setup.prompt_len + setup.gen_len + 1,
-                            max_batch_size=setup.batch_size, device=dev, dtype=setup.dtype,
-                            quantize=setup.quantize)
-        model, args = llama.model, llama.model.args
-        check_fits(args, dtype, Setup(**{**setup.__dict__, "vs": None}), dev)
-        peer_source = model
+                            max_batch_size=setup.batch_size, device=dev, dtype=setup.dtype)
+        model, args, tokenizer = llama.model, llama.model.args, llama.tokenizer
+        check_fits(args, dtype, setup, dev)
     else:
         args = from_name(setup.shape or "tiny", max_seq_len=setup.prompt_len + setup.gen_len + 1,
                          max_batch_size=setup.batch_size)
         check_fits(args, dtype, setup, dev)
         say(f"building random {setup.shape} weights ({param_count(args) / 1e6:.0f}M parameters)")
-        model = random_model(args, dtype, setup.seed, dev)
-        peer_source = model
-    hf = None
+        model, tokenizer = random_model(args, dtype, setup.seed, dev), None
+    hf = cpp = None
     if setup.vs == "hf":
-        if setup.quantize and setup.model:
-            raise ConfigError("--vs hf with --model and --quantize: the weights are already quantized; "
-                              "drop --quantize to compare at equal weights")
         say("building the transformers peer on the same weights")
-        hf = hf_peer(peer_source, dtype)
-    if setup.quantize and not setup.model:
+        hf = hf_peer(model, dtype)
+    elif setup.vs == "llama.cpp":
+        cpp = llamacpp_peer(model, tokenizer, setup, say)
+    if setup.quantize:
         say(f"quantizing to {setup.quantize}")
         quantize_model(model, setup.quantize)
+    elif devices.row_kernels(dev):
+        from nabla.model.cpu_kernels import use_row_kernels
+
+        use_row_kernels(model)  # as Llama.build does
     model.setup_cache(setup.batch_size, setup.prompt_len + setup.gen_len + 1)
     graphs = setup.graphs and devices.records_graphs(dev)
     if not graphs:
@@ -290,13 +289,18 @@ def run(setup: Setup, progress: bool = True) -> dict:
     tokens = torch.randint(0, args.vocab_size, (B, P), generator=torch.Generator().manual_seed(setup.seed)).to(dev)
     ours, theirs = [], []
     time_nabla(model, tokens, min(G, 2))  # warm up (allocations, first-call costs)
+    peer = None
     if hf is not None:
-        time_hf(hf, tokens, min(G, 2))
+        peer = functools.partial(time_hf, hf, tokens)
+    elif cpp is not None:
+        peer = functools.partial(cpp.time, tokens.tolist())
+    if peer is not None:
+        peer(min(G, 2))
     for r in range(setup.repeats):
         say(f"run {r + 1}/{setup.repeats}")
         ours.append(time_nabla(model, tokens, G))
-        if hf is not None:
-            theirs.append(time_hf(hf, tokens, G))
+        if peer is not None:
+            theirs.append(peer(G))
     result = {
         "shape": setup.shape, "model": setup.model, "dtype": setup.dtype, "quantize": setup.quantize,
         "device": str(dev), "device_name": devices.describe(dev), "graphs": graphs,
@@ -316,13 +320,41 @@ def run(setup: Setup, progress: bool = True) -> dict:
         "peak_device_bytes": devices.peak_device_memory(dev),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     })
-    if hf is not None:
-        peer = _rates(theirs, B, P, G)
-        result["hf"] = peer
-        result["vs_hf_ratio"] = result["decode_tok_s"] / peer["decode_tok_s"] if G else None
-        result["vs_hf_prefill_ratio"] = result["prefill_tok_s"] / peer["prefill_tok_s"]
+    if peer is not None:
+        name = "hf" if hf is not None else "llamacpp"
+        rates = _rates(theirs, B, P, G)
+        if cpp is not None:
+            rates["gguf_type"] = cpp.gguf_type
+            cpp.close()
+            cpp.folder.cleanup()
+        result[name] = rates
+        result[f"vs_{name}_ratio"] = result["decode_tok_s"] / rates["decode_tok_s"] if G else None
+        result[f"vs_{name}_prefill_ratio"] = result["prefill_tok_s"] / rates["prefill_tok_s"]
     say.close()
     return result
+
+
+def llamacpp_peer(model: Transformer, tokenizer, setup: Setup, say):
+    """llama.cpp on a GGUF of `model`'s weights (before nabla quantizes them): q8_0 beside int8,
+    q4_0 beside int4, else the dtype's own type."""
+    import tempfile
+
+    from nabla.checkpoint.gguf import write_gguf
+    from nabla.generation.bench_llamacpp import LlamaCpp
+
+    gguf_type = {"int8": "q8_0", "int4": "q4_0"}.get(setup.quantize) or GGUF_TYPE[(setup.dtype, None)]
+    say(f"writing the weights as {gguf_type} GGUF for llama.cpp")
+    folder = tempfile.TemporaryDirectory(prefix="nabla-bench-")
+    try:
+        path = write_gguf(f"{folder.name}/model-{gguf_type}.gguf", model.state_dict(), model.args, tokenizer,
+                          gguf_type)
+        cpp = LlamaCpp(path, setup.batch_size, setup.prompt_len + setup.gen_len + 1, torch.get_num_threads(),
+                       setup.prompt_len)
+    except BaseException:
+        folder.cleanup()
+        raise
+    cpp.gguf_type, cpp.folder = gguf_type, folder  # the file lives as long as the peer
+    return cpp
 
 
 class _Progress:
@@ -364,10 +396,14 @@ def format_report(r: dict) -> str:
         f"peak RSS: {r['peak_rss_bytes'] / 2**20:.0f} MiB"
         + (f", peak {r['device']} memory: {r['peak_device_bytes'] / 2**20:.0f} MiB" if r["peak_device_bytes"] else ""),
     ]
-    if "hf" in r:
-        lines.append(f"transformers: prefill {r['hf']['prefill_tok_s']:.1f} tok/s, decode "
-                     f"{r['hf']['decode_tok_s']:.1f} tok/s -> nabla is {r['vs_hf_ratio']:.2f}x at decode, "
-                     f"{r['vs_hf_prefill_ratio']:.2f}x at prefill")
+    for key, who in (("hf", "transformers"), ("llamacpp", "llama.cpp")):
+        if key in r:
+            peer = r[key]
+            kind = f" ({peer['gguf_type']})" if "gguf_type" in peer else ""
+            at_decode = f"{r[f'vs_{key}_ratio']:.2f}x at decode, " if r[f"vs_{key}_ratio"] else ""
+            lines.append(f"{who}{kind}: prefill {peer['prefill_tok_s']:.1f} tok/s, decode "
+                         f"{peer['decode_tok_s']:.1f} tok/s -> nabla is {at_decode}"
+                         f"{r[f'vs_{key}_prefill_ratio']:.2f}x at prefill")
     if r["device"] == "cpu" and r.get("load_average") is not None and r["load_average"] > os.cpu_count():
         lines.append(f"note: load average {r['load_average']:.1f} on {os.cpu_count()} cores: "
                      "the machine is busy, numbers are pessimistic")
