@@ -1,5 +1,6 @@
 """`nabla bench` end to end on the smallest shape (numbers recorded, never asserted)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -61,3 +62,15 @@ def test_vs_llama_cpp_says_how_to_install(monkeypatch, capsys):
 def test_bad_numbers_are_config_errors(flag, capsys):
     assert main(["bench", "--shape", "tiny", *flag]) == 1
     assert "at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
+                    reason="llama-cpp-python and gguf not installed")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_bench_vs_llama_cpp(capsys, quantize):
+    args = ["bench", "--shape", "tiny", "--gen-len", "3", "--prompt-len", "4", "--repeats", "1",
+            "--threads", "1", "--vs", "llama.cpp", "--batch-size", "2", "--json"]
+    assert main(args + (["--quantize", quantize] if quantize else [])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["llamacpp"]["gguf_type"] == ("q8_0" if quantize else "f32")
+    assert out["llamacpp"]["decode_tok_s"] > 0 and out["vs_llamacpp_ratio"] > 0

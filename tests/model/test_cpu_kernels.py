@@ -81,3 +81,12 @@ def test_model_with_row_kernels_decodes_as_without():
             torch.testing.assert_close(fast(tokens[:, p:p + 1], p), plain(tokens[:, p:p + 1], p),
                                        atol=2e-5, rtol=1e-5)
     assert set(fast.state_dict()) == set(plain.state_dict())
+
+
+def test_int8_layers_sharing_an_input_take_one_call():
+    ws = [randn(64, 96), randn(32, 96)]
+    lins = [Int8Linear(w, kernel="numba") for w in ws]
+    x = randn(2, 1, 96)
+    with torch.inference_mode():
+        for y, lin in zip(cpu_kernels.project(x, *lins), lins):
+            torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-5)

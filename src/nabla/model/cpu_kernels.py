@@ -73,6 +73,27 @@ if numba is not None:
                     acc += W[n, k] * X[b, k]
                 Y[b, n] = acc
 
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _rows_i8_multi(Ws, scales, X, Ys):  # pragma: no cover - compiled
+        B = X.shape[0]
+        ends = np.zeros(len(Ws), dtype=np.int64)
+        total = 0
+        for i in range(len(Ws)):
+            total += Ws[i].shape[0]
+            ends[i] = total
+        for r in prange(total):
+            i = 0
+            while r >= ends[i]:
+                i += 1
+            W, S, Y = Ws[i], scales[i], Ys[i]
+            n = r - (ends[i] - W.shape[0])
+            K = W.shape[1]
+            for b in range(B):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += np.float32(W[n, k]) * X[b, k]
+                Y[b, n] = acc * S[n]
+
     @njit(fastmath=True, cache=True, nogil=True)
     def _rms_norm(X, w, eps, Y):  # pragma: no cover - compiled
         B, D = X.shape
@@ -98,27 +119,27 @@ if numba is not None:
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _rows_i4(P, scales, mins, X, Y):  # pragma: no cover - compiled
         # P (N, K/2): two 4-bit q per byte, even column in the low nibble; w = q * s + m per group.
+        # Each row of W is rebuilt in fp32, then dotted with x. (Measured: 10x slower per weight
+        # than the int8 kernel; the nibble unpacking does not vectorise well. Left for later.)
         N, half = P.shape
         G = scales.shape[1]
         per = half // G  # bytes per group
         B = X.shape[0]
-        XS = np.zeros((B, G), dtype=np.float32)  # each group's sum of x, for the m terms
-        for b in range(B):
-            for g in range(G):
-                acc = np.float32(0.0)
-                for k in range(2 * g * per, 2 * (g + 1) * per):
-                    acc += X[b, k]
-                XS[b, g] = acc
+        K = 2 * half
         for n in prange(N):
+            row = np.empty(K, dtype=np.float32)
+            for g in range(G):
+                s = scales[n, g]
+                m = mins[n, g]
+                for j in range(g * per, (g + 1) * per):
+                    p = np.int32(P[n, j])
+                    row[2 * j] = np.float32(p & 15) * s + m
+                    row[2 * j + 1] = np.float32(p >> 4) * s + m
             for b in range(B):
-                total = np.float32(0.0)
-                for g in range(G):
-                    dot = np.float32(0.0)
-                    for j in range(g * per, (g + 1) * per):
-                        p = P[n, j]
-                        dot += np.float32(p & 15) * X[b, 2 * j] + np.float32(p >> 4) * X[b, 2 * j + 1]
-                    total += scales[n, g] * dot + mins[n, g] * XS[b, g]
-                Y[b, n] = total
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += row[k] * X[b, k]
+                Y[b, n] = acc
 
 
 # numba's fallback thread pool (workqueue, where no OpenMP/TBB is found) aborts the
@@ -163,11 +184,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return Y.view(x.shape)
 
 
+def rows_i8_multi(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    """rows_i8 for several int8 weights that share the input, in one pass."""
+    K = x.shape[-1]
+    X = x.reshape(-1, K).contiguous()
+    Ys = [torch.empty(X.shape[0], w.shape[0], dtype=torch.float32) for w in qweights]
+    with _launch:
+        _set_threads()
+        _rows_i8_multi(tuple(w.numpy() for w in qweights), tuple(s.numpy() for s in scales), X.numpy(),
+                       tuple(y.numpy() for y in Ys))
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
+
+
 def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
-    """[lin(x) for lin in linears]: one kernel call when they are all RowKernelLinear and the call is small."""
-    if len(linears) > 1 and all(type(lin) is RowKernelLinear and lin.bias is None for lin in linears) \
-            and usable(x):
-        return rows_f32_multi(x, [lin.weight for lin in linears])
+    """[lin(x) for lin in linears]: one kernel call when they all run these kernels and the call is small."""
+    if len(linears) > 1 and usable(x):
+        if all(type(lin) is RowKernelLinear and lin.bias is None for lin in linears):
+            return rows_f32_multi(x, [lin.weight for lin in linears])
+        if all(getattr(lin, "kernel", None) == "numba" and lin.weight.dtype == torch.int8 for lin in linears):
+            return rows_i8_multi(x, [lin.weight for lin in linears], [lin.scales for lin in linears])
     return [lin(x) for lin in linears]
 
 
