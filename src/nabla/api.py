@@ -108,6 +108,9 @@ class Llama:
 
         dev = devices.choose_device(device)
         dt = devices.resolve_dtype(dtype, dev, ckpt.dtype)  # "auto": keep the checkpoint's dtype
+        bf16_weights = devices.bf16_weights_only(dev, dt) and quantize is None and mp == 1
+        if bf16_weights:
+            dt = torch.float32  # compute in fp32; the linear weights go back to bf16 below
         with torch.device("meta"):
             model = Transformer(args)
         if mp > 1:  # tensor parallel: this rank's layers and its slice of every weight
@@ -121,6 +124,10 @@ class Llama:
             from nabla.model.quantize import quantize_model
 
             quantize_model(model, quantize)
+        elif bf16_weights:
+            from nabla.model.cpu_kernels import use_bf16_weights
+
+            use_bf16_weights(model)  # half the bytes to read; products stay fp32
         elif mp == 1 and devices.row_kernels(dev):
             from nabla.model.cpu_kernels import use_row_kernels
 

@@ -207,6 +207,21 @@ def use_all_cores() -> None:
         torch.set_num_threads(n)
 
 
+def bf16_weights_only(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether bf16 on `device` means bf16 *weights* with fp32 products (activations, cache, logits fp32).
+
+    So on CPUs without native bf16 arithmetic (no AVX512-BF16/AMX): there torch's
+    bf16 matrix products run at under 1 GFLOP/s against ~85 in fp32 (measured,
+    issue 9), while bf16 weights still halve the bytes a decode step reads.
+    """
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def row_kernels(device: torch.device) -> bool:
     """Whether decode-sized products on `device` run nabla's numba kernels (nabla.model.cpu_kernels).
 

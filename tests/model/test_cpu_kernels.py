@@ -90,3 +90,26 @@ def test_int8_layers_sharing_an_input_take_one_call():
     with torch.inference_mode():
         for y, lin in zip(cpu_kernels.project(x, *lins), lins):
             torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_weights_with_fp32_products():
+    from nabla import device as devices
+
+    args = args_from_params(dict(TINY_GQA), max_seq_len=64)
+    ref = Transformer(args).eval()
+    ref.load_state_dict(random_state(args, 3), strict=False)
+    with torch.no_grad():  # the reference: fp32 everywhere, weights rounded to bf16 values
+        for lin in ref.modules():
+            if type(lin) is torch.nn.Linear:
+                lin.weight.copy_(lin.weight.bfloat16().float())
+    half = copy.deepcopy(ref)
+    assert cpu_kernels.use_bf16_weights(half) == 2 * 7 + 1
+    assert half.layers[0].feed_forward.w2.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, args.vocab_size, (2, 10), generator=GEN)
+    with torch.inference_mode():
+        for m in (ref, half):
+            m.setup_cache(2, 16)
+        torch.testing.assert_close(half(tokens[:, :8], 0), ref(tokens[:, :8], 0))  # prefill: upcast weights
+        torch.testing.assert_close(half(tokens[:, 8:9], 8), ref(tokens[:, 8:9], 8), atol=2e-5, rtol=1e-5)
+    assert devices.bf16_weights_only(torch.device("cpu"), torch.bfloat16) in (True, False)
+    assert not devices.bf16_weights_only(torch.device("cpu"), torch.float32)

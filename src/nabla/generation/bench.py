@@ -263,7 +263,8 @@ def run(setup: Setup, progress: bool = True) -> dict:
                          max_batch_size=setup.batch_size)
         check_fits(args, dtype, setup, dev)
         say(f"building random {setup.shape} weights ({param_count(args) / 1e6:.0f}M parameters)")
-        model, tokenizer = random_model(args, dtype, setup.seed, dev), None
+        compute = torch.float32 if devices.bf16_weights_only(dev, dtype) else dtype  # as Llama.build does
+        model, tokenizer = random_model(args, compute, setup.seed, dev), None
     hf = cpp = None
     if setup.vs == "hf":
         say("building the transformers peer on the same weights")
@@ -273,6 +274,10 @@ def run(setup: Setup, progress: bool = True) -> dict:
     if setup.quantize:
         say(f"quantizing to {setup.quantize}")
         quantize_model(model, setup.quantize)
+    elif devices.bf16_weights_only(dev, dtype) and not setup.model:
+        from nabla.model.cpu_kernels import use_bf16_weights
+
+        use_bf16_weights(model)  # bf16 weights, fp32 products (as Llama.build does)
     elif devices.row_kernels(dev):
         from nabla.model.cpu_kernels import use_row_kernels
 

@@ -94,6 +94,22 @@ if numba is not None:
                     acc += np.float32(W[n, k]) * X[b, k]
                 Y[b, n] = acc * S[n]
 
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _rows_bf16(W, X, Y):  # pragma: no cover - compiled
+        # W (N, K): bf16 bit patterns (as int16); a bf16 is the top half of an fp32.
+        N, K = W.shape
+        B = X.shape[0]
+        for n in prange(N):
+            row = np.empty(K, dtype=np.uint32)
+            for k in range(K):
+                row[k] = (np.uint32(W[n, k]) & np.uint32(0xFFFF)) << np.uint32(16)
+            f = row.view(np.float32)
+            for b in range(B):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += f[k] * X[b, k]
+                Y[b, n] = acc
+
     @njit(fastmath=True, cache=True, nogil=True)
     def _rms_norm(X, w, eps, Y):  # pragma: no cover - compiled
         B, D = X.shape
@@ -175,6 +191,17 @@ def rows_f32_multi(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.T
     return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
 
 
+def rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for a few rows of fp32 x and a bf16 weight (N, K), products in fp32."""
+    K = x.shape[-1]
+    X = x.reshape(-1, K).contiguous()
+    Y = torch.empty(X.shape[0], weight.shape[0], dtype=torch.float32)
+    with _launch:
+        _set_threads()
+        _rows_bf16(weight.detach().view(torch.int16).numpy(), X.numpy(), Y.numpy())
+    return Y.view(*x.shape[:-1], weight.shape[0])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of a few fp32 rows (torch's CPU reductions cost ~30 us each on such small inputs)."""
     D = x.shape[-1]
@@ -230,7 +257,7 @@ def rows_i4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: t
 
 def usable(x: torch.Tensor) -> bool:
     """Whether the kernels take this call: fp32 input on the CPU, outside autograd, a few rows."""
-    return (numba is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    return (numba is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() > 0
             and not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1])
 
 
@@ -241,6 +268,34 @@ class RowKernelLinear(nn.Linear):
         if self.bias is None and self.weight.dtype == torch.float32 and usable(x):
             return rows_f32(x, self.weight)
         return F.linear(x, self.weight, self.bias)
+
+
+class BF16WeightLinear(nn.Linear):
+    """nn.Linear with its weight stored in bf16 and products in fp32, for CPUs without bf16 arithmetic:
+    half the bytes of fp32 to read, none of the slowness of bf16 matrix products there (nabla.device.
+    bf16_weights_only). Decode-sized calls run `rows_bf16`; larger ones upcast the weight once per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and usable(x):
+            return rows_bf16(x, self.weight)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def use_bf16_weights(model: nn.Module) -> int:
+    """Store every plain linear weight of an fp32 `model` in bf16, products staying fp32 (in place).
+
+    A head tied to the token embedding stays fp32 (the embedding is read a row at a time
+    and kept in the compute dtype). Returns how many layers changed.
+    """
+    emb = getattr(getattr(model, "tok_embeddings", None), "weight", None)
+    n = 0
+    for mod in model.modules():
+        if type(mod) in (nn.Linear, RowKernelLinear) and mod.weight.dtype == torch.float32 \
+                and mod.weight is not emb:
+            mod.weight.data = mod.weight.data.to(torch.bfloat16)
+            mod.__class__ = BF16WeightLinear
+            n += 1
+    return n
 
 
 def use_row_kernels(model: nn.Module) -> int:

@@ -45,7 +45,7 @@ from nabla.errors import ConfigError
 from nabla.model import cpu_kernels
 
 MODES = ("int8", "int4")
-PLAIN = (nn.Linear, cpu_kernels.RowKernelLinear)  # the layers quantize_model replaces
+PLAIN = (nn.Linear, cpu_kernels.RowKernelLinear, cpu_kernels.BF16WeightLinear)  # what quantize_model replaces
 KERNELS = ("numba", "fbgemm", "int8pack", "int4pack", "dequant")
 GROUP_SIZE = 32
 # Above this many rows (prefill) torch's int4pack CPU kernel is slower than
