@@ -84,6 +84,15 @@ class Llama:
             raise ConfigError(f"quantize={quantize!r} is not supported with model_parallel_size={mp} yet; "
                               "use one or the other")
         ckpt = open_checkpoint(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        saved = ckpt.quantization  # a folder `nabla convert --quantize` wrote: load it as it is
+        if saved is not None:
+            if quantize not in (None, saved["mode"]):
+                raise ConfigError(f"{ckpt.path} is already quantized to {saved['mode']}; drop quantize="
+                                  f"{quantize!r}, or quantize the original checkpoint instead")
+            if mp > 1:
+                raise ConfigError(f"{ckpt.path} is quantized ({saved['mode']}), which is not supported with "
+                                  f"model_parallel_size={mp} yet; split the original checkpoint instead")
+            quantize = None
         tok_path = tokenizer_path if tokenizer_path is not None else ckpt.tokenizer_path
         if tok_path is None:
             raise TokenizerError(f"{ckpt.path} holds no tokenizer.model; pass tokenizer_path "
@@ -108,14 +117,19 @@ class Llama:
 
         dev = devices.choose_device(device)
         dt = devices.resolve_dtype(dtype, dev, ckpt.dtype)  # "auto": keep the checkpoint's dtype
-        bf16_weights = devices.bf16_weights_only(dev, dt) and quantize is None and mp == 1
+        bf16_weights = devices.bf16_weights_only(dev, dt) and quantize is None and saved is None and mp == 1
         if bf16_weights:
             dt = torch.float32  # compute in fp32; the linear weights go back to bf16 below
         with torch.device("meta"):
             model = Transformer(args)
         if mp > 1:  # tensor parallel: this rank's layers and its slice of every weight
             state = shard_model(model, state, mp, dev, ckpt)
-        model = model.to(dtype=dt).to_empty(device=dev)
+        model = model.to(dtype=dt)
+        if saved is not None:
+            from nabla.model.quantize import quantize_model
+
+            quantize_model(model, saved["mode"], group_size=saved["group_size"], device=dev)  # lays out buffers
+        model = model.to_empty(device=dev)
         model.init_rope()
         load_into(model, state, source=str(ckpt.path), progress=verbose or ckpt.show_progress)
         del state
@@ -124,6 +138,8 @@ class Llama:
             from nabla.model.quantize import quantize_model
 
             quantize_model(model, quantize)
+        elif saved is not None:
+            pass  # its layers are the quantized ones already
         elif bf16_weights:
             from nabla.model.cpu_kernels import use_bf16_weights
 

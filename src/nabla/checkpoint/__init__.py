@@ -23,7 +23,7 @@ import torch
 from nabla.checkpoint import hf, meta
 from nabla.checkpoint.shards import LazyState, merge_shards
 from nabla.errors import CheckpointError
-from nabla.model.args import ModelArgs, args_from_params, read_params
+from nabla.model.args import ModelArgs, args_from_params, read_json_object, read_params
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 PROGRESS_BYTES = 1 << 30  # checkpoints from 1 GiB load with a progress bar
@@ -49,6 +49,8 @@ class Checkpoint:
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
     """Stop tokens named by the model's config (HF eos_token_id, maybe a list)."""
+    quantization: dict | None = None
+    """{"mode": "int8" | "int4", "group_size": n} for a folder `nabla convert --quantize` wrote."""
 
     @property
     def n_params(self) -> int:
@@ -122,6 +124,24 @@ def _meta_state(path: Path, params: dict) -> LazyState:
     return merge_shards([meta.load_shard(p) for p in meta.shard_paths(path)], params, file_backed=True)
 
 
+QUANTIZATION_FILE = "quantization.json"
+
+
+def read_quantization(path: Path) -> dict | None:
+    """The folder's quantization.json (written by `nabla convert --quantize`), checked; None if absent."""
+    from nabla.model.quantize import GROUP_SIZE, MODES
+
+    f = path / QUANTIZATION_FILE
+    if not f.is_file():
+        return None
+    q = read_json_object(f)
+    mode, group = q.get("mode"), q.get("group_size", GROUP_SIZE)
+    if mode not in MODES or isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise CheckpointError(f"{f}: expected {{\"mode\": \"int8\" or \"int4\", \"group_size\": 32}}, got {q}; "
+                              "convert the original checkpoint again with `nabla convert --quantize`")
+    return {"mode": mode, "group_size": group}
+
+
 def open_checkpoint(ckpt_dir: str | Path, **overrides) -> Checkpoint:
     path = check_folder(ckpt_dir)
     fmt = detect_format(path)
@@ -131,7 +151,8 @@ def open_checkpoint(ckpt_dir: str | Path, **overrides) -> Checkpoint:
         state = _meta_state(path, params)  # reads only the pickles: shapes and dtypes
         files = meta.shard_paths(path)
         return Checkpoint(path, "meta", args, lambda: _meta_state(path, params), find_tokenizer(path),
-                          dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files))
+                          dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files),
+                          quantization=read_quantization(path))
     config = hf.read_config(path / "config.json")
     args = hf.config_to_args(config, source=str(path / "config.json"), **overrides)
     files = hf.weight_files(path)

@@ -16,7 +16,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "generation_config.json", "chat_template.jinja")
 # Weight and config files a converted folder may hold (cleared by --force).
 CHECKPOINT_FILES = ("params.json", "consolidated.*.pth", "config.json", "model*.safetensors",
-                    "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+                    "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+                    "quantization.json")
 
 
 def human_bytes(n: float) -> str:
@@ -159,8 +160,13 @@ def _prepare_out(src: Path, out: Path, force: bool) -> None:
 
 def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str | None = None, shards: int = 1,
                        force: bool = False, tokenizer: str | Path | None = None,
-                       vocab_parallel_embedding: bool = False, progress: bool = False) -> list[Path]:
-    """Write the checkpoint in `src` to `out` in format `to` ("meta" or "hf"); returns the files written."""
+                       vocab_parallel_embedding: bool = False, progress: bool = False,
+                       quantize: str | None = None) -> list[Path]:
+    """Write the checkpoint in `src` to `out` in format `to` ("meta" or "hf"); returns the files written.
+
+    `quantize` ("int8" / "int4", Meta output only) saves the linear layers quantized as
+    nabla.model.quantize does at load, with a quantization.json that Llama.build reads back.
+    """
     from nabla import device as devices
     from nabla.checkpoint import hf, open_checkpoint
     from nabla.checkpoint.io import atomic_torch_save, atomic_write_text
@@ -173,7 +179,12 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
     if to == "hf" and shards != 1:
         raise NablaError("--shards applies to Meta output (model-parallel consolidated.NN.pth files); "
                          "Hugging Face output is one model.safetensors")
+    if quantize is not None and (to != "meta" or shards != 1):
+        raise NablaError("--quantize writes nabla's own quantized layout: use it with --to meta and one shard")
     ckpt = open_checkpoint(src)
+    if ckpt.quantization is not None:
+        raise NablaError(f"{ckpt.path} is already quantized ({ckpt.quantization['mode']}); convert the original "
+                         "checkpoint instead")
     out = Path(out)
     cast = devices.parse_dtype(dtype)
     args = ckpt.args
@@ -190,6 +201,20 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
         written += hf.save_hf_checkpoint(out, state, args, dtype=cast, bos_id=bos, eos_ids=eos,
                                          context_length=ckpt.context_length)
     else:
+        if quantize is not None:
+            from dataclasses import replace
+
+            from nabla.checkpoint import QUANTIZATION_FILE
+            from nabla.model.quantize import GROUP_SIZE, quantize_state
+
+            if cast is not None:  # the unquantized tensors (embedding, norms) take --dtype
+                state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+            state = quantize_state(state, args, quantize)
+            args = replace(args, tie_word_embeddings=False)  # the quantized head is a copy of its own
+            cast = None
+            atomic_write_text(out / QUANTIZATION_FILE,
+                              json.dumps({"mode": quantize, "group_size": GROUP_SIZE}, indent=2) + "\n")
+            written.append(out / QUANTIZATION_FILE)
         parts = split_state(state, shards, vocab_parallel_embedding=vocab_parallel_embedding, args=args) \
             if shards > 1 else [state]
         it = enumerate(parts)
@@ -225,10 +250,11 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
 def run_convert(args: argparse.Namespace) -> int:
     written = convert_checkpoint(args.model, args.out, args.to, dtype=args.dtype, shards=args.shards,
                                  force=args.force, tokenizer=args.tokenizer,
-                                 vocab_parallel_embedding=args.vocab_parallel_embedding, progress=True)
+                                 vocab_parallel_embedding=args.vocab_parallel_embedding, progress=True,
+                                 quantize=args.quantize)
     total = sum(p.stat().st_size for p in written)
     print(f"wrote {len(written)} files ({human_bytes(total)}) to {args.out} in "
-          f"{'Meta' if args.to == 'meta' else 'Hugging Face'} format: "
+          f"{'Meta' if args.to == 'meta' else 'Hugging Face'} format{', ' + args.quantize if args.quantize else ''}: "
           + ", ".join(p.name for p in written))
     return 0
 
@@ -256,6 +282,8 @@ def register(sub) -> None:
     p.add_argument("--to", choices=["meta", "hf"], required=True, help="output format")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: keep)")
     p.add_argument("--shards", type=int, default=1, help="model-parallel shards of Meta output (default: 1)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="save the linear layers quantized (Meta output; loads back as it is)")
     p.add_argument("--vocab-parallel-embedding", action="store_true",
                    help="split the embedding by vocabulary (Llama 3 style) instead of by width (Llama 2)")
     p.add_argument("--force", action="store_true", help="overwrite checkpoint files in --out")

@@ -29,8 +29,11 @@ weights:
 - "dequant": rebuild the weight in the compute dtype and call F.linear
   (any device; the reference the others are tested against).
 
-Leaves out: saving quantized checkpoints (`nabla convert`), activation
-outliers handling (SmoothQuant, GPTQ/AWQ calibration).
+`quantize_state` makes the same tensors from a plain state dict, which is what
+`nabla convert --quantize` saves (with a quantization.json beside params.json)
+and `Llama.build` loads back without quantizing again.
+
+Leaves out: activation outliers handling (SmoothQuant, GPTQ/AWQ calibration).
 """
 
 from __future__ import annotations
@@ -197,11 +200,12 @@ def _fbgemm_prepack(q: torch.Tensor, scales: torch.Tensor):
 
 # -------------------------------------------------------------- whole model
 def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
-                   group_size: int = GROUP_SIZE) -> nn.Module:
+                   group_size: int = GROUP_SIZE, device: torch.device | None = None) -> nn.Module:
     """Swap the model's linear layers for quantized ones in place; returns the model.
 
-    `kernel` None asks nabla.device for the fastest measured kernel on the
-    model's device.
+    `kernel` None asks nabla.device for the fastest measured kernel on
+    `device` (default: the model's). On a model on the meta device this only
+    lays out the quantized buffers, for a saved quantized state to load into.
     """
     from nabla import device as devices
 
@@ -209,7 +213,7 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
         raise ConfigError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
     if kernel is not None and kernel not in KERNELS:
         raise ConfigError(f"unknown quantized kernel {kernel!r}: use one of {', '.join(KERNELS)}")
-    dev = model.tok_embeddings.weight.device
+    dev = device or model.tok_embeddings.weight.device
     k8 = kernel if kernel in ("numba", "fbgemm", "int8pack", "dequant") else devices.quantized_kernel(dev, "int8")
     k4 = kernel if kernel in ("numba", "int4pack", "dequant") else devices.quantized_kernel(dev, "int4")
     targets = [(layer.attention, name) for layer in model.layers for name in ("wq", "wk", "wv", "wo")]
@@ -230,6 +234,39 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
             model.output = Int8Linear(model.output.weight, k8)
     model.quantization = mode
     return model
+
+
+def _targets(args) -> set[str]:
+    parts = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+             "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+    return {f"layers.{i}.{p}.weight" for i in range(args.n_layers) for p in parts}
+
+
+def quantize_state(state, args, mode: str, group_size: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
+    """The state dict `quantize_model(mode)` would give a model holding `state` (Meta names).
+
+    Quantized layers hold `weight` (int8, or packed int4) and `scales` (and
+    `mins`); a head tied to the embedding gets its own int8 `output.weight`.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+    layers = _targets(args)
+    out: dict[str, torch.Tensor] = {}
+    keys = list(state.keys())
+    if "output.weight" not in keys:
+        keys.append("output.weight")  # tied: the head becomes a quantized copy of the embedding
+    for key in keys:
+        t = state[key] if key in state else state["tok_embeddings.weight"]
+        if key not in layers and key != "output.weight":
+            out[key] = t
+            continue
+        base = key[: -len("weight")]
+        if mode == "int4" and key in layers and t.shape[1] % group_size == 0:
+            q, scales, mins = quantize_int4(t, group_size)
+            out[key], out[base + "scales"], out[base + "mins"] = pack_int4(q), scales, mins
+        else:
+            out[key], out[base + "scales"] = quantize_int8(t)
+    return out
 
 
 def weight_bytes(model: nn.Module) -> int:
