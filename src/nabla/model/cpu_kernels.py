@@ -8,10 +8,12 @@ machine, where the memory gives ~20 GB/s; the kernels here, compiled by numba
 (BENCHMARKS.md, issue 9). Weights stay where torch keeps them; the kernels
 see them through zero-copy NumPy views.
 
-`RowKernelLinear` (fp32 weights) and the "numba" kernel of nabla.model.quantize
-(`rows_i8`, `rows_i4`) run up to MAX_ROWS rows per call (decode steps); more
-rows (prefill) go to torch's matrix products, which are compute-bound and good
-at it. Compiled code is cached on disk after the first use.
+`RowKernelLinear` (fp32 weights), `BF16WeightLinear` (bf16 weights, fp32
+products) and the "numba" kernel of nabla.model.quantize (int8, int4) run up to
+MAX_ROWS rows per call (decode steps); layers that share an input (q, k, v;
+w1, w3) take one call (`project`). More rows (prefill) go to torch's matrix
+products, which are compute-bound and good at it. Compiled code is cached on
+disk after the first use.
 
 Where numba is not installed everything falls back to torch.
 """
@@ -41,19 +43,9 @@ def available() -> bool:
 if numba is not None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _rows_f32(W, X, Y):  # pragma: no cover - compiled
-        N, K = W.shape
-        B = X.shape[0]
-        for n in prange(N):
-            for b in range(B):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += W[n, k] * X[b, k]
-                Y[b, n] = acc
-
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _rows_f32_multi(Ws, X, Ys):  # pragma: no cover - compiled
-        # Several weights that read the same X (q, k, v; or w1, w3) in one parallel loop.
+    def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
+        # Ys[i] = X @ Ws[i].T for one or several weights that read the same X (q, k, v; or
+        # w1, w3), in one parallel loop over all their rows.
         B = X.shape[0]
         ends = np.zeros(len(Ws), dtype=np.int64)
         total = 0
@@ -74,7 +66,8 @@ if numba is not None:
                 Y[b, n] = acc
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _rows_i8_multi(Ws, scales, X, Ys):  # pragma: no cover - compiled
+    def _rows_i8(Ws, scales, X, Ys):  # pragma: no cover - compiled
+        # As _rows_f32, with int8 weights and one scale per row.
         B = X.shape[0]
         ends = np.zeros(len(Ws), dtype=np.int64)
         total = 0
@@ -122,17 +115,6 @@ if numba is not None:
                 Y[b, d] = X[b, d] * r * w[d]
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _rows_i8(W, scale, X, Y):  # pragma: no cover - compiled
-        N, K = W.shape
-        B = X.shape[0]
-        for n in prange(N):
-            for b in range(B):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += np.float32(W[n, k]) * X[b, k]
-                Y[b, n] = acc * scale[n]
-
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _rows_i4(P, scales, mins, X, Y):  # pragma: no cover - compiled
         # P (N, K/2): two 4-bit q per byte, even column in the low nibble; w = q * s + m per group.
         # Each row of W is rebuilt in fp32, then dotted with x. (Measured: 10x slower per weight
@@ -169,37 +151,50 @@ def _set_threads() -> None:
         numba.set_num_threads(want)
 
 
-def rows_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for a few rows of fp32 x (..., K) and an fp32 weight (N, K)."""
-    K = x.shape[-1]
-    X = x.reshape(-1, K).contiguous()
-    Y = torch.empty(X.shape[0], weight.shape[0], dtype=torch.float32)
+def _launch_rows(kernel, x: torch.Tensor, widths: list[int], *weights, several: bool = False) -> list[torch.Tensor]:
+    """Run a row kernel on the rows of x (..., K): outputs (..., n) for each n in `widths`."""
+    X = x.reshape(-1, x.shape[-1]).contiguous()
+    Ys = [torch.empty(X.shape[0], n, dtype=torch.float32) for n in widths]
+    out = tuple(y.numpy() for y in Ys) if several else Ys[0].numpy()
     with _launch:
         _set_threads()
-        _rows_f32(weight.detach().numpy(), X.numpy(), Y.numpy())
-    return Y.view(*x.shape[:-1], weight.shape[0])
+        kernel(*weights, X.numpy(), out)
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
 
 
 def rows_f32_multi(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[x @ w.T for w in weights], in one pass over the weights (they share the input)."""
-    K = x.shape[-1]
-    X = x.reshape(-1, K).contiguous()
-    Ys = [torch.empty(X.shape[0], w.shape[0], dtype=torch.float32) for w in weights]
-    with _launch:
-        _set_threads()
-        _rows_f32_multi(tuple(w.detach().numpy() for w in weights), X.numpy(), tuple(y.numpy() for y in Ys))
-    return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
+    """[x @ w.T for w in weights] for a few rows of fp32 x and fp32 weights (N, K), in one pass."""
+    return _launch_rows(_rows_f32, x, [w.shape[0] for w in weights], tuple(_np(w) for w in weights),
+                        several=True)
+
+
+def rows_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for a few rows of fp32 x and an fp32 weight (N, K)."""
+    return rows_f32_multi(x, [weight])[0]
+
+
+def rows_i8_multi(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[x @ (q * s[:, None]).T for q, s ...] for int8 weights (N, K) and fp32 row scales (N,), in one pass."""
+    return _launch_rows(_rows_i8, x, [q.shape[0] for q in qweights], tuple(_np(q) for q in qweights),
+                        tuple(_np(s) for s in scales), several=True)
+
+
+def rows_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return rows_i8_multi(x, [qweight], [scale])[0]
+
+
+def rows_i4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """x @ W.T for a few rows of fp32 x and W in nabla's int4 groups (nabla.model.quantize)."""
+    return _launch_rows(_rows_i4, x, [packed.shape[0]], _np(packed), _np(scales), _np(mins))[0]
 
 
 def rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for a few rows of fp32 x and a bf16 weight (N, K), products in fp32."""
-    K = x.shape[-1]
-    X = x.reshape(-1, K).contiguous()
-    Y = torch.empty(X.shape[0], weight.shape[0], dtype=torch.float32)
-    with _launch:
-        _set_threads()
-        _rows_bf16(weight.detach().view(torch.int16).numpy(), X.numpy(), Y.numpy())
-    return Y.view(*x.shape[:-1], weight.shape[0])
+    return _launch_rows(_rows_bf16, x, [weight.shape[0]], _np(weight.view(torch.int16)))[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -207,20 +202,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     D = x.shape[-1]
     X = x.reshape(-1, D).contiguous()
     Y = torch.empty_like(X)
-    _rms_norm(X.numpy(), weight.detach().numpy(), eps, Y.numpy())
+    _rms_norm(X.numpy(), _np(weight), eps, Y.numpy())
     return Y.view(x.shape)
-
-
-def rows_i8_multi(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
-    """rows_i8 for several int8 weights that share the input, in one pass."""
-    K = x.shape[-1]
-    X = x.reshape(-1, K).contiguous()
-    Ys = [torch.empty(X.shape[0], w.shape[0], dtype=torch.float32) for w in qweights]
-    with _launch:
-        _set_threads()
-        _rows_i8_multi(tuple(w.numpy() for w in qweights), tuple(s.numpy() for s in scales), X.numpy(),
-                       tuple(y.numpy() for y in Ys))
-    return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
 
 
 def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
@@ -231,28 +214,6 @@ def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
         if all(getattr(lin, "kernel", None) == "numba" and lin.weight.dtype == torch.int8 for lin in linears):
             return rows_i8_multi(x, [lin.weight for lin in linears], [lin.scales for lin in linears])
     return [lin(x) for lin in linears]
-
-
-def rows_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x @ (qweight * scale[:, None]).T for a few rows of fp32 x, int8 qweight (N, K), fp32 scale (N,)."""
-    K = x.shape[-1]
-    X = x.reshape(-1, K).contiguous()
-    Y = torch.empty(X.shape[0], qweight.shape[0], dtype=torch.float32)
-    with _launch:
-        _set_threads()
-        _rows_i8(qweight.numpy(), scale.numpy(), X.numpy(), Y.numpy())
-    return Y.view(*x.shape[:-1], qweight.shape[0])
-
-
-def rows_i4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """x @ W.T for a few rows of fp32 x and W in nabla's int4 groups (nabla.model.quantize)."""
-    K = x.shape[-1]
-    X = x.reshape(-1, K).contiguous()
-    Y = torch.empty(X.shape[0], packed.shape[0], dtype=torch.float32)
-    with _launch:
-        _set_threads()
-        _rows_i4(packed.numpy(), scales.numpy(), mins.numpy(), X.numpy(), Y.numpy())
-    return Y.view(*x.shape[:-1], packed.shape[0])
 
 
 def usable(x: torch.Tensor) -> bool:
