@@ -74,3 +74,36 @@ def test_llama_cpp_gives_our_logits(tmp_path):
     cpp.close()
     np.testing.assert_allclose(theirs, ours, atol=2e-3)
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_convert_to_gguf(tmp_path, make_checkpoint, capsys):
+    from nabla.cli import main
+
+    src = make_checkpoint(PARAMS, seed=4)
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "g"), "--to", "gguf",
+                 "--quantize", "int4"]) == 0
+    assert "GGUF" in capsys.readouterr().out
+    (path,) = (tmp_path / "g").iterdir()
+    assert path.name.endswith("-q4_0.gguf")
+    r = gguf.GGUFReader(path)
+    assert r.tensors[0].tensor_type in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.F32)
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q4_0 for t in r.tensors)
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "h"), "--to", "gguf",
+                 "--shards", "2"]) == 1
+    assert "--shards applies to Meta output" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
+def test_llama_cpp_continues_the_built_in_model_as_nabla_does(tmp_path):
+    import llama_cpp
+
+    from nabla import Llama, default_model_path
+    from nabla.checkpoint.commands import convert_checkpoint
+
+    BUILTIN_MODEL = default_model_path()
+    (path,) = convert_checkpoint(BUILTIN_MODEL, tmp_path / "g", "gguf", dtype="fp32")
+    llm = llama_cpp.Llama(str(path), verbose=False, n_threads=1)
+    theirs = llm("Once upon a time", max_tokens=24, temperature=0)["choices"][0]["text"]
+    ours = Llama.build(BUILTIN_MODEL, None, max_seq_len=64, max_batch_size=1).text_completion(
+        ["Once upon a time"], temperature=0, max_gen_len=24)[0]["generation"]
+    assert theirs == ours

@@ -162,25 +162,28 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
                        force: bool = False, tokenizer: str | Path | None = None,
                        vocab_parallel_embedding: bool = False, progress: bool = False,
                        quantize: str | None = None) -> list[Path]:
-    """Write the checkpoint in `src` to `out` in format `to` ("meta" or "hf"); returns the files written.
+    """Write the checkpoint in `src` to `out` in format `to` ("meta", "hf" or "gguf"); returns the files written.
 
-    `quantize` ("int8" / "int4", Meta output only) saves the linear layers quantized as
-    nabla.model.quantize does at load, with a quantization.json that Llama.build reads back.
+    `quantize` ("int8" / "int4") saves the linear layers quantized: for Meta output as
+    nabla.model.quantize does at load, with a quantization.json that Llama.build reads back;
+    for GGUF (llama.cpp) as q8_0 / q4_0.
     """
     from nabla import device as devices
     from nabla.checkpoint import hf, open_checkpoint
     from nabla.checkpoint.io import atomic_torch_save, atomic_write_text
     from nabla.checkpoint.shards import split_state
 
-    if to not in ("meta", "hf"):
-        raise NablaError(f"--to must be 'meta' or 'hf', got {to!r}")
+    if to not in ("meta", "hf", "gguf"):
+        raise NablaError(f"--to must be 'meta', 'hf' or 'gguf', got {to!r}")
     if not isinstance(shards, int) or shards < 1:
         raise NablaError(f"--shards must be a positive integer, got {shards!r}")
     if to == "hf" and shards != 1:
         raise NablaError("--shards applies to Meta output (model-parallel consolidated.NN.pth files); "
                          "Hugging Face output is one model.safetensors")
-    if quantize is not None and (to != "meta" or shards != 1):
-        raise NablaError("--quantize writes nabla's own quantized layout: use it with --to meta and one shard")
+    if to == "gguf" and shards != 1:
+        raise NablaError("--shards applies to Meta output; GGUF is one file")
+    if quantize is not None and (to == "hf" or shards != 1):
+        raise NablaError("--quantize writes a quantized layout: use it with --to meta (one shard) or --to gguf")
     ckpt = open_checkpoint(src)
     if ckpt.quantization is not None:
         raise NablaError(f"{ckpt.path} is already quantized ({ckpt.quantization['mode']}); convert the original "
@@ -195,6 +198,15 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
     tok, _ = _try_tokenizer(tok_path)
     _prepare_out(ckpt.path, out, force)
     written: list[Path] = []
+    if to == "gguf":
+        import torch
+
+        from nabla.checkpoint.gguf import write_gguf
+
+        qtype = {"int8": "q8_0", "int4": "q4_0"}.get(quantize) or \
+            {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(cast or ckpt.dtype, "f32")
+        name = ckpt.path.resolve().name
+        return [write_gguf(out / f"{name}-{qtype}.gguf", state, args, tok, qtype, name=name)]
     if to == "hf":
         bos = ckpt.bos_id if ckpt.bos_id is not None else (tok.bos_id if tok else None)
         eos = ckpt.eos_ids or (list(tok.stop_ids) if tok else None)
@@ -247,6 +259,9 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
     return written
 
 
+FORMAT_NAMES = {"meta": "Meta", "hf": "Hugging Face", "gguf": "GGUF"}
+
+
 def run_convert(args: argparse.Namespace) -> int:
     written = convert_checkpoint(args.model, args.out, args.to, dtype=args.dtype, shards=args.shards,
                                  force=args.force, tokenizer=args.tokenizer,
@@ -254,7 +269,7 @@ def run_convert(args: argparse.Namespace) -> int:
                                  quantize=args.quantize)
     total = sum(p.stat().st_size for p in written)
     print(f"wrote {len(written)} files ({human_bytes(total)}) to {args.out} in "
-          f"{'Meta' if args.to == 'meta' else 'Hugging Face'} format{', ' + args.quantize if args.quantize else ''}: "
+          f"{FORMAT_NAMES[args.to]} format{', ' + args.quantize if args.quantize else ''}: "
           + ", ".join(p.name for p in written))
     return 0
 
@@ -273,17 +288,18 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_info)
 
-    p = sub.add_parser("convert", help="convert a checkpoint between Meta and Hugging Face formats",
+    p = sub.add_parser("convert", help="convert a checkpoint between Meta and Hugging Face formats (or to GGUF)",
                        description="Write a checkpoint in the other format (or re-shard a Meta one); "
                                    "the converted model gives identical logits.")
     p.add_argument("--model", metavar="DIR", required=True, help="source checkpoint folder")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer file, when the folder holds none")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write")
-    p.add_argument("--to", choices=["meta", "hf"], required=True, help="output format")
+    p.add_argument("--to", choices=["meta", "hf", "gguf"], required=True,
+                   help="output format (gguf: one file for llama.cpp; needs `pip install gguf`)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: keep)")
     p.add_argument("--shards", type=int, default=1, help="model-parallel shards of Meta output (default: 1)")
     p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="save the linear layers quantized (Meta output; loads back as it is)")
+                   help="save the linear layers quantized (Meta: loads back as it is; GGUF: q8_0 / q4_0)")
     p.add_argument("--vocab-parallel-embedding", action="store_true",
                    help="split the embedding by vocabulary (Llama 3 style) instead of by width (Llama 2)")
     p.add_argument("--force", action="store_true", help="overwrite checkpoint files in --out")

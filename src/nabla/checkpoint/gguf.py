@@ -8,8 +8,9 @@ scale per 32), which `gguf.quants` computes exactly as llama.cpp does. Norms
 stay f32. Meta's q/k rows are what llama.cpp expects (it rotates adjacent
 channel pairs, as Meta does), so nothing is permuted.
 
-`nabla bench --vs llama.cpp` uses it to time llama.cpp on the very weights
-nabla runs.
+`nabla convert --to gguf` uses it to hand a model to llama.cpp (the built-in
+model's f32 GGUF continues a prompt there exactly as nabla does, tested), and
+`nabla bench --vs llama.cpp` to time llama.cpp on the very weights nabla runs.
 
 Leaves out: tiktoken / Hugging Face BPE vocabularies (their merges), and
 llama.cpp's k-quants.
