@@ -40,7 +40,8 @@ def test_rms_norm_equals_torch():
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_quantized_rows_equal_the_dequantized_weight(cls):
+def test_quantized_rows_equal_the_dequantized_weight(cls, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "MIN_WEIGHTS", 0)  # these small layers would go to FBGEMM
     w = randn(80, 128)
     lin = cls(w, kernel="numba")
     x = randn(4, 128)
@@ -66,11 +67,14 @@ def test_kernels_stay_out_of_autograd_and_big_calls():
     torch.testing.assert_close(x.grad, w.sum(0).expand(2, -1))
 
 
-def test_model_with_row_kernels_decodes_as_without():
+def test_model_with_row_kernels_decodes_as_without(monkeypatch):
     args = args_from_params(dict(TINY_GQA), max_seq_len=64)
     plain = Transformer(args).eval()
     plain.load_state_dict(random_state(args, 1), strict=False)
     fast = copy.deepcopy(plain)
+    assert cpu_kernels.use_row_kernels(fast) == 0  # too small to be read from memory: torch serves it
+    monkeypatch.setattr(cpu_kernels, "MIN_MODEL_BYTES", 0)
+    monkeypatch.setattr(cpu_kernels, "MIN_WEIGHTS", 0)
     assert cpu_kernels.use_row_kernels(fast) == 2 * 7 + 1
     tokens = torch.randint(0, args.vocab_size, (2, 12), generator=GEN)
     with torch.inference_mode():
@@ -83,7 +87,8 @@ def test_model_with_row_kernels_decodes_as_without():
     assert set(fast.state_dict()) == set(plain.state_dict())
 
 
-def test_int8_layers_sharing_an_input_take_one_call():
+def test_int8_layers_sharing_an_input_take_one_call(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "MIN_WEIGHTS", 0)
     ws = [randn(64, 96), randn(32, 96)]
     lins = [Int8Linear(w, kernel="numba") for w in ws]
     x = randn(2, 1, 96)

@@ -27,117 +27,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps nabla usable without it
-    numba = None
+import importlib.util
+
+_jit = None  # nabla.model.cpu_kernels_jit once loaded
+_AVAILABLE = importlib.util.find_spec("numba") is not None
 
 MAX_ROWS = 16
+# Below this many weights a layer stays on torch: a kernel launch costs ~60 us from Python
+# (measured here), more than torch spends on a matrix that small.
+MIN_WEIGHTS = 1 << 16
+# Models whose linear layers hold fewer bytes than this decode from the cache, not the
+# memory, and do not pay numba's start-up (~1 s) for it (the built-in story model, 17 MB).
+MIN_MODEL_BYTES = 32 << 20
 
 
 def available() -> bool:
-    return numba is not None
+    """Whether numba is installed (the kernels load on first use)."""
+    return importlib.util.find_spec("numba") is not None
 
 
-if numba is not None:
+def _norms_too(model: nn.Module) -> None:
+    """Let the model's RMSNorm layers run the rms_norm kernel too (nabla.model.llama.RMSNorm.row_kernel)."""
+    for mod in model.modules():
+        if hasattr(mod, "row_kernel"):
+            mod.row_kernel = True
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
-        # Ys[i] = X @ Ws[i].T for one or several weights that read the same X (q, k, v; or
-        # w1, w3), in one parallel loop over all their rows.
-        B = X.shape[0]
-        ends = np.zeros(len(Ws), dtype=np.int64)
-        total = 0
-        for i in range(len(Ws)):
-            total += Ws[i].shape[0]
-            ends[i] = total
-        for r in prange(total):
-            i = 0
-            while r >= ends[i]:
-                i += 1
-            W, Y = Ws[i], Ys[i]
-            n = r - (ends[i] - W.shape[0])
-            K = W.shape[1]
-            for b in range(B):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += W[n, k] * X[b, k]
-                Y[b, n] = acc
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _rows_i8(Ws, scales, X, Ys):  # pragma: no cover - compiled
-        # As _rows_f32, with int8 weights and one scale per row.
-        B = X.shape[0]
-        ends = np.zeros(len(Ws), dtype=np.int64)
-        total = 0
-        for i in range(len(Ws)):
-            total += Ws[i].shape[0]
-            ends[i] = total
-        for r in prange(total):
-            i = 0
-            while r >= ends[i]:
-                i += 1
-            W, S, Y = Ws[i], scales[i], Ys[i]
-            n = r - (ends[i] - W.shape[0])
-            K = W.shape[1]
-            for b in range(B):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += np.float32(W[n, k]) * X[b, k]
-                Y[b, n] = acc * S[n]
+def _kernels():
+    global _jit
+    if _jit is None:
+        from nabla.model import cpu_kernels_jit
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _rows_bf16(W, X, Y):  # pragma: no cover - compiled
-        # W (N, K): bf16 bit patterns (as int16); a bf16 is the top half of an fp32.
-        N, K = W.shape
-        B = X.shape[0]
-        for n in prange(N):
-            row = np.empty(K, dtype=np.uint32)
-            for k in range(K):
-                row[k] = (np.uint32(W[n, k]) & np.uint32(0xFFFF)) << np.uint32(16)
-            f = row.view(np.float32)
-            for b in range(B):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += f[k] * X[b, k]
-                Y[b, n] = acc
-
-    @njit(fastmath=True, cache=True, nogil=True)
-    def _rms_norm(X, w, eps, Y):  # pragma: no cover - compiled
-        B, D = X.shape
-        for b in range(B):
-            ss = np.float32(0.0)
-            for d in range(D):
-                ss += X[b, d] * X[b, d]
-            r = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
-            for d in range(D):
-                Y[b, d] = X[b, d] * r * w[d]
-
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _rows_i4(P, scales, mins, X, Y):  # pragma: no cover - compiled
-        # P (N, K/2): two 4-bit q per byte, even column in the low nibble; w = q * s + m per group.
-        # Each row of W is rebuilt in fp32, then dotted with x. (Measured: 10x slower per weight
-        # than the int8 kernel; the nibble unpacking does not vectorise well. Left for later.)
-        N, half = P.shape
-        G = scales.shape[1]
-        per = half // G  # bytes per group
-        B = X.shape[0]
-        K = 2 * half
-        for n in prange(N):
-            row = np.empty(K, dtype=np.float32)
-            for g in range(G):
-                s = scales[n, g]
-                m = mins[n, g]
-                for j in range(g * per, (g + 1) * per):
-                    p = np.int32(P[n, j])
-                    row[2 * j] = np.float32(p & 15) * s + m
-                    row[2 * j + 1] = np.float32(p >> 4) * s + m
-            for b in range(B):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += row[k] * X[b, k]
-                Y[b, n] = acc
+        _jit = cpu_kernels_jit
+    return _jit
 
 
 # numba's fallback thread pool (workqueue, where no OpenMP/TBB is found) aborts the
@@ -146,6 +68,8 @@ _launch = threading.Lock()
 
 
 def _set_threads() -> None:
+    import numba
+
     want = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != want:
         numba.set_num_threads(want)
@@ -168,7 +92,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def rows_f32_multi(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """[x @ w.T for w in weights] for a few rows of fp32 x and fp32 weights (N, K), in one pass."""
-    return _launch_rows(_rows_f32, x, [w.shape[0] for w in weights], tuple(_np(w) for w in weights),
+    return _launch_rows(_kernels()._rows_f32, x, [w.shape[0] for w in weights], tuple(_np(w) for w in weights),
                         several=True)
 
 
@@ -179,7 +103,7 @@ def rows_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def rows_i8_multi(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
     """[x @ (q * s[:, None]).T for q, s ...] for int8 weights (N, K) and fp32 row scales (N,), in one pass."""
-    return _launch_rows(_rows_i8, x, [q.shape[0] for q in qweights], tuple(_np(q) for q in qweights),
+    return _launch_rows(_kernels()._rows_i8, x, [q.shape[0] for q in qweights], tuple(_np(q) for q in qweights),
                         tuple(_np(s) for s in scales), several=True)
 
 
@@ -189,12 +113,12 @@ def rows_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torc
 
 def rows_i4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """x @ W.T for a few rows of fp32 x and W in nabla's int4 groups (nabla.model.quantize)."""
-    return _launch_rows(_rows_i4, x, [packed.shape[0]], _np(packed), _np(scales), _np(mins))[0]
+    return _launch_rows(_kernels()._rows_i4, x, [packed.shape[0]], _np(packed), _np(scales), _np(mins))[0]
 
 
 def rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for a few rows of fp32 x and a bf16 weight (N, K), products in fp32."""
-    return _launch_rows(_rows_bf16, x, [weight.shape[0]], _np(weight.view(torch.int16)))[0]
+    return _launch_rows(_kernels()._rows_bf16, x, [weight.shape[0]], _np(weight.view(torch.int16)))[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -202,7 +126,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     D = x.shape[-1]
     X = x.reshape(-1, D).contiguous()
     Y = torch.empty_like(X)
-    _rms_norm(X.numpy(), _np(weight), eps, Y.numpy())
+    _kernels()._rms_norm(X.numpy(), _np(weight), eps, Y.numpy())
     return Y.view(x.shape)
 
 
@@ -211,14 +135,15 @@ def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
     if len(linears) > 1 and usable(x):
         if all(type(lin) is RowKernelLinear and lin.bias is None for lin in linears):
             return rows_f32_multi(x, [lin.weight for lin in linears])
-        if all(getattr(lin, "kernel", None) == "numba" and lin.weight.dtype == torch.int8 for lin in linears):
+        if all(getattr(lin, "kernel", None) == "numba" and lin.weight.dtype == torch.int8
+               and lin.weight.numel() >= MIN_WEIGHTS for lin in linears):
             return rows_i8_multi(x, [lin.weight for lin in linears], [lin.scales for lin in linears])
     return [lin(x) for lin in linears]
 
 
 def usable(x: torch.Tensor) -> bool:
     """Whether the kernels take this call: fp32 input on the CPU, outside autograd, a few rows."""
-    return (numba is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() > 0
+    return (_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() > 0
             and not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1])
 
 
@@ -256,16 +181,23 @@ def use_bf16_weights(model: nn.Module) -> int:
             mod.weight.data = mod.weight.data.to(torch.bfloat16)
             mod.__class__ = BF16WeightLinear
             n += 1
+    if n and _AVAILABLE:
+        _norms_too(model)
     return n
 
 
 def use_row_kernels(model: nn.Module) -> int:
-    """Make every plain fp32 nn.Linear of `model` a RowKernelLinear (in place); returns how many."""
-    if numba is None:
+    """Make every plain fp32 nn.Linear of `model` with at least MIN_WEIGHTS weights a RowKernelLinear
+    (in place), if the model is big enough to be read from memory (MIN_MODEL_BYTES); returns how many."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
+               and m.weight.device.type == "cpu"]
+    if not _AVAILABLE or sum(m.weight.numel() * 4 for m in linears) < MIN_MODEL_BYTES:
         return 0
     n = 0
-    for mod in model.modules():
-        if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu":
+    for mod in linears:
+        if mod.weight.numel() >= MIN_WEIGHTS:
             mod.__class__ = RowKernelLinear  # same object, parameters and hooks; only forward changes
             n += 1
+    if n:
+        _norms_too(model)
     return n

@@ -25,13 +25,17 @@ from nabla.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
+    row_kernel = False
+    """Set by nabla.model.cpu_kernels on models whose layers run its kernels: decode-sized
+    calls on the CPU then normalise in one numba call (torch's reductions cost ~30 us each)."""
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == torch.float32 and cpu_kernels.usable(x):  # a decode step on the CPU
+        if self.row_kernel and self.weight.dtype == torch.float32 and cpu_kernels.usable(x):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the compute dtype, as Meta does (one
         # fused kernel instead of pow, mean, add, rsqrt, mul).

@@ -120,9 +120,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
         if kernel == "numba":
-            if cpu_kernels.usable(x):
+            if cpu_kernels.usable(x) and self.weight.numel() >= cpu_kernels.MIN_WEIGHTS:
                 return cpu_kernels.rows_i8(x, self.weight, self.scales)
-            kernel = "fbgemm" if _has_fbgemm() else "dequant"
+            kernel = "fbgemm" if _has_fbgemm() else "dequant"  # prefill, or a small layer
         if kernel == "fbgemm":
             if self._packed is None:
                 self._packed = _fbgemm_prepack(self.weight, self.scales)
@@ -167,7 +167,7 @@ class Int4Linear(nn.Module):
         return dequantize_int4(unpack_int4(self.weight), self.scales, self.mins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "numba" and cpu_kernels.usable(x):
+        if self.kernel == "numba" and cpu_kernels.usable(x):  # small layers too: int4 has no other fast path
             return cpu_kernels.rows_i4(x, self.weight, self.scales, self.mins)
         if self.kernel == "int4pack" and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
             if self._packed is None:
@@ -232,6 +232,8 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
             del lin, w
         if type(model.output) in PLAIN:
             model.output = Int8Linear(model.output.weight, k8)
+    if "numba" in (k8, k4):
+        cpu_kernels._norms_too(model)
     model.quantization = mode
     return model
 
