@@ -212,12 +212,11 @@ def test_two_processes_on_one_gpu_get_a_clear_error(make_checkpoint):
 def test_recorded_decode_on_gpu_equals_plain_decode(make_checkpoint):
     """CUDA graphs of the decode step (nabla.model.graphs) give the plain forward's tokens and logprobs,
     across a bucket boundary (256 cache positions)."""
-    from nabla.model.graphs import StepGraphs
+    from nabla.model.graphs import plain_steps
 
     path = make_checkpoint(TINY_GQA, seed=2)
     plain = Llama.build(path, None, max_seq_len=600, max_batch_size=2, device=GPU, dtype="fp32")
-    plain.model.step_graphs = StepGraphs(plain.model)
-    plain.model.step_graphs.failed = True  # never records
+    plain_steps(plain.model)  # never records
     fast = Llama.build(path, None, max_seq_len=600, max_batch_size=2, device=GPU, dtype="fp32")
     plain.tokenizer.stop_ids = fast.tokenizer.stop_ids = ()
     plain.stop_ids = fast.stop_ids = ()

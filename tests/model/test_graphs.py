@@ -74,8 +74,7 @@ def test_generate_with_replayed_steps_equals_generate_without(make_checkpoint, r
     path = make_checkpoint(TINY_GQA, seed=4)
     prompts = [[1, 15043, 3186], [1, 450, 4996, 17354, 1701, 975]]
     plain = Llama.build(path, None, max_seq_len=40, max_batch_size=2)
-    plain.model.step_graphs = graphs.StepGraphs(plain.model)
-    plain.model.step_graphs.failed = True  # never records: the plain forward
+    graphs.plain_steps(plain.model)  # never records: the plain forward
     fast = Llama.build(path, None, max_seq_len=40, max_batch_size=2)
     a, alp = plain.generate(prompts, max_gen_len=20, temperature=0, logprobs=True)
     b, blp = fast.generate(prompts, max_gen_len=20, temperature=0, logprobs=True)

@@ -285,10 +285,9 @@ def run(setup: Setup, progress: bool = True) -> dict:
     model.setup_cache(setup.batch_size, setup.prompt_len + setup.gen_len + 1)
     graphs = setup.graphs and devices.records_graphs(dev)
     if not graphs:
-        from nabla.model.graphs import StepGraphs
+        from nabla.model.graphs import plain_steps
 
-        model.step_graphs = StepGraphs(model)
-        model.step_graphs.failed = True  # the plain forward at every step
+        plain_steps(model)
     gc.collect()
     B, P, G = setup.batch_size, setup.prompt_len, setup.gen_len
     tokens = torch.randint(0, args.vocab_size, (B, P), generator=torch.Generator().manual_seed(setup.seed)).to(dev)

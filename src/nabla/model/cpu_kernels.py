@@ -41,11 +41,6 @@ MIN_WEIGHTS = 1 << 16
 MIN_MODEL_BYTES = 32 << 20
 
 
-def available() -> bool:
-    """Whether numba is installed (the kernels load on first use)."""
-    return importlib.util.find_spec("numba") is not None
-
-
 def _norms_too(model: nn.Module) -> None:
     """Let the model's RMSNorm layers run the rms_norm kernel too (nabla.model.llama.RMSNorm.row_kernel)."""
     for mod in model.modules():

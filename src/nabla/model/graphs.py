@@ -31,6 +31,13 @@ from nabla import device as devices
 BUCKET = 256
 
 
+def plain_steps(model) -> None:
+    """Make `model.decode` run the forward at every step, recording nothing (to compare
+    against), until the next setup_cache."""
+    model.step_graphs = StepGraphs(model)
+    model.step_graphs.failed = True
+
+
 class StepGraphs:
     def __init__(self, model):
         self.model = model
