@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
+TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "llama2" / "tokenizer.model"
 
 LOAD = r"""
 import json, resource, sys, torch

@@ -2,8 +2,9 @@
 
     python benchmarks/bench_quant_quality.py [--model DIR] [--text FILE] [--tokens N]
 
-Defaults: nabla's built-in story model and the last 60,000 characters of the
-TinyStories V2 head in /work/shared/data (text the model was not trained on).
+Defaults: nabla's built-in story model and the TinyStories text in
+tests/data (pass --text with a text the model was not trained on for a fair
+perplexity: BENCHMARKS.md says which one its table used).
 Greedy agreement: for 4 prompts x 128 new tokens, the number of leading tokens
 identical to fp32's, and the fraction of positions equal overall.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from nabla import Llama
 from nabla.model.quantize import quantize_model
 
-TEXT = Path(__file__).resolve().parents[2] / "shared/data/corpus/tinystories/tinystories-v2-gpt4-train-head.txt"
+TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "tinystories-v1-head.txt"
 PROMPTS = ["Once upon a time", "Tom and Lily went to the park", "The little dog was sad because",
            "One day, a girl named Sue"]
 

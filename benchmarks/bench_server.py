@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA2_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
+LLAMA2_TOKENIZER = ROOT / "tests" / "data" / "llama2" / "tokenizer.model"
 
 
 def model_folder(args) -> tuple[Path, str]:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
+TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "llama2" / "tokenizer.model"
 PROMPT = [1, 15043, 3186, 372, 338]
 
 

@@ -13,10 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_reference.py and friends
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
-LLAMA3_TOKENIZER = SHARED / "tokenizers" / "llama3" / "tokenizer.model"
-TINYLLAMA_DIR = SHARED / "tokenizers" / "tinyllama-1.1b-chat-v1.0"
+DATA = Path(__file__).resolve().parent / "data"  # real files the tests need; origins in SOURCES.md
+LLAMA2_TOKENIZER = DATA / "llama2" / "tokenizer.model"
+LLAMA3_TOKENIZER = DATA / "llama3" / "tokenizer.model"
+TINYLLAMA_DIR = DATA / "tinyllama-1.1b-chat-v1.0"
+STORY_TEXT = DATA / "tinystories-v1-head.txt"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # Every test computes on the CPU in fp32, where the references are exact, even

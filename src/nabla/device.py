@@ -212,7 +212,7 @@ def bf16_weights_only(device: torch.device, dtype: torch.dtype) -> bool:
 
     So on CPUs without native bf16 arithmetic (no AVX512-BF16/AMX): there torch's
     bf16 matrix products run at under 1 GFLOP/s against ~85 in fp32 (measured,
-    issue 9), while bf16 weights still halve the bytes a decode step reads.
+    BENCHMARKS.md), while bf16 weights still halve the bytes a decode step reads.
     """
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
@@ -225,7 +225,7 @@ def bf16_weights_only(device: torch.device, dtype: torch.dtype) -> bool:
 def row_kernels(device: torch.device) -> bool:
     """Whether decode-sized products on `device` run nabla's numba kernels (nabla.model.cpu_kernels).
 
-    Measured on a 2-core AVX2 CPU (BENCHMARKS.md, issue 9): torch's fp32
+    Measured on a 2-core AVX2 CPU (BENCHMARKS.md): torch's fp32
     F.linear read one-row weights at 4-10 GB/s, the numba kernels at 17-21,
     the memory's limit. Only where numba is installed.
     """
@@ -235,7 +235,7 @@ def row_kernels(device: torch.device) -> bool:
 def quantized_kernel(device: torch.device, mode: str) -> str:
     """The kernel that computes int8 / int4 products fastest on `device` (see nabla.model.quantize).
 
-    Measured on an AVX2 CPU without native bf16 (BENCHMARKS.md, issue 9):
+    Measured on an AVX2 CPU without native bf16 (BENCHMARKS.md):
     FBGEMM's dynamic int8 linear beat fp32 F.linear (2x at batch 1, >10x at
     batch 8) while torch's weight-only int8/int4 kernels ran 20-40x slower than
     fp32; so x86 CPUs take FBGEMM for int8. For int4 torch's int4pack kernel

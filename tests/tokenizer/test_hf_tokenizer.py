@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import LLAMA2_TOKENIZER, SHARED, TINYLLAMA_DIR
+from conftest import LLAMA2_TOKENIZER, STORY_TEXT, TINYLLAMA_DIR
 from nabla.errors import TokenizerError
 from nabla.tokenizer import load_tokenizer
 from nabla.tokenizer.hf import HFTokenizer
@@ -22,7 +22,7 @@ def sp():
 
 
 def sample_texts():
-    text = (SHARED / "corpus" / "tinystories" / "tinystories-v1-train-head.txt").read_text(encoding="utf-8")
+    text = STORY_TEXT.read_text(encoding="utf-8")
     paragraphs = [p for p in text[:60_000].split("\n") if p.strip()][:150]
     return paragraphs + ["Hello world", " leading space", "  two  spaces", "tab\there", "line\nbreak",
                          "naïve café — 日本語 😀", "a\u00a0b", "x\u2028y", ""]

@@ -2,10 +2,10 @@
 
 Decoding a few sequences multiplies a handful of rows by every weight matrix,
 so the time is the time to read the weights. torch's CPU `F.linear` (MKL)
-reads a (N, K) fp32 weight at 4-10 GB/s for one row on this project's 2-core
+reads a (N, K) fp32 weight at 4-10 GB/s for one row on a 2-core
 machine, where the memory gives ~20 GB/s; the kernels here, compiled by numba
 (one row of W per task, across every core, SIMD over K), read at 17-21 GB/s
-(BENCHMARKS.md, issue 9). Weights stay where torch keeps them; the kernels
+(BENCHMARKS.md). Weights stay where torch keeps them; the kernels
 see them through zero-copy NumPy views.
 
 `RowKernelLinear` (fp32 weights), `BF16WeightLinear` (bf16 weights, fp32

@@ -52,11 +52,11 @@ PLAIN = (nn.Linear, cpu_kernels.RowKernelLinear, cpu_kernels.BF16WeightLinear)  
 KERNELS = ("numba", "fbgemm", "int8pack", "int4pack", "dequant")
 GROUP_SIZE = 32
 # Above this many rows (prefill) torch's int4pack CPU kernel is slower than
-# rebuilding the fp32 weight once and calling F.linear (measured, issue 9).
+# rebuilding the fp32 weight once and calling F.linear (measured, BENCHMARKS.md).
 INT4PACK_MAX_ROWS = 4
 # At or below this many rows (decode) FBGEMM's dynamic linear runs on one
 # thread: on 2 cores its threaded path made 110M int8 decode 6x slower
-# (0.63 vs 3.96 tok/s, same process, alternating; issue 9).
+# (0.63 vs 3.96 tok/s, same process, alternating; BENCHMARKS.md).
 FBGEMM_SERIAL_ROWS = 16
 
 
