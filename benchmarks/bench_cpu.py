@@ -24,7 +24,7 @@ import torch
 
 from nabla import device as devices
 from nabla.errors import ConfigError
-from nabla.generation.bench import Setup, run
+from nabla.bench import Setup, run
 
 
 def rows(shape: str, gen: int):

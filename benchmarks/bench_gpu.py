@@ -3,7 +3,7 @@
 For each named shape (random weights, bf16): decode at batch 1 (with and without
 CUDA graphs) and 32 (16-token prompt, 128 new tokens) and prefill of 512 tokens
 at batch 1, each through
-nabla.generation.bench.run with `--vs hf` (nabla and transformers alternate,
+nabla.bench.runner with `--vs hf` (nabla and transformers alternate,
 median of 3). One process, so the card and its clocks are the same for both.
 
     PYTHONPATH=src python benchmarks/bench_gpu.py [--shapes 110m,tinyllama-1.1b] [--out results.jsonl]
@@ -22,7 +22,7 @@ import torch
 
 from nabla import device as devices
 from nabla.errors import ConfigError
-from nabla.generation.bench import Setup, run
+from nabla.bench import Setup, run
 
 RUNS = [  # (label, batch, prompt, new tokens, replay recorded decode steps)
     ("decode b1", 1, 16, 128, True),

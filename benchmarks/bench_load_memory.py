@@ -59,7 +59,7 @@ print(json.dumps({"before": before, "peak": peak, "dtype": dtype, "torch": torch
 def make_checkpoints(root: Path, layers: int) -> None:
     import torch
 
-    from nabla.checkpoint.commands import convert_checkpoint
+    from nabla.checkpoint.convert import convert_checkpoint
     from nabla.model import Transformer, args_from_params
 
     params = dict(dim=1024, n_layers=layers, n_heads=16, vocab_size=32000, multiple_of=256, norm_eps=1e-5)

@@ -63,7 +63,7 @@ def worker(ckpt: str, mp: int | None, out: str) -> None:
 def make_checkpoints(root: Path, layers: int, dim: int) -> dict:
     import torch
 
-    from nabla.checkpoint.commands import convert_checkpoint
+    from nabla.checkpoint.convert import convert_checkpoint
     from nabla.model import Transformer, args_from_params, param_count
 
     params = dict(dim=dim, n_layers=layers, n_heads=16, n_kv_heads=8, vocab_size=32000, multiple_of=256,

@@ -8,7 +8,6 @@ no process group, no CUDA needed); `generate`, `text_completion` and
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ import torch
 from nabla import device as devices
 from nabla.checkpoint import open_checkpoint
 from nabla.checkpoint.meta import load_into
-from nabla.errors import ConfigError, ContextLengthError, InvalidRequestError, TokenizerError
+from nabla.errors import ConfigError, InvalidRequestError, TokenizerError
+from nabla.generation.checks import check_prompts, check_sampling
 from nabla.generation.loop import collect, decode_steps, new_batch
 from nabla.model.llama import Transformer
 from nabla.tokenizer import Tokenizer, load_tokenizer
@@ -162,7 +162,6 @@ class Llama:
         self.chat_format = chat_format_for(tokenizer)
         self.device = next(model.parameters()).device
         self.stop_ids = tuple(tokenizer.stop_ids)
-        self._stop = torch.tensor(self.stop_ids, device=self.device)
 
     @property
     def max_seq_len(self) -> int:
@@ -172,44 +171,9 @@ class Llama:
     def max_batch_size(self) -> int:
         return self.model.args.max_batch_size
 
-    # ----------------------------------------------------------------- checks
-    def _check_sampling(self, temperature, top_p, max_gen_len) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-                not math.isfinite(temperature) or temperature < 0:
-            raise InvalidRequestError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}",
-                                      "temperature")
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p!r}", "top_p")
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
-            raise InvalidRequestError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}", "max_gen_len")
-
-    def _check_prompts(self, prompt_tokens) -> list[list[int]]:
-        if not isinstance(prompt_tokens, (list, tuple)) or len(prompt_tokens) == 0:
-            raise InvalidRequestError("no prompts given: pass a non-empty list of prompts", "prompt")
-        if len(prompt_tokens) > self.max_batch_size:
-            raise InvalidRequestError(
-                f"{len(prompt_tokens)} prompts but max_batch_size is {self.max_batch_size}; pass fewer "
-                f"prompts per call or build with a larger max_batch_size", "prompt")
-        vocab = self.model.args.vocab_size
-        out = []
-        for i, toks in enumerate(prompt_tokens):
-            if isinstance(toks, torch.Tensor):
-                toks = toks.tolist()
-            if not isinstance(toks, (list, tuple)) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in toks):
-                raise InvalidRequestError(f"prompt {i} must be a list of integer token ids", "prompt")
-            if len(toks) == 0:
-                raise InvalidRequestError(f"prompt {i} is empty; give at least one token (e.g. BOS)", "prompt")
-            bad = [t for t in toks if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})",
-                                          "prompt")
-            if len(toks) > self.max_seq_len:
-                raise ContextLengthError(
-                    f"prompt {i} is {len(toks)} tokens but the context (max_seq_len) is {self.max_seq_len}; "
-                    "shorten the prompt or build with a larger max_seq_len", "prompt")
-            out.append(list(toks))
-        return out
+    def check_prompts(self, prompt_tokens) -> list[list[int]]:
+        """Token-id prompts as `generate` takes them, checked against this model's batch, vocabulary and context."""
+        return check_prompts(prompt_tokens, self.max_batch_size, self.model.args.vocab_size, self.max_seq_len)
 
     # ------------------------------------------------------------- reference
     def generate(
@@ -222,10 +186,10 @@ class Llama:
         echo: bool = False,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Generate continuations of token-id prompts, exactly as Meta's `generate`."""
-        prompts = self._check_prompts(prompt_tokens)
-        self._check_sampling(temperature, top_p, max_gen_len)
+        prompts = self.check_prompts(prompt_tokens)
+        check_sampling(temperature, top_p, max_gen_len)
         batch = new_batch(prompts, max_gen_len, self.max_seq_len, self.tokenizer.pad_id, logprobs, self.device)
-        for _ in decode_steps(self.model, batch, temperature, top_p, self._stop, self.tokenizer.pad_id):
+        for _ in decode_steps(self.model, batch, temperature, top_p, self.stop_ids, self.tokenizer.pad_id):
             pass
         return collect(batch, max_gen_len, echo, set(self.stop_ids))
 
@@ -286,25 +250,29 @@ class Llama:
         temperature: float = 0.6,
         top_p: float = 0.9,
         logprobs: bool = False,
+        *,
+        in_context: bool = False,
     ) -> Iterator[StreamPiece]:
         """Yield each new token of one prompt (text, or token ids) as it is produced.
 
         The same tokens as `generate([prompt], ...)`; the `text` pieces join to
-        `decode` of the generated ids. Stops at a stop token (not yielded).
+        `decode` of the generated ids, or with `in_context` to the text as it
+        reads after the prompt (the first piece keeps its leading space).
+        Stops at a stop token (not yielded).
         """
         if isinstance(prompt, str):
             prompt = self.tokenizer.encode(prompt, bos=True, eos=False)
-        (ids,) = self._check_prompts([prompt])
+        (ids,) = self.check_prompts([prompt])
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - len(ids)
-        self._check_sampling(temperature, top_p, max_gen_len)
-        return self._stream(ids, max_gen_len, temperature, top_p, logprobs)
+        check_sampling(temperature, top_p, max_gen_len)
+        return self._stream(ids, max_gen_len, temperature, top_p, logprobs, in_context)
 
-    def _stream(self, ids, max_gen_len, temperature, top_p, logprobs) -> Iterator[StreamPiece]:
+    def _stream(self, ids, max_gen_len, temperature, top_p, logprobs, in_context) -> Iterator[StreamPiece]:
         batch = new_batch([ids], max_gen_len, self.max_seq_len, self.tokenizer.pad_id, logprobs, self.device)
-        text = IncrementalDecoder(self.tokenizer)
+        text = IncrementalDecoder(self.tokenizer, ids if in_context else ())
         pending = None  # a token whose text is held back (an unfinished UTF-8 character)
-        for pos in decode_steps(self.model, batch, temperature, top_p, self._stop, self.tokenizer.pad_id):
+        for pos in decode_steps(self.model, batch, temperature, top_p, self.stop_ids, self.tokenizer.pad_id):
             if pos - len(ids) >= max_gen_len:
                 break
             token = int(batch.tokens[0, pos])
@@ -334,12 +302,12 @@ class Llama:
     ):
         """Generate from one prompt and say, for every token, what the model weighed.
 
-        Returns a nabla.generation.explain.Explanation: per position the chosen
+        Returns a nabla.explain.Explanation: per position the chosen
         token, its probability and logprob, the top-k alternatives before and
         after temperature and top-p, the nucleus size and the entropy. The
         tokens are those `generate` picks after `torch.manual_seed(seed)`.
         """
-        from nabla.generation.explain import explain
+        from nabla.explain import explain  # the one call up a layer: kept for the public API
 
         return explain(self, prompt, max_gen_len, temperature, top_p, top_k_shown, echo, seed)
 

@@ -9,7 +9,8 @@ from checkpoint.helpers import TOKENS, hf_folder, hf_logits, meta_folder, tiny_a
 from conftest import TINY_GQA, TINY_MHA, random_state
 from nabla import Llama
 from nabla.checkpoint import open_checkpoint
-from nabla.checkpoint.commands import checkpoint_info, convert_checkpoint
+from nabla.checkpoint.convert import convert_checkpoint
+from nabla.checkpoint.info import checkpoint_info
 from nabla.cli import main
 
 SCALED_TIED = dict(TINY_GQA, use_scaled_rope=True, tie_word_embeddings=True)

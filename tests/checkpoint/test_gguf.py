@@ -62,7 +62,7 @@ def test_bad_types_are_config_errors(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
 def test_llama_cpp_gives_our_logits(tmp_path):
-    from nabla.generation.bench_llamacpp import LlamaCpp
+    from nabla.bench.llamacpp import LlamaCpp
 
     model, args = tiny()
     path = write_gguf(tmp_path / "m.gguf", model.state_dict(), args, load_tokenizer(LLAMA2_TOKENIZER), "f32")
@@ -98,7 +98,7 @@ def test_llama_cpp_continues_the_built_in_model_as_nabla_does(tmp_path):
     import llama_cpp
 
     from nabla import Llama, default_model_path
-    from nabla.checkpoint.commands import convert_checkpoint
+    from nabla.checkpoint.convert import convert_checkpoint
 
     BUILTIN_MODEL = default_model_path()
     (path,) = convert_checkpoint(BUILTIN_MODEL, tmp_path / "g", "gguf", dtype="fp32")

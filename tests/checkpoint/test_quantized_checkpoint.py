@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY_MHA, random_state, write_meta_checkpoint
 from nabla import Llama
-from nabla.checkpoint.commands import convert_checkpoint
+from nabla.checkpoint.convert import convert_checkpoint
 from nabla.cli import main
 from nabla.errors import CheckpointError, ConfigError, NablaError
 from nabla.model import Transformer, args_from_params

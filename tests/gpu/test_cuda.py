@@ -219,8 +219,7 @@ def test_recorded_decode_on_gpu_equals_plain_decode(make_checkpoint):
     plain_steps(plain.model)  # never records
     fast = Llama.build(path, None, max_seq_len=600, max_batch_size=2, device=GPU, dtype="fp32")
     plain.tokenizer.stop_ids = fast.tokenizer.stop_ids = ()
-    plain.stop_ids = fast.stop_ids = ()
-    plain._stop = fast._stop = torch.tensor([-1], device=GPU)  # run the full length
+    plain.stop_ids = fast.stop_ids = ()  # run the full length
     a, alp = plain.generate(PROMPTS, max_gen_len=300, temperature=0, logprobs=True)
     b, blp = fast.generate(PROMPTS, max_gen_len=300, temperature=0, logprobs=True)
     assert sorted(k[1] for k in fast.model.step_graphs.graphs) == [256, 512]

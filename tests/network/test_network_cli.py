@@ -11,7 +11,7 @@ import pytest
 from nabla import cli
 from nabla.errors import ConfigError
 from nabla.network import load
-from nabla.network.commands import register
+from nabla.cli.mnist import register
 from nabla.network.mnist import DataError
 
 
@@ -94,7 +94,7 @@ def test_bad_flags(flags, error, match, tmp_path):
 
 def test_through_nabla_main(tmp_path, monkeypatch, capsys):
     # Only this module's commands, so the test does not depend on the others.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("nabla.network.commands",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("nabla.cli.mnist",))
     assert cli.main(["mnist", "--epochs", "1", "--sizes", "784,10", "--out", str(tmp_path / "n.json")]) == 0
     assert cli.main(["mnist", "--epochs", "0"]) == 1
     assert "nabla mnist: error: --epochs must be a positive integer, got 0" in capsys.readouterr().err

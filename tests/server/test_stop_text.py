@@ -73,7 +73,7 @@ def test_window_decoder_equals_full_decode():
 
     from conftest import LLAMA2_TOKENIZER
 
-    from nabla.server.text import WindowDecoder
+    from nabla.tokenizer.base import IncrementalDecoder
     from nabla.tokenizer import load_tokenizer
 
     tok = load_tokenizer(LLAMA2_TOKENIZER)
@@ -83,6 +83,6 @@ def test_window_decoder_equals_full_decode():
         prompt = tok.encode(rng.choice(texts), bos=True, eos=False)
         gen = ([rng.randrange(3, 32000) for _ in range(30)], [rng.randrange(3, 259) for _ in range(30)],
                tok.encode(rng.choice(texts) + " " + rng.choice(texts), bos=False, eos=False))[trial % 3]
-        d = WindowDecoder(tok, prompt)
+        d = IncrementalDecoder(tok, prompt)
         pieces = [d.push(t) for t in gen] + [d.flush()]
         assert "".join(pieces) == tok.decode(prompt + gen)[len(tok.decode(prompt)):]

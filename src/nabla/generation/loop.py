@@ -17,7 +17,7 @@ the CLI share one loop. The reference's semantics, kept exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,11 +54,12 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) ->
 
 
 @torch.inference_mode()
-def decode_steps(model, batch: Batch, temperature: float, top_p: float, stop_ids: torch.Tensor,
+def decode_steps(model, batch: Batch, temperature: float, top_p: float, stop_ids: Sequence[int],
                  pad_id: int, generator: torch.Generator | None = None) -> Iterator[int]:
     """Fill `batch` in place, yielding each position just written."""
     tokens, logprobs = batch.tokens, batch.token_logprobs
     device = tokens.device
+    stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
     lens = torch.tensor(batch.prompt_lens, device=device)
     in_prompt = torch.arange(batch.total_len, device=device)[None, :] < lens[:, None]  # (B, total_len)
     min_len = min(batch.prompt_lens)

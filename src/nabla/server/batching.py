@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from nabla.generation.sampling import sample
+from nabla.generation.sampling import greedy, is_greedy, sample
 
 log = logging.getLogger("nabla.server")
 
@@ -317,9 +317,9 @@ class Engine:
                            device=self.device)
         rows = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
         logits = self.model(last, pos, rows=rows)[:, -1]  # (B, V)
-        greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0 and not _penalised(s)]
-        picks = logits[greedy].argmax(-1).tolist() if greedy else []
-        chosen = dict(zip(greedy, picks))
+        argmax_rows = [i for i, s in enumerate(seqs) if is_greedy(s.params.temperature) and not _penalised(s)]
+        picks = greedy(logits[argmax_rows]).tolist() if argmax_rows else []
+        chosen = dict(zip(argmax_rows, picks))
         for i, s in enumerate(seqs):
             self._advance(s, logits[i], [], chosen.get(i))
         self.steps += 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nabla.tokenizer.base import IncrementalDecoder
+
 
 @dataclass
 class Tok:
@@ -22,43 +24,11 @@ class Tok:
     offset: int = 0  # characters before it in the choice's text
 
 
-class WindowDecoder:
-    """The text each new token adds after the prompt, decoding only a few tokens each time.
-
-    Decoding all ids at every token (nabla.tokenizer.base.IncrementalDecoder)
-    costs O(length) per token. Text only changes at its end, so this decodes
-    from a recent token (`start`) and diffs against that window's text before
-    the new tokens (`read`), as vLLM's incremental detokenizer does; a window
-    ending in an unfinished UTF-8 character waits for the next token.
-    """
-
-    def __init__(self, tokenizer, prefix: list[int]):
-        self.tokenizer = tokenizer
-        self.ids = list(prefix)
-        self.read = len(self.ids)
-        self.start = max(0, self.read - 4)
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.start:self.read])
-        after = self.tokenizer.decode(self.ids[self.start:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.start, self.read = self.read, len(self.ids)
-        return after[len(before):]
-
-    def flush(self) -> str:
-        before = self.tokenizer.decode(self.ids[self.start:self.read])
-        after = self.tokenizer.decode(self.ids[self.start:])
-        self.start = self.read = len(self.ids)
-        return after[len(before):]
-
-
 class ChoiceText:
     """A choice's generated text, released as far as no stop string can still begin."""
 
     def __init__(self, tokenizer, prompt: list[int], stops: list[str], base: int = 0):
-        self.decoder = WindowDecoder(tokenizer, prompt)
+        self.decoder = IncrementalDecoder(tokenizer, prompt)
         self.stops = stops
         self.base = base  # offset of the generated text in the choice's text (echo)
         self.text = ""

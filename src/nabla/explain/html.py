@@ -14,7 +14,8 @@ from __future__ import annotations
 import html
 import json
 
-from nabla.generation.explain import Explanation, ScoredText, TokenExplanation
+from nabla.explain.explain import Explanation, TokenExplanation
+from nabla.explain.score import ScoredText
 
 
 def _num(x: float | None) -> float | None:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nabla.cli import main
-from nabla.generation import bench
+from nabla.bench import peers, runner
 
 
 def test_bench_tiny_json(capsys):
@@ -34,15 +34,15 @@ def test_hf_peer_gives_our_logits():
     from nabla.model.args import from_name
 
     args = from_name("tiny", max_seq_len=32)
-    model = bench.random_model(args, torch.float32, seed=1)
-    hf = bench.hf_peer(model, torch.float32)
+    model = runner.random_model(args, torch.float32, seed=1)
+    hf = peers.hf_peer(model, torch.float32)
     tokens = torch.randint(0, args.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_bench_refuses_what_does_not_fit(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "available_memory", lambda device=None: 2**30)
+    monkeypatch.setattr(runner, "available_memory", lambda device=None: 2**30)
     rc = main(["bench", "--shape", "llama2-7b", "--json"])
     assert rc == 1
     assert "GiB available" in capsys.readouterr().err

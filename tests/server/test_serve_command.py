@@ -11,7 +11,7 @@ import pytest
 
 from nabla.cli import main
 from nabla.errors import ConfigError
-from nabla.server.commands import check_exposure, is_loopback
+from nabla.cli.serve import check_exposure, is_loopback
 from server.conftest import free_port
 
 
@@ -33,7 +33,7 @@ def test_public_bind_needs_a_key_or_insecure(capsys, monkeypatch):
 
 def test_serve_command_builds_the_app(make_checkpoint, monkeypatch):
     """`nabla serve` flags reach the app; uvicorn's run is replaced so nothing listens."""
-    import nabla.server.commands as commands
+    import nabla.cli.serve as commands
 
     seen = {}
 
@@ -63,7 +63,7 @@ def test_sigterm_finishes_in_flight_then_refuses(reference):
     import uvicorn
 
     from nabla.server.app import create_app
-    from nabla.server.commands import draining_server
+    from nabla.cli.serve import draining_server
 
     app = create_app(reference, "tiny")
     port = free_port()

@@ -8,11 +8,8 @@ and logprob, the top-k alternatives with their probabilities at temperature 1,
 after temperature and after top-p filtering (what the sampler actually draws
 from), the size of the top-p nucleus and the entropy of the distribution.
 
-`score` measures how surprised the model is by a given text: per-token
-surprisal in bits, perplexity and bits per byte, over windows of the context
-length that overlap so every token after the first is predicted with context.
-
-Rendering (terminal table, HTML page) lives in the CLI and explain_html.py.
+Scoring a given text lives in score.py; rendering (terminal table, HTML page)
+in the CLI and html.py.
 """
 
 from __future__ import annotations
@@ -24,8 +21,9 @@ from typing import Sequence
 import torch
 
 from nabla.errors import InvalidRequestError
+from nabla.generation.checks import check_sampling, check_seed
 from nabla.generation.loop import decode_steps, new_batch
-from nabla.generation.sampling import top_p_filter
+from nabla.generation.sampling import is_greedy, temperature_probs, top_p_filter
 from nabla.tokenizer.base import IncrementalDecoder
 
 LN2 = math.log(2.0)
@@ -117,49 +115,6 @@ class Explanation:
                 "tokens": self.tokens, "steps": [s.to_dict() for s in self.steps]}
 
 
-@dataclass
-class ScoredText:
-    """What `score` returns: how well the model predicts a text."""
-
-    text: str
-    steps: list[TokenExplanation]
-    """Every token after the first, with its probability in context."""
-    n_bytes: int
-    window: int
-    stride: int
-
-    @property
-    def total_nats(self) -> float:
-        return -sum(s.logprob for s in self.steps)
-
-    @property
-    def mean_nll(self) -> float:
-        """Mean negative log-likelihood per predicted token, in nats."""
-        return self.total_nats / len(self.steps)
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.mean_nll)
-
-    @property
-    def bits_per_token(self) -> float:
-        return self.mean_nll / LN2
-
-    @property
-    def bits_per_byte(self) -> float:
-        """Total information in bits over the UTF-8 bytes of the text."""
-        return self.total_nats / LN2 / self.n_bytes
-
-    def summary(self) -> dict:
-        return {"tokens": len(self.steps) + 1, "predicted": len(self.steps), "bytes": self.n_bytes,
-                "total_nats": self.total_nats, "mean_nll": self.mean_nll, "perplexity": self.perplexity,
-                "bits_per_token": self.bits_per_token, "bits_per_byte": self.bits_per_byte,
-                "window": self.window, "stride": self.stride}
-
-    def to_dict(self) -> dict:
-        return {**self.summary(), "text": self.text, "steps": [s.to_dict() for s in self.steps]}
-
-
 # ------------------------------------------------------------------ the maths
 def _entropy_bits(probs: torch.Tensor) -> float:
     return float(-torch.special.xlogy(probs, probs).sum() / LN2)  # 0 log 0 = 0
@@ -176,14 +131,12 @@ def token_stats(logits: torch.Tensor, token: int, temperature: float, top_p: flo
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
-    if temperature > 0:
-        probs_temp = torch.softmax(logits / temperature, dim=-1)
+    probs_temp = temperature_probs(logits, temperature)  # one-hot on the argmax when greedy
+    if is_greedy(temperature):
+        probs_sample, nucleus = probs_temp, 1
+    else:
         probs_sample, nucleus = top_p_filter(probs_temp[None], top_p)
         probs_sample, nucleus = probs_sample[0], int(nucleus[0])
-    else:  # greedy: all the mass on the argmax, as `sample` picks it
-        probs_temp = torch.zeros_like(probs)
-        probs_temp[int(torch.argmax(logits))] = 1.0
-        probs_sample, nucleus = probs_temp, 1
     k = min(k, probs.shape[-1])
     top = torch.topk(probs, k).indices.tolist()
     alternatives = [Alternative(t, piece(t), float(probs[t]), float(probs_temp[t]), float(probs_sample[t]))
@@ -233,13 +186,12 @@ def explain(llama, prompt: str | Sequence[int], max_gen_len: int | None = None, 
         if not prompt.strip():
             raise InvalidRequestError("the prompt is empty; give some text to continue", "prompt")
         prompt = tok.encode(prompt, bos=True, eos=False)
-    (ids,) = llama._check_prompts([prompt])
+    (ids,) = llama.check_prompts([prompt])
     if max_gen_len is None:
         max_gen_len = llama.max_seq_len - len(ids)
-    llama._check_sampling(temperature, top_p, max_gen_len)
+    check_sampling(temperature, top_p, max_gen_len)
     check_top_k_shown(top_k_shown)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidRequestError(f"seed must be an integer, got {seed!r}", "seed")
+    check_seed(seed)
 
     def piece(t: int) -> str:
         return tok.decode([t])
@@ -255,7 +207,7 @@ def explain(llama, prompt: str | Sequence[int], max_gen_len: int | None = None, 
     batch = new_batch([ids], max_gen_len, llama.max_seq_len, tok.pad_id, False, llama.device)
     tap = _Tap(llama.model)
     text = IncrementalDecoder(tok, ids)
-    for pos in decode_steps(tap, batch, temperature, top_p, llama._stop, tok.pad_id, generator):
+    for pos in decode_steps(tap, batch, temperature, top_p, llama.stop_ids, tok.pad_id, generator):
         if pos - len(ids) >= max_gen_len:  # pragma: no cover - total_len already bounds the loop
             break
         token = int(batch.tokens[0, pos])
@@ -289,114 +241,3 @@ def _explain_prompt(llama, ids, temperature, top_p, k, piece) -> list[TokenExpla
         steps.append(TokenExplanation(i, ids[i], text.push(ids[i]), piece(ids[i]), prompt=True, **stats))
     _flush(text, steps)
     return steps
-
-
-# --------------------------------------------------------------------- score
-def score(llama, text: str, window: int | None = None, stride: int | None = None, top_k_shown: int = 5,
-          progress: bool = False) -> ScoredText:
-    """Per-token surprisal, perplexity and bits per byte of `text` (BOS prepended, no EOS).
-
-    The text is cut into windows of `window` tokens (default: the context
-    length) starting every `stride` tokens (default: half a window); each
-    window is one stateless forward pass, and scores only the tokens the
-    previous windows did not, so every token after the first is predicted from
-    at least `window - stride` tokens of context (or all it has).
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidRequestError("the text to score is empty; give some text", "text")
-    check_top_k_shown(top_k_shown)
-    window = llama.max_seq_len if window is None else window
-    if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= llama.max_seq_len:
-        raise InvalidRequestError(f"window must be an integer in [2, {llama.max_seq_len}] (the context), "
-                                  f"got {window!r}", "window")
-    stride = max(1, window // 2) if stride is None else stride
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window - 1:
-        raise InvalidRequestError(f"stride must be an integer in [1, {window - 1}] (below the window), "
-                                  f"got {stride!r}", "stride")
-    tok = llama.tokenizer
-    ids = tok.encode(text, bos=True, eos=False)
-    if len(ids) < 2:
-        raise InvalidRequestError("the text encodes to no tokens; give some text", "text")
-
-    starts = [0]
-    while starts[-1] + window < len(ids):
-        starts.append(starts[-1] + stride)
-    pieces = _Pieces(tok, ids[0])
-    steps: list[TokenExplanation] = []
-    done = 1  # tokens [0, done) are scored (the first has nothing before it)
-    bar = _progress(len(starts), progress)
-    with torch.inference_mode():
-        for begin in starts:
-            end = min(begin + window, len(ids))
-            tokens = torch.tensor([ids[begin:end]], device=llama.device)
-            logits = llama.model(tokens)[0, done - begin - 1: end - begin - 1]  # row j predicts token done + j
-            targets = torch.tensor(ids[done:end], device=llama.device)
-            steps += _score_rows(logits, targets, done, top_k_shown, pieces)
-            done = end
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    rest = pieces.flush()
-    if rest:
-        steps[-1].text += rest
-    return ScoredText(text, steps, len(text.encode("utf-8")), window, stride)
-
-
-def _score_rows(logits: torch.Tensor, targets: torch.Tensor, first: int, k: int, pieces: "_Pieces"):
-    """TokenExplanations at temperature 1 for targets (T,) predicted by logits (T, V), vectorised."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
-    probs = logp.exp()
-    entropy = (-torch.special.xlogy(probs, probs).sum(-1) / LN2).tolist()
-    lp_target = logp.gather(-1, targets[:, None])  # (T, 1)
-    rank = ((logp > lp_target).sum(-1) + 1).tolist()
-    top_p, top_i = torch.topk(probs, min(k, probs.shape[-1]), dim=-1)
-    steps = []
-    for j, (t, lp) in enumerate(zip(targets.tolist(), lp_target[:, 0].tolist())):
-        alts = [Alternative(a, pieces.piece(a), p, p, p) for a, p in zip(top_i[j].tolist(), top_p[j].tolist())]
-        p = math.exp(lp)
-        steps.append(TokenExplanation(first + j, t, pieces.push(t), pieces.piece(t), prob=p, logprob=lp,
-                                      prob_temp=p, prob_sample=p, rank=rank[j], entropy=entropy[j],
-                                      sample_entropy=entropy[j], alternatives=alts))
-    return steps
-
-
-class _Pieces:
-    """In-context text of each token of a long text, in linear time.
-
-    IncrementalDecoder decodes everything so far at each token; on a long file
-    that is quadratic, so this restarts it now and then from the last few ids
-    (at a point where no UTF-8 character is pending).
-    """
-
-    KEEP, EVERY = 16, 256
-
-    def __init__(self, tokenizer, first: int):
-        self.tokenizer = tokenizer
-        self.decoder = IncrementalDecoder(tokenizer, [first])
-        self._piece: dict[int, str] = {}
-
-    def piece(self, t: int) -> str:
-        if t not in self._piece:
-            self._piece[t] = self.tokenizer.decode([t])
-        return self._piece[t]
-
-    def push(self, t: int) -> str:
-        text = self.decoder.push(t)
-        if text and len(self.decoder.ids) > self.EVERY:
-            self.decoder = IncrementalDecoder(self.tokenizer, self.decoder.ids[-self.KEEP:])
-        return text
-
-    def flush(self) -> str:
-        return self.decoder.flush()
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled or total < 2:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="scoring", unit="window")
-
-
-__all__ = ["Alternative", "TokenExplanation", "Explanation", "ScoredText", "token_stats", "explain", "score"]

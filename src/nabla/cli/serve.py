@@ -8,7 +8,7 @@ import os
 import sys
 
 from nabla.errors import ConfigError
-from nabla.generation.commands import add_model_args
+from nabla.cli.common import add_model_args
 
 
 def is_loopback(host: str) -> bool:
@@ -39,7 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from nabla.generation.commands import load_model, model_dir
+    from nabla.cli.common import load_model, model_dir
     from nabla.server.app import create_app
 
     path = model_dir(args)

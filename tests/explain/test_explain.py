@@ -20,8 +20,8 @@ import torch
 from conftest import TINY_GQA, TINY_MHA
 from nabla.cli import main
 from nabla.errors import ContextLengthError, InvalidRequestError
-from nabla.generation.explain import Explanation, TokenExplanation, Alternative, score, token_stats
-from nabla.generation.explain_html import explanation_html, score_html
+from nabla.explain import Alternative, Explanation, TokenExplanation, score, token_stats
+from nabla.explain.html import explanation_html, score_html
 
 PROMPT = "Once upon a time"
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
@@ -150,7 +150,7 @@ def test_stop_token_is_explained_but_not_returned(peaky_llama):
     # The same model, with the fourth greedy token made a stop token.
     llama = Llama(peaky_llama.model, peaky_llama.tokenizer)
     stop = free[3]
-    llama.stop_ids, llama._stop = (stop,), torch.tensor([stop])
+    llama.stop_ids = (stop,)
     e = llama.explain(ids, 10, 0.0, 0.9)
     tokens, _ = llama.generate([ids], 10, 0.0, 0.9)
     assert e.steps[-1].stop and e.steps[-1].token == stop and e.steps[-1].text == ""

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 from nabla.errors import InvalidRequestError
-from nabla.generation.commands import add_model_args, add_sampling_args, load_model
+from nabla.cli.common import add_model_args, add_sampling_args, load_model
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from nabla.generation.explain import check_top_k_shown
+    from nabla.explain.explain import check_top_k_shown
 
     check_top_k_shown(args.top_k_shown)
     if args.score is not None or args.score_file is not None:
@@ -34,7 +34,7 @@ def run_explain(args: argparse.Namespace) -> int:
     e = llama.explain(ids, max_gen_len, args.temperature, args.top_p, args.top_k_shown, args.echo, args.seed)
     e.prompt = prompt
     if args.html:
-        from nabla.generation.explain_html import explanation_html
+        from nabla.explain.html import explanation_html
 
         _write(args.html, explanation_html(e, prompt))
     if args.json:
@@ -54,7 +54,7 @@ def _stdin() -> str:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from nabla.generation.explain import score
+    from nabla.explain.score import score
 
     if args.score is not None and args.score_file is not None:
         raise InvalidRequestError("give either --score TEXT or --score-file FILE, not both", "score")
@@ -66,7 +66,7 @@ def _run_score(args: argparse.Namespace) -> int:
     llama = load_model(args)
     s = score(llama, text, args.window, args.stride, args.top_k_shown, progress=args.score_file is not None)
     if args.html:
-        from nabla.generation.explain_html import score_html
+        from nabla.explain.html import score_html
 
         _write(args.html, score_html(s))
     if args.json:

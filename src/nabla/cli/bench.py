@@ -7,7 +7,7 @@ import json
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from nabla.generation.bench import Setup, format_report, run
+    from nabla.bench import Setup, format_report, run
 
     if args.model and args.shape:
         from nabla.errors import ConfigError

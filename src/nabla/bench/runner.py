@@ -9,7 +9,7 @@ reports decode as a fraction of the roofline. `--vs hf` times transformers'
 LlamaForCausalLM on the same weights in the same process, alternating runs;
 `--vs llama.cpp` writes the same weights to GGUF (f32, bf16, f16, or q8_0 /
 q4_0 beside nabla's int8 / int4) and times llama.cpp the same way
-(nabla.generation.bench_llamacpp).
+(nabla.bench.llamacpp).
 """
 
 from __future__ import annotations
@@ -17,74 +17,21 @@ from __future__ import annotations
 import functools
 import gc
 import os
-import re
-import resource
-import statistics
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from nabla import device as devices
+from nabla.bench.machine import peak_rss, read_bandwidth, available_memory
+from nabla.bench.peers import hf_peer, llamacpp_peer, time_hf
+from nabla.bench.timing import rates, time_nabla
 from nabla.errors import ConfigError
 from nabla.model.args import ModelArgs, from_name, param_count
 from nabla.model.llama import Transformer
 from nabla.model.quantize import quantize_model, weight_bytes
 
-GGUF_TYPE = {("fp32", None): "f32", ("bf16", None): "bf16", ("fp16", None): "f16"}  # else by --quantize
 
-
-# ------------------------------------------------------------------ machine
-def read_bandwidth(device: torch.device | None = None, nbytes: int | None = None,
-                   repeats: int = 3) -> dict[str, float]:
-    """Memory read bandwidth of `device` in GB/s by several probes over an `nbytes` buffer (best of `repeats`).
-
-    256 MiB on a CPU, 2 GiB on an accelerator (well past any cache).
-    """
-    device = device or torch.device("cpu")
-    on_cpu = device.type == "cpu"
-    nbytes = nbytes or (256 if on_cpu else 2048) * 2**20
-    n = nbytes // 4
-    buf = torch.ones(n, device=device)
-    K = 4096
-    w = buf[: (n // K) * K].view(-1, K)
-    x = torch.ones(1, K, device=device)
-    probes = {
-        "torch_sum": lambda: buf.sum(),
-        "torch_linear_1xK": lambda: F.linear(x, w),
-    }
-    if on_cpu:
-        arr = buf.numpy()
-        probes["numpy_sum"] = lambda: arr.sum()
-    out = {}
-    for name, probe in probes.items():
-        probe()
-        best = min(_seconds(probe, device) for _ in range(repeats))
-        out[name] = nbytes / best / 1e9
-    return out
-
-
-def _seconds(fn, device: torch.device) -> float:
-    devices.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    devices.synchronize(device)
-    return time.perf_counter() - t0
-
-
-def available_memory(device: torch.device | None = None) -> int:
-    """Bytes `device` (default: the CPU) can still give."""
-    return devices.free_memory(device or torch.device("cpu"))
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process in bytes."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r * 1024 if os.uname().sysname != "Darwin" else r
-
-
-# ------------------------------------------------------------------- models
 @dataclass
 class Setup:
     shape: str | None = None
@@ -143,94 +90,10 @@ def random_model(args: ModelArgs, dtype: torch.dtype, seed: int = 0,
     return model.eval()
 
 
-def hf_peer(model: Transformer, dtype: torch.dtype):
-    """transformers' LlamaForCausalLM holding the same weights (q/k rows permuted to HF order)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from nabla.checkpoint.hf import META_TO_HF, args_to_config, permute_qk
-
-    args = model.args
-    config = LlamaConfig(**args_to_config(args, dtype=dtype))
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(config)
-    state = {}
-    for key, t in model.state_dict().items():
-        if key == "rope" or ".cache." in key:
-            continue
-        generic = re.sub(r"layers\.(\d+)\.", "layers.{}.", key)
-        layer = re.search(r"layers\.(\d+)\.", key)
-        name = META_TO_HF[generic].format(layer.group(1)) if layer else META_TO_HF[generic]
-        if key.endswith("attention.wq.weight"):
-            t = permute_qk(t, args.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            t = permute_qk(t, args.n_kv_heads)
-        state[name] = t.to(dtype)
-    if args.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    hf.load_state_dict(state, assign=True, strict=False)
-    device = next(model.parameters()).device
-    hf.model.rotary_emb.to_empty(device=device)
-    with device:  # recompute its non-persistent inv_freq there
-        hf.model.rotary_emb.__init__(config)
-    return hf.eval()
-
-
-# ------------------------------------------------------------------- timing
-def time_nabla(model: Transformer, tokens: torch.Tensor, gen_len: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) for one run: prompt in one pass, then greedy steps."""
-    B, P = tokens.shape
-    sync = functools.partial(devices.synchronize, tokens.device)
-    with torch.inference_mode():
-        sync()
-        t0 = time.perf_counter()
-        logits = model(tokens, 0, last_only=True)
-        sync()
-        t1 = time.perf_counter()
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        for i in range(gen_len):
-            logits = model.decode(nxt, P + i)
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-        sync()
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
-
-
-def time_hf(hf, tokens: torch.Tensor, gen_len: int) -> tuple[float, float]:
-    import inspect
-
-    from transformers import DynamicCache
-
-    # transformers 5 renamed past_key_values to cache; pass whichever this version takes.
-    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
-    sync = functools.partial(devices.synchronize, tokens.device)
-    with torch.inference_mode():
-        cache = DynamicCache()
-        sync()
-        t0 = time.perf_counter()
-        out = hf(input_ids=tokens, use_cache=True, logits_to_keep=1, **{key: cache})
-        sync()
-        t1 = time.perf_counter()
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(gen_len):
-            out = hf(input_ids=nxt, use_cache=True, logits_to_keep=1, **{key: cache})
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        sync()
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
-
-
-def _rates(times: list[tuple[float, float]], B: int, P: int, G: int) -> dict:
-    pre = statistics.median(t[0] for t in times)
-    dec = statistics.median(t[1] for t in times)
-    return {"prefill_tok_s": B * P / pre, "decode_tok_s": B * G / dec if G else 0.0,
-            "prefill_s": pre, "decode_s": dec}
-
-
-# ---------------------------------------------------------------------- run
 def run(setup: Setup, progress: bool = True) -> dict:
     """Build, measure and return every figure of one bench run as a dict."""
     if setup.vs == "llama.cpp":
-        from nabla.generation.bench_llamacpp import check_installed
+        from nabla.bench.llamacpp import check_installed
 
         check_installed()
     for name in ("batch_size", "prompt_len", "repeats"):
@@ -310,7 +173,7 @@ def run(setup: Setup, progress: bool = True) -> dict:
         "device": str(dev), "device_name": devices.describe(dev), "graphs": graphs,
         "batch_size": B, "prompt_len": P, "gen_len": G, "repeats": setup.repeats,
         "threads": torch.get_num_threads(), "params": param_count(args),
-        **_rates(ours, B, P, G),
+        **rates(ours, B, P, G),
     }
     nbytes = weight_bytes(model)
     best_bw = max(bw.values())
@@ -326,39 +189,16 @@ def run(setup: Setup, progress: bool = True) -> dict:
     })
     if peer is not None:
         name = "hf" if hf is not None else "llamacpp"
-        rates = _rates(theirs, B, P, G)
+        peer_rates = rates(theirs, B, P, G)
         if cpp is not None:
-            rates["gguf_type"] = cpp.gguf_type
+            peer_rates["gguf_type"] = cpp.gguf_type
             cpp.close()
             cpp.folder.cleanup()
-        result[name] = rates
-        result[f"vs_{name}_ratio"] = result["decode_tok_s"] / rates["decode_tok_s"] if G else None
-        result[f"vs_{name}_prefill_ratio"] = result["prefill_tok_s"] / rates["prefill_tok_s"]
+        result[name] = peer_rates
+        result[f"vs_{name}_ratio"] = result["decode_tok_s"] / peer_rates["decode_tok_s"] if G else None
+        result[f"vs_{name}_prefill_ratio"] = result["prefill_tok_s"] / peer_rates["prefill_tok_s"]
     say.close()
     return result
-
-
-def llamacpp_peer(model: Transformer, tokenizer, setup: Setup, say):
-    """llama.cpp on a GGUF of `model`'s weights (before nabla quantizes them): q8_0 beside int8,
-    q4_0 beside int4, else the dtype's own type."""
-    import tempfile
-
-    from nabla.checkpoint.gguf import write_gguf
-    from nabla.generation.bench_llamacpp import LlamaCpp
-
-    gguf_type = {"int8": "q8_0", "int4": "q4_0"}.get(setup.quantize) or GGUF_TYPE[(setup.dtype, None)]
-    say(f"writing the weights as {gguf_type} GGUF for llama.cpp")
-    folder = tempfile.TemporaryDirectory(prefix="nabla-bench-")
-    try:
-        path = write_gguf(f"{folder.name}/model-{gguf_type}.gguf", model.state_dict(), model.args, tokenizer,
-                          gguf_type)
-        cpp = LlamaCpp(path, setup.batch_size, setup.prompt_len + setup.gen_len + 1, torch.get_num_threads(),
-                       setup.prompt_len)
-    except BaseException:
-        folder.cleanup()
-        raise
-    cpp.gguf_type, cpp.folder = gguf_type, folder  # the file lives as long as the peer
-    return cpp
 
 
 class _Progress:

@@ -1,8 +1,8 @@
 """`nabla <command>`: one entry point for every command.
 
-Each command lives beside the code it drives, in a `commands.py` module that
-defines `register(subparsers)`; heavy imports (torch, the server) happen
-inside the command's handler so `nabla --help` and `nabla mnist` stay fast.
+Each command is a module of nabla.cli that defines `register(subparsers)`;
+heavy imports (torch, the server) happen inside the command's handler so
+`nabla --help` and `nabla mnist` stay fast.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from nabla.errors import NablaError
 
 # One line per module that registers commands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "nabla.generation.commands",  # generate, chat
-    "nabla.network.commands",  # mnist
-    "nabla.generation.explain_commands",  # explain
-    "nabla.server.commands",  # serve
-    "nabla.training.commands",  # train
-    "nabla.checkpoint.commands",  # info, convert
-    "nabla.generation.bench_commands",  # bench
+    "nabla.cli.generate",
+    "nabla.cli.chat",
+    "nabla.cli.mnist",
+    "nabla.cli.explain",
+    "nabla.cli.serve",
+    "nabla.cli.train",
+    "nabla.cli.info",
+    "nabla.cli.convert",
+    "nabla.cli.bench",
 )
 
 

@@ -1,0 +1,104 @@
+"""The engines nabla is timed against, on the very same weights, in the same run.
+
+`hf_peer`: transformers' LlamaForCausalLM holding nabla's weights (q/k rows
+permuted to Hugging Face's order), timed by `time_hf` the way
+nabla.bench.timing times nabla. `llamacpp_peer`: llama.cpp on a GGUF file of
+the weights (nabla.bench.llamacpp).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from nabla import device as devices
+from nabla.generation.sampling import greedy
+from nabla.model.llama import Transformer
+
+if TYPE_CHECKING:
+    from nabla.bench.runner import Setup
+
+GGUF_TYPE = {("fp32", None): "f32", ("bf16", None): "bf16", ("fp16", None): "f16"}  # else by --quantize
+
+
+def hf_peer(model: Transformer, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM holding the same weights (q/k rows permuted to HF order)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nabla.checkpoint.hf import META_TO_HF, args_to_config, permute_qk
+
+    args = model.args
+    config = LlamaConfig(**args_to_config(args, dtype=dtype))
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(config)
+    state = {}
+    for key, t in model.state_dict().items():
+        if key == "rope" or ".cache." in key:
+            continue
+        generic = re.sub(r"layers\.(\d+)\.", "layers.{}.", key)
+        layer = re.search(r"layers\.(\d+)\.", key)
+        name = META_TO_HF[generic].format(layer.group(1)) if layer else META_TO_HF[generic]
+        if key.endswith("attention.wq.weight"):
+            t = permute_qk(t, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            t = permute_qk(t, args.n_kv_heads)
+        state[name] = t.to(dtype)
+    if args.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    hf.load_state_dict(state, assign=True, strict=False)
+    device = next(model.parameters()).device
+    hf.model.rotary_emb.to_empty(device=device)
+    with device:  # recompute its non-persistent inv_freq there
+        hf.model.rotary_emb.__init__(config)
+    return hf.eval()
+
+
+def time_hf(hf, tokens: torch.Tensor, gen_len: int) -> tuple[float, float]:
+    import inspect
+
+    from transformers import DynamicCache
+
+    # transformers 5 renamed past_key_values to cache; pass whichever this version takes.
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    sync = functools.partial(devices.synchronize, tokens.device)
+    with torch.inference_mode():
+        cache = DynamicCache()
+        sync()
+        t0 = time.perf_counter()
+        out = hf(input_ids=tokens, use_cache=True, logits_to_keep=1, **{key: cache})
+        sync()
+        t1 = time.perf_counter()
+        nxt = greedy(out.logits[:, -1])[:, None]
+        for _ in range(gen_len):
+            out = hf(input_ids=nxt, use_cache=True, logits_to_keep=1, **{key: cache})
+            nxt = greedy(out.logits[:, -1])[:, None]
+        sync()
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def llamacpp_peer(model: Transformer, tokenizer, setup: "Setup", say):
+    """llama.cpp on a GGUF of `model`'s weights (before nabla quantizes them): q8_0 beside int8,
+    q4_0 beside int4, else the dtype's own type."""
+    import tempfile
+
+    from nabla.checkpoint.gguf import write_gguf
+    from nabla.bench.llamacpp import LlamaCpp
+
+    gguf_type = {"int8": "q8_0", "int4": "q4_0"}.get(setup.quantize) or GGUF_TYPE[(setup.dtype, None)]
+    say(f"writing the weights as {gguf_type} GGUF for llama.cpp")
+    folder = tempfile.TemporaryDirectory(prefix="nabla-bench-")
+    try:
+        path = write_gguf(f"{folder.name}/model-{gguf_type}.gguf", model.state_dict(), model.args, tokenizer,
+                          gguf_type)
+        cpp = LlamaCpp(path, setup.batch_size, setup.prompt_len + setup.gen_len + 1, torch.get_num_threads(),
+                       setup.prompt_len)
+    except BaseException:
+        folder.cleanup()
+        raise
+    cpp.gguf_type, cpp.folder = gguf_type, folder  # the file lives as long as the peer
+    return cpp

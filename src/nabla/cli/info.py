@@ -1,0 +1,69 @@
+"""`nabla info`: what a checkpoint holds and the memory it needs, as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from nabla.checkpoint.info import checkpoint_info
+from nabla.cli.common import human_bytes, human_count, model_dir
+
+
+def print_info(info: dict, out=None) -> None:
+    out = out or sys.stdout
+    a, m, t = info["architecture"], info["memory"], info["tokenizer"]
+    files = f"{len(info['files'])} file{'s' if len(info['files']) != 1 else ''}"
+    rows = [
+        ("checkpoint", f"{info['path']}"),
+        ("format", f"{'Meta' if info['format'] == 'meta' else 'Hugging Face'} ({files}"
+                   + (f", model-parallel {info['shards']}" if info["format"] == "meta" and info["shards"] > 1 else "")
+                   + ")"),
+        ("layers", f"{a['n_layers']} x (dim {a['dim']}, {a['n_heads']} heads, {a['n_kv_heads']} kv heads, "
+                   f"head_dim {a['head_dim']}, ffn {a['hidden_dim']})"),
+        ("vocabulary", f"{a['vocab_size']} rows" + (", tied output" if a["tie_word_embeddings"] else "")),
+        ("rope", f"theta {a['rope_theta']:g}" + (f", llama3 scaling x{a['rope_scaling']['factor']:g}"
+                                                 if a["rope_scaling"] else "")),
+        ("norm_eps", f"{a['norm_eps']:g}"),
+        ("parameters", f"{human_count(info['parameters'])} ({info['parameters']:,})"),
+        ("dtype", str(info["dtype"])),
+        ("size on disk", human_bytes(info["size_bytes"])),
+    ]
+    if info["context_length"]:
+        rows.append(("trained context", str(info["context_length"])))
+    if t and "error" not in t:
+        fits = "" if t["fits"] else "  (MORE ids than the embedding has rows: wrong tokenizer?)"
+        rows.append(("tokenizer", f"{t['kind']}, {t['n_words']} ids, bos {t['bos_id']}, stop {t['stop_ids']}, "
+                                  f"chat format {t['chat_format']}{fits}"))
+    else:
+        rows.append(("tokenizer", t["error"] if t else "none"))
+    rows.append(("memory", f"{human_bytes(m['total_bytes'])} in {m['dtype']} = weights "
+                           f"{human_bytes(m['weights_bytes'])} + KV cache {human_bytes(m['kv_cache_bytes'])} "
+                           f"(context {m['context']}, batch {m['batch']})"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}", file=out)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    info = checkpoint_info(model_dir(args), args.tokenizer, args.context, args.batch, args.dtype)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_info(info)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="what a checkpoint holds and the memory it needs",
+                       description="Describe a checkpoint folder (Meta or Hugging Face): architecture, "
+                                   "parameters, dtype, size, tokenizer, and the memory to run it.")
+    p.add_argument("--model", metavar="DIR", help="checkpoint folder (default: the built-in story model)")
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer file, when the folder holds none")
+    p.add_argument("--context", type=int, help="context length for the memory estimate "
+                                               "(default: the model's trained context, else 2048)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for the memory estimate (default: 1)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="compute dtype for the memory estimate (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_info)
