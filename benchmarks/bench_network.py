@@ -106,12 +106,12 @@ def bench_epochs(train, m=10, epochs=3):
 def bench_accuracy(train, held_out, epochs):
     n = len(train)
     runs = [
-        ("784-30-10, quadratic, large init, eta 3.0", dict(sizes=[784, 30, 10]), dict(eta=3.0)),
+        ("784-30-10, quadratic, large init, eta 3.0", {"sizes": [784, 30, 10]}, {"eta": 3.0}),
         (
             f"784-100-10, cross-entropy, scaled init, eta 0.5, lmbda {5.0 * n / 50000:g}",
-            dict(sizes=[784, 100, 10], cost="cross-entropy", init="scaled"),
+            {"sizes": [784, 100, 10], "cost": "cross-entropy", "init": "scaled"},
             # The book's lmbda = 5.0 is for n = 50,000; the decay per step is eta*lmbda/n, so keep lmbda/n.
-            dict(eta=0.5, lmbda=5.0 * n / 50000),
+            {"eta": 0.5, "lmbda": 5.0 * n / 50000},
         ),
     ]
     print(f"\n| network (mini-batch 10, {epochs} epochs, seed 0) | held out, last epoch | best epoch | CPU time |")

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from nabla.errors import ConfigError
-from nabla.network import CrossEntropyCost, Network, QuadraticCost, sigmoid, sigmoid_prime
+from nabla.network import (
+    CrossEntropyCost,
+    Network,
+    QuadraticCost,
+    sigmoid,
+    sigmoid_prime,
+)
 from network.reference import update_mini_batch_looped
 
 

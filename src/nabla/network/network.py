@@ -36,7 +36,6 @@ import numpy as np
 
 from nabla.errors import CheckpointError, ConfigError
 
-
 #### Neurons
 
 
@@ -293,7 +292,9 @@ class Network:
         folder, name = os.path.split(os.path.abspath(filename))
         tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
         try:
-            f = open(tmp, "x", encoding="utf-8")  # "x", not mkstemp: keep the umask's permissions
+            # Opened outside `with` so that only a failure to create the file becomes a
+            # CheckpointError; "x", not mkstemp, keeps the umask's permissions.
+            f = open(tmp, "x", encoding="utf-8")  # noqa: SIM115
         except OSError as e:
             raise CheckpointError(f"cannot write {filename}: {e.strerror}; check that {folder} exists and is writable") from e
         try:
