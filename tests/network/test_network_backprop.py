@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from nabla.errors import ConfigError
-from nabla.network import CrossEntropyCost, Network, QuadraticCost, sigmoid, sigmoid_prime
+from nabla.network import (
+    CrossEntropyCost,
+    Network,
+    QuadraticCost,
+    sigmoid,
+    sigmoid_prime,
+)
+from network.reference import update_mini_batch_looped
 
 
 def random_batch(sizes, m, seed=0, labels=False):
@@ -76,7 +83,7 @@ def test_update_follows_gradient_of_regularised_cost(cost):
     batch = random_batch(sizes, m=6, seed=3)
     numeric = numerical_gradient(net, lambda: net.total_cost(batch, lmbda, n))
     before = copy.deepcopy(parameters(net))
-    net.update_mini_batch(batch, eta, lmbda, n)
+    net.update_mini_batch(*net._matrices(batch, "batch"), eta, lmbda, n)
     step = [(p0 - p1) / eta for p0, p1 in zip(before, parameters(net))]
     assert relative_error(step, numeric) < 1e-6
 
@@ -89,9 +96,9 @@ def test_matrix_update_equals_per_example_loop(cost, lmbda, labels):
     net = Network(sizes, cost=cost, seed=0)
     looped = copy.deepcopy(net)
     for step in range(3):
-        batch = random_batch(sizes, m=10, seed=step, labels=labels)
-        net.update_mini_batch(batch, 3.0, lmbda, n=8000)
-        looped.update_mini_batch_looped(batch, 3.0, lmbda, n=8000)
+        X, Y = net._matrices(random_batch(sizes, m=10, seed=step, labels=labels), "batch")
+        net.update_mini_batch(X, Y, 3.0, lmbda, n=8000)
+        update_mini_batch_looped(looped, X, Y, 3.0, lmbda, n=8000)
     for a, b in zip(parameters(net), parameters(looped)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 

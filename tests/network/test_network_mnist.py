@@ -48,7 +48,7 @@ def test_read_idx(tmp_path, gz):
 
 
 def test_bad_idx_files(tmp_path):
-    images, labels = tiny_digits(5)
+    images, _ = tiny_digits(5)
     raw = idx_bytes(images)
     cases = {
         "png": (b"\x89PNG\r\n\x1a\n" + raw, "not an IDX file"),
@@ -95,7 +95,7 @@ def test_load_data_from_idx_folder(tmp_path):
 
 def test_load_data_splits_a_t10k_only_folder(tmp_path):
     _, labels = write_set(tmp_path, "t10k", 50, gz=True)
-    (tx, ty), (hx, hy) = mnist.load_data(tmp_path)
+    (_, ty), (_, hy) = mnist.load_data(tmp_path)
     assert len(ty) == 40 and len(hy) == 10
     np.testing.assert_array_equal(np.concatenate([ty, hy]), labels)
 
@@ -121,7 +121,7 @@ def nielsen_pickle(path, sizes=(20, 5, 8)):
 def test_load_nielsen_pickle(tmp_path):
     sets = nielsen_pickle(tmp_path / "mnist.pkl.gz")
     for source in (tmp_path, tmp_path / "mnist.pkl.gz"):
-        (tx, ty), (hx, hy) = mnist.load_data(source)
+        (tx, _), (hx, hy) = mnist.load_data(source)
         assert tx.shape == (20, 784) and hx.shape == (8, 784)
         np.testing.assert_array_equal(hy, sets[2][1])
     (tmp_path / "bad.pkl.gz").write_bytes(gzip.compress(pickle.dumps({"not": "mnist"})))

@@ -8,10 +8,16 @@ improvements of the book's second network (src/network2.py) are options:
 the cross-entropy cost, L2 regularisation (`lmbda`), weights scaled by
 1/sqrt(n_in), monitoring of cost and accuracy per epoch, and saving to JSON.
 
-What differs from the book: backpropagation runs on a whole mini-batch at
-once, the examples being the columns of one matrix (the book's exercise in
-chapter 2); randomness comes from a seeded `np.random.Generator`; `SGD`
-never shuffles the caller's list and returns its per-epoch metrics.
+Training takes the book's path: `SGD` deals the examples into mini-batches,
+`update_mini_batch` takes one gradient-descent step per mini-batch, and
+`backprop` computes the gradient for that step.
+
+What differs from the book: `update_mini_batch` and `backprop` work on a
+whole mini-batch at once, the examples being the columns of one matrix (the
+book's exercise in chapter 2), so there is no loop over the examples (the
+tests and benchmarks/bench_network.py keep the book's loop to compare
+against); randomness comes from a seeded `np.random.Generator`; `SGD` never
+shuffles the caller's list and returns its per-epoch metrics.
 
 Left out: softmax layers, convolutions, dropout, momentum, learning-rate
 schedules and early stopping (the book's chapters 3 and 6), and GPUs.
@@ -29,7 +35,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from nabla.errors import CheckpointError, ConfigError
-
 
 #### Neurons
 
@@ -184,8 +189,8 @@ class Network:
 
                 starts = tqdm(starts, desc=f"Epoch {j}", unit="batch", leave=False, disable=None)
             for k in starts:
-                cols = order[k : k + mini_batch_size]
-                self._update(X[:, cols], Y[:, cols], eta, lmbda, n)
+                mini_batch = order[k : k + mini_batch_size]  # the columns of this mini-batch
+                self.update_mini_batch(X[:, mini_batch], Y[:, mini_batch], eta, lmbda, n)
             if monitor:
                 metrics["training_cost"].append(self._total_cost(X, Y, lmbda, n))
                 metrics["training_accuracy"].append(self._accuracy(X, Y))
@@ -201,70 +206,65 @@ class Network:
                 report(line)
         return metrics
 
-    def update_mini_batch(self, mini_batch, eta: float, lmbda: float = 0.0, n: int | None = None) -> None:
-        """One step of gradient descent on the examples of `mini_batch` (a
-        list of (x, y) pairs), all backpropagated together as one matrix.
-        `n` is the size of the whole training set (for the L2 term); by
-        default the size of the mini-batch."""
-        X, Y = self._matrices(mini_batch, "mini_batch")
-        self._update(X, Y, eta, lmbda, n or X.shape[1])
+    def update_mini_batch(self, X, Y, eta: float, lmbda: float = 0.0, n: int | None = None) -> None:
+        """Update the weights and biases by one step of gradient descent on
+        one mini-batch, using backpropagation on all its examples at once.
 
-    def update_mini_batch_looped(self, mini_batch, eta: float, lmbda: float = 0.0, n: int | None = None) -> None:
-        """The same step as `update_mini_batch`, but backpropagating one
-        example at a time and summing, as the book does.  Kept to check the
-        matrix version against, and to time it (benchmarks/bench_network.py)."""
-        X, Y = self._matrices(mini_batch, "mini_batch")
+        `X` holds the mini-batch's inputs and `Y` their desired outputs, one
+        example per column: shapes (sizes[0], m) and (sizes[-1], m).  `eta`
+        is the learning rate, `lmbda` the L2 regularisation and `n` the size
+        of the whole training set (by default m, the size of the mini-batch).
+        The step is w <- (1 - eta*lmbda/n) w - (eta/m) nabla_w and
+        b <- b - (eta/m) nabla_b, where nabla_w and nabla_b are the gradient
+        summed over the mini-batch."""
         m = X.shape[1]
-        nabla_b = [np.zeros(b.shape) for b in self.biases]
-        nabla_w = [np.zeros(w.shape) for w in self.weights]
-        for i in range(m):
-            delta_nabla_b, delta_nabla_w = self.backprop(X[:, i : i + 1], Y[:, i : i + 1])
-            nabla_b = [nb + dnb for nb, dnb in zip(nabla_b, delta_nabla_b)]
-            nabla_w = [nw + dnw for nw, dnw in zip(nabla_w, delta_nabla_w)]
-        self._step(nabla_b, nabla_w, m, eta, lmbda, n or m)
+        n = n or m
+        nabla_b, nabla_w = self.backprop(X, Y)
+        # In place, scaling nabla_w where it lies: a step makes no big
+        # (sizes[l+1], sizes[l]) matrix besides the gradient backprop returns.
+        for w, nw in zip(self.weights, nabla_w):
+            if lmbda:
+                w *= 1 - eta * (lmbda / n)
+            nw *= eta / m
+            w -= nw
+        for b, nb in zip(self.biases, nabla_b):
+            b -= (eta / m) * nb
 
-    def backprop(self, x, y):
+    def backprop(self, X, Y):
         """Return (nabla_b, nabla_w), the gradient of the cost with respect to
-        the biases and weights, layer by layer, as lists of arrays shaped like
+        the biases and weights, layer by layer: lists of arrays shaped like
         `self.biases` and `self.weights`.
 
-        `x` and `y` are matrices with one example per column (a single column
-        is one example); the gradient returned is the sum of the examples'
-        gradients, computed for all of them at once."""
-        activations, zs = self._forward(x)
-        deltas = self._deltas(activations, zs, y)
-        # Summing over the columns (for b) and the matrix product (for w) add up
-        # the examples.  np.dot, not @: for one example (a 30x1 times 1x784 outer
-        # product) NumPy's matmul is about 3x slower, which would flatter the
-        # matrix version.
-        nabla_b = [delta.sum(axis=1, keepdims=True) for delta in deltas]
-        nabla_w = [np.dot(delta, a.T) for delta, a in zip(deltas, activations)]
-        return nabla_b, nabla_w
-
-    def _forward(self, x):
-        """Every layer's activations (input first) and weighted inputs z,
-        one column per example."""
-        activation = x
-        activations = [x]  # (sizes[l], m) for each layer l
+        `X` and `Y` hold inputs and desired outputs, one example per column
+        (a single column is one example, as in the book).  The gradient is
+        the sum of the examples' gradients, computed for all of them at once:
+        each layer's delta has one column per example, and the matrix product
+        with the activations adds up the examples."""
+        nabla_b = [None] * len(self.biases)  # filled from the last layer back
+        nabla_w = [None] * len(self.weights)
+        # Feedforward, keeping every layer's weighted input z and activation.
+        activation = X
+        activations = [X]  # (sizes[l], m) for each layer l
         zs = []
         for b, w in zip(self.biases, self.weights):
             z = np.dot(w, activation) + b  # b broadcasts over the m columns
             zs.append(z)
             activation = sigmoid(z)
             activations.append(activation)
-        return activations, zs
-
-    def _deltas(self, activations, zs, y):
-        """The backward pass: delta = dC/dz for each layer after the input,
-        first to last, one column per example."""
-        delta = self.cost.delta(zs[-1], activations[-1], y)
-        deltas = [delta]
+        # Backward pass.  np.dot, not @: for one example (a 30x1 times 1x784
+        # outer product) NumPy's matmul is about 3x slower, which would slow
+        # the book's per-example loop that the benchmark compares against.
+        delta = self.cost.delta(zs[-1], activations[-1], Y)
+        nabla_b[-1] = delta.sum(axis=1, keepdims=True)
+        nabla_w[-1] = np.dot(delta, activations[-2].T)
         # l counts layers from the end: l = 2 is the last hidden layer.
         for l in range(2, self.num_layers):
             a = activations[-l]
-            delta = np.dot(self.weights[-l + 1].T, delta) * (a * (1 - a))  # a(1-a) = sigmoid_prime(zs[-l])
-            deltas.append(delta)
-        return deltas[::-1]
+            sp = a * (1 - a)  # sigmoid_prime(zs[-l]), from the activation already computed
+            delta = np.dot(self.weights[-l + 1].T, delta) * sp
+            nabla_b[-l] = delta.sum(axis=1, keepdims=True)
+            nabla_w[-l] = np.dot(delta, activations[-l - 1].T)
+        return nabla_b, nabla_w
 
     def evaluate(self, test_data) -> int:
         """How many of the pairs (x, y) in `test_data` the network gets right:
@@ -292,7 +292,9 @@ class Network:
         folder, name = os.path.split(os.path.abspath(filename))
         tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
         try:
-            f = open(tmp, "x", encoding="utf-8")  # "x", not mkstemp: keep the umask's permissions
+            # Opened outside `with` so that only a failure to create the file becomes a
+            # CheckpointError; "x", not mkstemp, keeps the umask's permissions.
+            f = open(tmp, "x", encoding="utf-8")  # noqa: SIM115
         except OSError as e:
             raise CheckpointError(f"cannot write {filename}: {e.strerror}; check that {folder} exists and is writable") from e
         try:
@@ -306,30 +308,6 @@ class Network:
             raise
 
     #### Helpers on matrices
-
-    def _update(self, X, Y, eta, lmbda, n):
-        """The step of `_step` for the m columns of X, Y, without forming the
-        gradient: each layer's weights move by a product of (eta/m) * delta, a
-        few small columns, and the activations, so the big (sizes[l+1],
-        sizes[l]) matrix is made once per step, not three times."""
-        activations, zs = self._forward(X)
-        deltas = self._deltas(activations, zs, Y)  # all of them before any weight moves
-        k = eta / X.shape[1]
-        for w, b, delta, a in zip(self.weights, self.biases, deltas, activations):
-            if lmbda:
-                w *= 1 - eta * lmbda / n
-            w -= np.dot(k * delta, a.T)
-            b -= k * delta.sum(axis=1, keepdims=True)
-
-    def _step(self, nabla_b, nabla_w, m, eta, lmbda, n):
-        """Move against the mean gradient of the m examples; the L2 term
-        shrinks weights (not biases) by 1 - eta*lmbda/n."""
-        for w, nw in zip(self.weights, nabla_w):  # in place: no new 30x784 arrays per step
-            if lmbda:
-                w *= 1 - eta * lmbda / n
-            w -= (eta / m) * nw
-        for b, nb in zip(self.biases, nabla_b):
-            b -= (eta / m) * nb
 
     def _accuracy(self, X, Y) -> int:
         return int(np.sum(self.predict(X) == np.argmax(Y, axis=0)))
