@@ -43,8 +43,9 @@ import torch
 
 from nabla.checkpoint.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from nabla.checkpoint.meta import save_meta_checkpoint
-from nabla.device import (autocast_dtype, bind, choose_device, ddp_device_ids, dist_backend, is_accelerator,
-                          parse_dtype, rng_state, set_rng_state, use_all_cores)
+from nabla.device import (autocast_dtype, choose_device, is_accelerator, parse_dtype, rng_state, set_rng_state,
+                          use_all_cores)
+from nabla.distributed import data_parallel
 from nabla.errors import CheckpointError, ConfigError, NablaError
 from nabla.model.args import ModelArgs, args_from_params, from_name, param_count, read_params
 from nabla.model.llama import Transformer
@@ -267,26 +268,16 @@ def train(**given) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = choose_device(cfg.device)
     if ddp:
-        import torch.distributed as dist
-
-        bind(device)
-        dist.init_process_group(backend=dist_backend(device))
-    elif device.type == "cpu":
+        with data_parallel.process_group(device):
+            return _train(cfg, given, device, rank, world, ddp)
+    if device.type == "cpu":
         use_all_cores()
-    try:
-        return _train(cfg, given, device, rank, world, ddp)
-    finally:
-        if ddp:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    return _train(cfg, given, device, rank, world, ddp)
 
 
 def _barrier(ddp: bool) -> None:
     if ddp:
-        import torch.distributed as dist
-
-        dist.barrier()
+        data_parallel.barrier()
 
 
 def _train(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world: int, ddp: bool) -> dict:
@@ -350,9 +341,7 @@ def _train(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=ddp_device_ids(device))
+        model = data_parallel.wrap(model, device)
     amp = autocast_dtype(device)
     ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     save_dtype = parse_dtype(cfg.save_dtype)
@@ -448,11 +437,7 @@ def _train(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world
             stop_now = stop.set or (cfg.stop_at is not None and step >= cfg.stop_at) or (
                 cfg.time_limit is not None and time.time() - t_start > cfg.time_limit * 60)
             if ddp:  # every process stops at the same step
-                import torch.distributed as dist
-
-                flag = torch.tensor([float(stop_now)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_now = bool(flag.item())
+                stop_now = data_parallel.any_process(stop_now, device)
             if stop_now and step < cfg.steps:
                 stopped = True
                 break
