@@ -169,7 +169,7 @@ def test_training_on_gpu_lowers_the_loss_and_loads_on_cpu(tmp_path):
     from training.conftest import TINY, write_stories
 
     from nabla.training.data import parse_sources, train_tokenizer
-    from nabla.training.train import train
+    from nabla.training import train
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from nabla.training.train import train
+from nabla.training import train
 
 from .conftest import TINY
 

@@ -11,7 +11,7 @@ import torch
 
 from nabla import cli
 from nabla.errors import CheckpointError, ConfigError
-from nabla.training.train import train
+from nabla.training import train
 
 from .conftest import TINY
 
@@ -108,7 +108,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(corpus, tokenizer_path, tmp_path, 
     import os
     import signal
 
-    import nabla.training.train as train_module
+    import nabla.training.loop as train_module
 
     calls = []
     real_get_batch = train_module.get_batch

@@ -59,7 +59,7 @@ def register(sub) -> None:
 
 
 def run_train(ns: argparse.Namespace) -> int:
-    from nabla.training.train import TrainConfig, train
+    from nabla.training import TrainConfig, train
 
     if not ns.data and not ns.resume:
         raise ConfigError("pass --data FILE_OR_DIR with the training text (or --resume an existing run)")

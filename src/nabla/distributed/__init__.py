@@ -1,10 +1,11 @@
-"""Tensor-parallel inference on torch.distributed (launched by torchrun).
+"""Tensor-parallel inference and data-parallel training on torch.distributed (launched by torchrun).
 
 `Llama.build(..., model_parallel_size=N)` in each of N processes started by
 `torchrun --nproc_per_node N` calls `model_parallel_world` (checks the
 launch) and `shard_model` (starts the process group, swaps in the parallel
 layers, slices this rank's weights). See tensor_parallel.py for the split,
-follow.py for programs (a server) where only rank 0 decides what to run.
+follow.py for programs (a server) where only rank 0 decides what to run,
+data_parallel.py for training with DDP (nabla.training).
 """
 
 from __future__ import annotations

@@ -6,9 +6,12 @@ and the rendezvous address. nabla reads those, never invents its own
 launcher: `model_parallel_world` checks the asked-for size against the
 environment (with the command to type when it does not fit) and
 `init_process_group` starts torch.distributed with the backend and device
-nabla.device picks (gloo on CPU, NCCL on CUDA, one device per LOCAL_RANK).
+nabla.device picks (gloo on CPU, NCCL on CUDA, one device per LOCAL_RANK):
+the one place that starts it, for tensor-parallel inference and for
+data-parallel training (data_parallel.py) alike.
 
-Leaves out: data-parallel groups (the whole world is one model).
+Leaves out: groups within the world (the whole world is one model, or one
+data-parallel group).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ or ~16 KB pieces of books, are held out for validation at random (seeded).
 A source may be weighted (`DIR*3`): its training tokens are written three
 times, its validation tokens once.
 
-Leaves out: the training loop (nabla.training.train), shuffled epochs (batches
+Leaves out: the training loop (nabla.training.loop), shuffled epochs (batches
 are random windows of the stream).
 """
 

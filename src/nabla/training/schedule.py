@@ -1,6 +1,6 @@
 """The learning-rate schedule: linear warmup, then cosine decay to a floor.
 
-Leaves out: restarts and other shapes; the optimizer itself (nabla.training.train).
+Leaves out: restarts and other shapes; the optimizer itself (nabla.training.loop).
 """
 
 from __future__ import annotations
