@@ -1,7 +1,7 @@
-"""`nabla train`: the command-line face of nabla.training.train.
+"""`nabla train`: the command-line face of nabla.training (the loop is nabla.training.loop).
 
 Every flag defaults to None here so that `--resume` can tell the flags given
-now from the settings saved with the run; nabla.training.train.TrainConfig
+now from the settings saved with the run; nabla.training.TrainConfig
 holds the real defaults. Leaves out: the loop itself.
 """
 
