@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from nabla.checkpoint.io import atomic_open, atomic_write_text
-from nabla.checkpoint.shards import LazyState, _Entry, drop_pages, entries_of
+from nabla.checkpoint.shards import LazyState, Entry, drop_pages, entries_of
 from nabla.errors import CheckpointError, ConfigError
 from nabla.model.args import ModelArgs, read_json_object
 
@@ -279,7 +279,7 @@ def read_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     return state, mapped
 
 
-def read_weight_file(path: Path) -> dict[str, _Entry]:
+def read_weight_file(path: Path) -> dict[str, Entry]:
     """Entries of one weight file; only memory-mapped tensors are listed as droppable sources."""
     if path.suffix == ".safetensors":
         return entries_of(read_safetensors(path))
@@ -297,7 +297,7 @@ def load_hf_state(path: Path, args: ModelArgs, files: list[Path] | None = None) 
     if not files:
         raise CheckpointError(f"{path} has config.json but no weights: expected model.safetensors, "
                               "model.safetensors.index.json or pytorch_model.bin")
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, Entry] = {}
     seen: dict[str, Path] = {}
     for file in files:
         for hf_name, e in read_weight_file(file).items():
@@ -321,7 +321,7 @@ def load_hf_state(path: Path, args: ModelArgs, files: list[Path] | None = None) 
                         drop_pages(t)
                     return w
 
-                e = _Entry(make, e.shape, e.dtype, e.sources)
+                e = Entry(make, e.shape, e.dtype, e.sources)
             entries[name] = e
     if args.tie_word_embeddings:
         entries.pop("output.weight", None)  # some exports also store the tied copy

@@ -46,7 +46,7 @@ def weight_kind(key: str) -> str:
 
 # ------------------------------------------------------------------ lazy state
 @dataclass
-class _Entry:
+class Entry:
     make: Callable[[], torch.Tensor]
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -63,14 +63,14 @@ class LazyState(Mapping):
     copying a checkpoint into a model does not keep a second copy resident.
     """
 
-    def __init__(self, entries: dict[str, _Entry], file_backed: bool = False):
+    def __init__(self, entries: dict[str, Entry], file_backed: bool = False):
         self._entries = entries
         self.file_backed = file_backed
 
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor], file_backed: bool = False) -> "LazyState":
         """Wrap ready tensors (e.g. from torch.load(weights_only=True, mmap=True))."""
-        return cls({k: _Entry(lambda t=t: t, tuple(t.shape), t.dtype, [t])
+        return cls({k: Entry(lambda t=t: t, tuple(t.shape), t.dtype, [t])
                     for k, t in tensors.items() if isinstance(t, torch.Tensor)}, file_backed)
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -93,7 +93,7 @@ class LazyState(Mapping):
     def dtypes(self) -> dict[str, torch.dtype]:
         return {k: e.dtype for k, e in self._entries.items()}
 
-    def entry(self, key: str) -> _Entry:
+    def entry(self, key: str) -> Entry:
         return self._entries[key]
 
     def release(self, key: str) -> None:
@@ -103,11 +103,11 @@ class LazyState(Mapping):
                 drop_pages(t)
 
 
-def entries_of(state: Mapping[str, torch.Tensor]) -> dict[str, _Entry]:
+def entries_of(state: Mapping[str, torch.Tensor]) -> dict[str, Entry]:
     """The entries of a LazyState, or entries wrapping a plain dict's tensors."""
     if isinstance(state, LazyState):
         return dict(state._entries)
-    return {k: _Entry(lambda t=t: t, tuple(t.shape), t.dtype, [t])
+    return {k: Entry(lambda t=t: t, tuple(t.shape), t.dtype, [t])
             for k, t in state.items() if isinstance(t, torch.Tensor)}
 
 
@@ -183,7 +183,7 @@ def merge_shards(shards: Sequence[Mapping[str, torch.Tensor]], params: dict | No
                 f"model-parallel shard {i} holds different weights than shard 0 (e.g. {diff[0]}); "
                 "the consolidated.*.pth files do not belong to the same checkpoint")
     dim = _model_dim(shards, params)
-    merged: dict[str, _Entry] = {}
+    merged: dict[str, Entry] = {}
     for key in keys:
         parts = [e[key] for e in ents]
         kind = weight_kind(key)
@@ -197,7 +197,7 @@ def merge_shards(shards: Sequence[Mapping[str, torch.Tensor]], params: dict | No
                     raise CheckpointError(
                         f"shards do not fit together: {key} has shape {tuple(parts[0].shape)} in shard 0 "
                         f"but {tuple(p.shape)} in shard {i} (it should be the same in every shard)")
-            merged[key] = _Entry(parts[0].make, parts[0].shape, parts[0].dtype, parts[0].sources)
+            merged[key] = Entry(parts[0].make, parts[0].shape, parts[0].dtype, parts[0].sources)
             continue
         other = 1 - d
         for i, p in enumerate(parts[1:], 1):
@@ -216,7 +216,7 @@ def merge_shards(shards: Sequence[Mapping[str, torch.Tensor]], params: dict | No
                         drop_pages(t)
             return merged
 
-        merged[key] = _Entry(make, tuple(shape), parts[0].dtype, [t for p in parts for t in p.sources])
+        merged[key] = Entry(make, tuple(shape), parts[0].dtype, [t for p in parts for t in p.sources])
     return LazyState(merged, file_backed)
 
 
@@ -249,7 +249,7 @@ def _check_split(state: Mapping, n: int, dims: dict, args=None) -> None:
                                   f"not a multiple of {n}")
 
 
-def _slice_entry(e: _Entry, d: int | None, rank: int, n: int) -> _Entry:
+def _slice_entry(e: Entry, d: int | None, rank: int, n: int) -> Entry:
     if d is None:
         return e
     size = e.shape[d] // n
@@ -259,7 +259,7 @@ def _slice_entry(e: _Entry, d: int | None, rank: int, n: int) -> _Entry:
     def make():
         return e.make().narrow(d, rank * size, size).clone()  # own memory, contiguous
 
-    return _Entry(make, tuple(shape), e.dtype, e.sources)
+    return Entry(make, tuple(shape), e.dtype, e.sources)
 
 
 def shard_for_rank(state: Mapping[str, torch.Tensor], rank: int, world_size: int, *,

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nabla.checkpoint.shards import (EMBEDDING, SPLIT_DIM, LazyState, _Entry, embedding_split_dim, entries_of,
+from nabla.checkpoint.shards import (EMBEDDING, SPLIT_DIM, LazyState, Entry, embedding_split_dim, entries_of,
                                      weight_kind)
 from nabla.errors import ConfigError
 
@@ -200,7 +200,7 @@ def rank_state(shards: Sequence[Mapping[str, torch.Tensor]], rank: int, world_si
         file_backed = all(getattr(s, "file_backed", False) for s in shards)
     ents = [entries_of(s) for s in shards]
     n = world_size
-    out: dict[str, _Entry] = {}
+    out: dict[str, Entry] = {}
     for key in ents[0]:
         parts = [e[key] for e in ents]
         kind = weight_kind(key)
@@ -234,7 +234,7 @@ def rank_state(shards: Sequence[Mapping[str, torch.Tensor]], rank: int, world_si
                 offset += p.shape[d]
             return torch.cat(pieces, dim=d) if len(pieces) > 1 else pieces[0]
 
-        out[key] = _Entry(make, tuple(shape), parts[0].dtype, [t for p in parts for t in p.sources])
+        out[key] = Entry(make, tuple(shape), parts[0].dtype, [t for p in parts for t in p.sources])
     return LazyState(out, file_backed)
 
 
