@@ -2,6 +2,7 @@
 and the accuracy the network reaches on real digits."""
 
 import gzip
+import pathlib
 import pickle
 import struct
 
@@ -172,3 +173,26 @@ def test_improved_network_learns_real_digits(digits_2000):
     net = Network([784, 30, 10], cost="cross-entropy", init="scaled", seed=0)
     metrics = net.SGD(train, 10, 10, 0.5, test_data=held_out, lmbda=0.2, report=None)
     assert metrics["evaluation_accuracy"][-1] / len(held_out) > 0.85
+
+
+class _Marker:
+    """Unpickling this runs code: it writes a file (what a poisoned mnist.pkl.gz would do)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (pathlib.Path(self.path), "ran"))
+
+
+def test_a_poisoned_pickle_runs_no_code(tmp_path):
+    marker = tmp_path / "marker"
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
+        pickle.dump((_Marker(str(marker)), None, None), f, protocol=2)
+    with pytest.raises(DataError, match="only NumPy arrays"):
+        mnist.load_data(tmp_path)
+    assert not marker.exists()
+    # The restriction still reads a real (protocol 2, latin1) pickle of arrays.
+    sets = nielsen_pickle(tmp_path / "real.pkl.gz")
+    (tx, ty), _ = mnist.load_data(tmp_path / "real.pkl.gz")
+    np.testing.assert_array_equal(ty, sets[0][1])

@@ -27,7 +27,8 @@ def register(sub) -> None:
     p.add_argument(
         "--data",
         metavar="DIR",
-        help="folder of MNIST IDX files (train-images-idx3-ubyte[.gz], t10k-..., ...) or a mnist.pkl.gz; "
+        help="folder of MNIST IDX files (train-images-idx3-ubyte[.gz], t10k-..., ...) or a mnist.pkl.gz "
+        "(read with an unpickler that admits only NumPy arrays, so a file cannot run code); "
         "default: the 10,000 bundled images, 8,000 to train and 2,000 held out",
     )
     p.add_argument("--sizes", default="784,30,10", help="neurons per layer, comma-separated (default: 784,30,10)")

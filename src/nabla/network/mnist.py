@@ -101,19 +101,41 @@ def load_idx(images_path: str | os.PathLike, labels_path: str | os.PathLike):
     return images_and_labels(read_idx(images_path), read_idx(labels_path), (str(images_path), str(labels_path)))
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle that names something other than NumPy arrays."""
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds NumPy arrays (and the tuples and strings around them) and nothing else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how Python 3 pickles the bytes inside an array
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise RefusedPickle(f"it names {module}.{name}, and only NumPy arrays are read from this file "
+                                "(a real mnist.pkl.gz holds nothing else)")
+        return super().find_class(module, name)
+
+
 def load_pickle(path: str | os.PathLike):
     """(training, validation, test) from Nielsen's mnist.pkl.gz, each a pair
     (images, labels) of 50,000, 10,000 and 10,000 digits.
 
-    Unpickling can run code: only read a copy of the book's file you trust.
+    Unpickling can run code, so the file is read by `_ArraysOnly`, which
+    admits NumPy arrays and tuples and refuses anything else a pickle names.
     Pickle is used here for that legacy file and nowhere else."""
     try:
         with gzip.open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
+            data = _ArraysOnly(f, encoding="latin1").load()
     except OSError as e:
         if isinstance(e, FileNotFoundError):
             raise DataError(f"cannot read {path}: no such file") from None
         raise DataError(f"{path}: not a gzipped pickle ({e})") from None
+    except RefusedPickle as e:
+        raise DataError(f"{path}: not read: {e}") from None
     except (EOFError, pickle.UnpicklingError, zlib.error, ValueError, AttributeError, ImportError) as e:
         raise DataError(f"{path}: broken or truncated pickle ({e}); download mnist.pkl.gz again") from None
     try:
