@@ -2,7 +2,8 @@
 
 Everything nabla saves goes through here: write to a temporary file in the
 same folder, flush it to disk, then rename over the target (atomic on POSIX
-and Windows).
+and Windows). A write that fails (a full disk, a read-only folder) is a
+CheckpointError naming the file; the file as it was is left intact.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from typing import IO, Iterator
 
 import torch
 
+from nabla.errors import CheckpointError
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, mode, encoding=encoding) as f:
@@ -28,10 +34,17 @@ def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _cannot_write(path, e) from None
         raise
+
+
+def _cannot_write(path: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(f"cannot write {path} ({e.strerror or e}); the file as it was before is intact "
+                           "(free some space or fix the folder's permissions, then run again)")
 
 
 def _umask() -> int:

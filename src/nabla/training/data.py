@@ -38,6 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from nabla.checkpoint.io import atomic_write_bytes, atomic_write_text
 from nabla.device import is_accelerator
 from nabla.errors import ConfigError
 
@@ -189,7 +190,8 @@ def train_tokenizer(sources: list[Source], out_path: Path, vocab_size: int, seed
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+    # Named like the other temporaries, so that a run killed meanwhile removes it when it starts again.
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent) as tmp:
         text_file = Path(tmp) / "corpus.txt"
         n_chars = 0
         with open(text_file, "w", encoding="utf-8") as f:
@@ -219,7 +221,7 @@ def train_tokenizer(sources: list[Source], out_path: Path, vocab_size: int, seed
                 raise ConfigError(f"the corpus is too small for a vocabulary of {vocab_size} pieces; "
                                   f"pass --vocab-size {hint.group(1)} or less, or more text") from None
             raise ConfigError(f"tokenizer training failed: {msg}") from None
-        out_path.write_bytes((Path(tmp) / "tok.model").read_bytes())
+        atomic_write_bytes(out_path, (Path(tmp) / "tok.model").read_bytes())
     return out_path
 
 
@@ -299,7 +301,7 @@ def build_token_files(sources: list[Source], tokenizer, out_dir: Path, val_fract
             "val_ranges": val_ranges, "vocab_size": tokenizer.n_words,
             "sources": [{"name": s.name, "files": [str(p) for p in s.files], "weight": s.weight}
                         for s in sources]}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,20 +42,45 @@ def load_state(out: Path) -> dict:
     return torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files and folders (`.NAME.*.tmp`) a run killed mid-write left behind."""
+    for p in out.glob(".*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def unfinished(out: Path) -> bool:
+    """A run that stopped before its first checkpoint: only files a run owns, and no train_state.pt."""
+    return not (out / STATE_FILE).exists() and all(p.name in OWNED for p in out.iterdir())
+
+
 def prepare_out(cfg: TrainConfig, out: Path) -> dict | None:
-    """Check the output folder; returns the saved state when resuming."""
+    """Check the output folder; returns the saved state when resuming.
+
+    A run killed before its first checkpoint starts again on a plain rerun;
+    temporary files of a write that was cut short are removed either way.
+    """
     state_path = out / STATE_FILE
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder (it is created if missing)")
+    if out.is_dir():
+        remove_stale_temporaries(out)
     if cfg.resume:
         if not state_path.is_file():
-            raise CheckpointError(f"--resume: {state_path} not found; nothing to resume in {out}. "
-                                  "Start a new run without --resume")
+            stopped_early = out.is_dir() and unfinished(out)
+            raise CheckpointError(
+                f"--resume: {state_path} not found; nothing to resume in {out}"
+                + (" (its run stopped before the first checkpoint). Run the same command without --resume "
+                   "to start it again" if stopped_early else ". Start a new run without --resume"))
         try:
             return load_state(out)
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways: say so, never a traceback
             raise CheckpointError(f"cannot read {state_path} ({str(e).splitlines()[0]}); "
                                   "start over with --force") from None
-    if out.exists() and any(out.iterdir()):
-        if not cfg.force:
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.force and not unfinished(out):
             raise ConfigError(f"output folder {out} exists and is not empty; pass --resume to continue "
                               "its training, --force to overwrite it, or another --out")
         for name in OWNED:
@@ -63,7 +89,13 @@ def prepare_out(cfg: TrainConfig, out: Path) -> dict | None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass  # can files be made there? (a read-only disk, a folder of someone else's)
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {out} ({e.strerror or e}); "
+                          "name a folder you can write to") from None
     return None
 
 
