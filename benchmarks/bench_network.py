@@ -78,8 +78,10 @@ def bench_updates(train, batch_sizes=(10, 32, 100), repeats=7):
         t_vec, t_loop = float("inf"), float("inf")
         for _ in range(repeats):
             it_v, it_l = iter(batches * calls), iter(batches * calls)
-            t_vec = min(t_vec, best_time(lambda net=vectorised, it=it_v: update_mini_batch_stacked(net, next(it), 3.0), calls, 1))
-            t_loop = min(t_loop, best_time(lambda net=looped, it=it_l: update_mini_batch_looped(net, next(it), 3.0), calls // 4 + 1, 1))
+            t_vec = min(t_vec, best_time(
+                lambda net=vectorised, it=it_v: update_mini_batch_stacked(net, next(it), 3.0), calls, 1))
+            t_loop = min(t_loop, best_time(
+                lambda net=looped, it=it_l: update_mini_batch_looped(net, next(it), 3.0), calls // 4 + 1, 1))
         print(f"| {m} | {t_vec * 1e6:.0f} µs | {t_loop * 1e6:.0f} µs | {t_loop / t_vec:.1f}x |", flush=True)
 
 

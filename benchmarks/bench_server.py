@@ -96,7 +96,7 @@ def start_server(path: Path, port: int, args) -> subprocess.Popen:
                 return proc
         except httpx.TransportError:
             if proc.poll() is not None:
-                raise SystemExit(f"the server exited with code {proc.returncode}")
+                raise SystemExit(f"the server exited with code {proc.returncode}") from None
             time.sleep(0.1)
 
 

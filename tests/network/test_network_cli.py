@@ -29,7 +29,8 @@ def run(argv):
 def test_defaults_are_the_books_first_network():
     args = parse(["mnist"])
     assert (args.sizes, args.epochs, args.batch_size, args.eta) == ("784,30,10", 30, 10, 3.0)
-    assert (args.cost, args.lmbda, args.init, args.seed, args.out) == ("quadratic", 0.0, "large", 0, "mnist-network.json")
+    assert (args.cost, args.lmbda, args.init, args.seed, args.out) == \
+        ("quadratic", 0.0, "large", 0, "mnist-network.json")
 
 
 def test_mnist_end_to_end(tmp_path, capsys):

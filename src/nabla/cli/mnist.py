@@ -36,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=10, help="examples per mini-batch (default: 10)")
     p.add_argument("--eta", type=float, default=3.0, help="learning rate (default: 3.0)")
     p.add_argument("--cost", choices=["quadratic", "cross-entropy"], default="quadratic", help="cost function")
-    p.add_argument("--lmbda", type=float, default=0.0, help="L2 regularisation; weights decay by eta*lmbda/n (default: 0)")
+    p.add_argument("--lmbda", type=float, default=0.0,
+                   help="L2 regularisation; weights decay by eta*lmbda/n (default: 0)")
     p.add_argument(
         "--init",
         choices=["large", "scaled"],
@@ -44,7 +45,8 @@ def register(sub) -> None:
         help="initial weights: standard Gaussian (large, the book's first network) or divided by sqrt(inputs) (scaled)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the shuffling (default: 0)")
-    p.add_argument("--out", default="mnist-network.json", help="where to save the trained network (default: %(default)s)")
+    p.add_argument("--out", default="mnist-network.json",
+                   help="where to save the trained network (default: %(default)s)")
     p.add_argument("--plot", metavar="PNG", help="draw accuracy/cost curves and misclassified digits to this image")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (progress goes to stderr)")
     p.set_defaults(func=run_mnist)
@@ -88,7 +90,8 @@ def run_mnist(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         tqdm.write(line, file=stream)  # above the progress bar, not through it
     source = args.data or "bundled MNIST"
-    say(f"Training {'-'.join(map(str, sizes))} on {len(train_labels)} images from {source}, holding out {len(test_labels)}")
+    say(f"Training {'-'.join(map(str, sizes))} on {len(train_labels)} images from {source}, "
+        f"holding out {len(test_labels)}")
 
     net = Network(sizes, cost=args.cost, init=args.init, seed=args.seed)
     metrics = net.SGD(

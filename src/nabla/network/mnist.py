@@ -86,7 +86,8 @@ def images_and_labels(images: np.ndarray, labels: np.ndarray, names=("images", "
     """Check arrays read from an images and a labels IDX file, and return
     (images as floats in [0, 1], one flattened image per row; labels as int64)."""
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{names[0]}: expected an images file (unsigned bytes, n x rows x cols), got shape {images.shape}")
+        raise DataError(f"{names[0]}: expected an images file (unsigned bytes, n x rows x cols), "
+                        f"got shape {images.shape}")
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise DataError(f"{names[1]}: expected a labels file (unsigned bytes, one per image), got shape {labels.shape}")
     if len(images) != len(labels):

@@ -88,7 +88,8 @@ COSTS = {cost.name: cost for cost in (QuadraticCost, CrossEntropyCost)}
 INITS = ("large", "scaled")
 
 
-def check_hyperparameters(epochs, mini_batch_size, eta, lmbda=0.0, names=("epochs", "mini_batch_size", "eta", "lmbda")) -> None:
+def check_hyperparameters(epochs, mini_batch_size, eta, lmbda=0.0,
+                          names=("epochs", "mini_batch_size", "eta", "lmbda")) -> None:
     """Raise ConfigError unless epochs and mini_batch_size are positive
     integers, eta is positive and lmbda is not negative.  `names` are what
     the message calls them (the CLI passes its flags)."""
@@ -296,7 +297,8 @@ class Network:
             # CheckpointError; "x", not mkstemp, keeps the umask's permissions.
             f = open(tmp, "x", encoding="utf-8")  # noqa: SIM115
         except OSError as e:
-            raise CheckpointError(f"cannot write {filename}: {e.strerror}; check that {folder} exists and is writable") from e
+            raise CheckpointError(f"cannot write {filename}: {e.strerror}; "
+                                  f"check that {folder} exists and is writable") from e
         try:
             with f:
                 json.dump(data, f)
@@ -326,7 +328,8 @@ class Network:
         m = len(xs)
         n_in, n_out = self.sizes[0], self.sizes[-1]
         try:
-            X = np.array(xs).astype(float, copy=False).reshape(m, -1).T  # (n_in, m); np.array(xs, dtype=float) is 4x slower
+            # (n_in, m); np.array(xs, dtype=float) is 4x slower
+            X = np.array(xs).astype(float, copy=False).reshape(m, -1).T
         except ValueError:
             raise ConfigError(f"{what}: the inputs x do not all have the same number of values") from None
         if X.shape[0] != n_in:

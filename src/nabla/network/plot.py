@@ -53,7 +53,8 @@ def plot_training(
             ax.legend()
 
     shown = min(len(images), max_digits)
-    digits.suptitle(f"Misclassified held-out digits: {len(images)} of {n_test} (showing {shown}: the guess, then the true digit)")
+    digits.suptitle(f"Misclassified held-out digits: {len(images)} of {n_test} "
+                    f"(showing {shown}: the guess, then the true digit)")
     if shown == 0:
         digits.text(0.5, 0.5, "none", ha="center", va="center")
     else:
