@@ -10,8 +10,8 @@ once. Sampling is per sequence (own temperature, top_p, penalties and
 torch.Generator), so a greedy sequence yields exactly `Llama.generate`'s
 tokens for its prompt alone.
 
-Leaves out: text, stop strings and HTTP (nabla.server.serving), sharing the
-prompt cache between sequences, chunked prefill.
+Leaves out: a request's text and stop strings (nabla.server.run), HTTP
+(nabla.server.app), sharing the prompt cache between sequences, chunked prefill.
 """
 
 from __future__ import annotations

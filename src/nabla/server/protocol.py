@@ -1,4 +1,4 @@
-"""The OpenAI HTTP API's request schemas (pydantic) and response shapes.
+"""The OpenAI HTTP API's request schemas (pydantic).
 
 Requests are validated strictly, as OpenAI does: unknown fields, wrong types
 and out-of-range values are errors naming the parameter (`param_of` turns a
@@ -6,14 +6,12 @@ pydantic error location into OpenAI's `messages[0].content` spelling).
 Parameters OpenAI has but nabla does not implement are declared, so that
 setting one is a clear "not supported" error rather than silently ignored.
 
-Responses are plain dicts built by the small functions at the end; their
-fields are OpenAI's, in OpenAI's order.
+Leaves out: responses (nabla.server.responses), checks that need the model
+(vocabulary, context length: nabla.server.serving).
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -196,26 +194,3 @@ def param_of(loc: tuple) -> str | None:
         else:
             out += ("." if out else "") + part
     return out or None
-
-
-# ------------------------------------------------------------------ responses
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "nabla"}
