@@ -137,6 +137,9 @@ def validation_error(err: dict) -> APIError:
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param)
+    check = err.get("ctx", {}).get("error")
+    if isinstance(check, InvalidRequestError):  # one of nabla's own checks, run by the schema: its message as is
+        return APIError(400, str(check), param=param, code="invalid_value")
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = repr(got) if isinstance(got, (int, float, str, bool)) or got is None else type(got).__name__
