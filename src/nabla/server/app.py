@@ -247,19 +247,21 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
         return StreamingResponse(guarded(stream), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def generate(request: Request, schema: type[BaseModel], prepare, stream, whole) -> Response:
+        req = await read_request(request, schema)
+        if req.stream:  # checked and queued before the 200 goes out, so that errors keep their status
+            return event_stream(stream(req, prepare(req)))
+        return reply(await until_disconnected(request, whole(req)))
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await read_request(request, CompletionRequest)
-        if req.stream:
-            return event_stream(serving.completion_stream(req, serving.prepare_completion(req)))
-        return reply(await until_disconnected(request, serving.completion(req)))
+        return await generate(request, CompletionRequest, serving.prepare_completion, serving.completion_stream,
+                              serving.completion)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await read_request(request, ChatCompletionRequest)
-        if req.stream:
-            return event_stream(serving.chat_stream(req, serving.prepare_chat(req)))
-        return reply(await until_disconnected(request, serving.chat(req)))
+        return await generate(request, ChatCompletionRequest, serving.prepare_chat, serving.chat_stream,
+                              serving.chat)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
