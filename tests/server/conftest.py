@@ -5,12 +5,12 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 import torch
-
 from conftest import TINY_MHA
 
 API_KEY = "sk-test-key"
@@ -153,11 +153,31 @@ def gated(gated_server):
     s.gate.close()
     yield s
     s.gate.fail = False
-    s.engine.resume_admission()
     s.gate.open()
     s.wait_for("nabla_slots_in_use", 0)
     s.wait_for("nabla_queue_depth", 0)
     s.gate.close()
+
+
+@contextmanager
+def admission_paused(engine):
+    """Let no waiting sequence start (active ones go on) until the block ends.
+
+    The engine's admission step is swapped for an idle wait: it is called under
+    the engine's lock, and waiting on the engine's condition releases it, so
+    requests can still queue (and a full queue still refuses them).
+    """
+    def admit_none():
+        engine._cv.wait(engine.idle_wait)
+        return []
+
+    engine._admit = admit_none
+    try:
+        yield
+    finally:
+        del engine._admit  # the engine's own method again
+        with engine._cv:
+            engine._cv.notify_all()
 
 
 def greedy(reference, ids: list[int], max_tokens: int) -> list[int]:

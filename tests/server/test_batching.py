@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from server.conftest import MODEL, continuation, greedy
+from server.conftest import MODEL, admission_paused, continuation, greedy
 
 PROMPTS = ["Once upon a time", "The cat", "In a land far away, there lived", "Hello", "A", "Tom and Lily went to",
            "She said", "1 2 3"]
@@ -34,11 +34,10 @@ def test_engine_interleaved_greedy_equals_generate(reference):
 
     ids = [reference.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     lengths = [5, 16, 8, 12, 4, 14, 3, 10]
-    engine.pause_admission()
-    engine.submit([Sequence(ids[0], SamplingParams(lengths[0], temperature=0), lambda ev: sink(0, ev))])
-    engine.start()
+    with admission_paused(engine):
+        engine.submit([Sequence(ids[0], SamplingParams(lengths[0], temperature=0), lambda ev: sink(0, ev))])
+        engine.start()
     try:
-        engine.resume_admission()
         for i in range(1, len(ids)):  # the rest arrive while others decode
             engine.submit([Sequence(ids[i], SamplingParams(lengths[i], temperature=0),
                                     lambda ev, i=i: sink(i, ev))])
@@ -98,16 +97,15 @@ def test_disconnect_cancels_generation(gated):
 
 
 def test_full_queue_is_429_with_retry_after(gated):
-    gated.engine.pause_admission()
     client = gated.client()
     with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(client.completions.create, model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
-        gated.wait_for("nabla_queue_depth", 1)
-        with pytest.raises(openai.RateLimitError) as info:
-            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-        assert info.value.status_code == 429 and int(info.value.response.headers["Retry-After"]) >= 1
-        assert info.value.body["code"] == "rate_limit_exceeded"
-        gated.engine.resume_admission()
+        with admission_paused(gated.engine):
+            waiting = pool.submit(client.completions.create, model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
+            gated.wait_for("nabla_queue_depth", 1)
+            with pytest.raises(openai.RateLimitError) as info:
+                client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+            assert info.value.status_code == 429 and int(info.value.response.headers["Retry-After"]) >= 1
+            assert info.value.body["code"] == "rate_limit_exceeded"
         gated.gate.open()
         assert waiting.result().usage.completion_tokens == 2
 

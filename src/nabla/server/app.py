@@ -7,7 +7,8 @@ body over 1 MB, 429 when the queue is full (with Retry-After), 503 while
 shutting down. Request bodies are read and validated here by hand, so that
 malformed JSON and wrong types are 400s naming the parameter.
 
-Leaves out: what a request means (nabla.server.serving).
+Leaves out: what a request means (nabla.server.serving), the fields of an
+answer (nabla.server.responses).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import asyncio
 import hmac
 import math
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,9 +30,10 @@ from starlette.middleware.cors import CORSMiddleware
 from nabla.errors import ContextLengthError, InvalidRequestError
 from nabla.server.batching import Engine, EngineStoppedError, QueueFullError
 from nabla.server.metrics import Metrics
-from nabla.server.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body,
-                                   model_card, param_of)
-from nabla.server.serving import GenerationError, ModelNotFoundError, Serving, sse
+from nabla.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, param_of
+from nabla.server.responses import DONE, error_body, model_card, sse
+from nabla.server.run import GenerationError
+from nabla.server.serving import ModelNotFoundError, Serving
 
 MAX_BODY = 1 << 20  # 1 MB
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
@@ -52,7 +54,7 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 class Gate:
     """ASGI middleware: refuse while draining, check the API key, count and time requests."""
 
-    def __init__(self, app, state: "ServerState"):
+    def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
@@ -135,6 +137,9 @@ def validation_error(err: dict) -> APIError:
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param)
+    check = err.get("ctx", {}).get("error")
+    if isinstance(check, InvalidRequestError):  # one of nabla's own checks, run by the schema: its message as is
+        return APIError(400, str(check), param=param, code="invalid_value")
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = repr(got) if isinstance(got, (int, float, str, bool)) or got is None else type(got).__name__
@@ -164,7 +169,7 @@ async def guarded(stream: AsyncIterator[str]) -> AsyncIterator[str]:
             yield chunk
     except Exception as e:  # after the 200 is out, an error can only travel as an event
         yield sse(error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"))
-        yield "data: [DONE]\n\n"
+        yield DONE
     finally:
         await stream.aclose()
 
@@ -242,19 +247,21 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
         return StreamingResponse(guarded(stream), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def generate(request: Request, schema: type[BaseModel], prepare, stream, whole) -> Response:
+        req = await read_request(request, schema)
+        if req.stream:  # checked and queued before the 200 goes out, so that errors keep their status
+            return event_stream(stream(req, prepare(req)))
+        return reply(await until_disconnected(request, whole(req)))
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await read_request(request, CompletionRequest)
-        if req.stream:
-            return event_stream(serving.completion_stream(req, serving.prepare_completion(req)))
-        return reply(await until_disconnected(request, serving.completion(req)))
+        return await generate(request, CompletionRequest, serving.prepare_completion, serving.completion_stream,
+                              serving.completion)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await read_request(request, ChatCompletionRequest)
-        if req.stream:
-            return event_stream(serving.chat_stream(req, serving.prepare_chat(req)))
-        return reply(await until_disconnected(request, serving.chat(req)))
+        return await generate(request, ChatCompletionRequest, serving.prepare_chat, serving.chat_stream,
+                              serving.chat)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

@@ -10,8 +10,8 @@ once. Sampling is per sequence (own temperature, top_p, penalties and
 torch.Generator), so a greedy sequence yields exactly `Llama.generate`'s
 tokens for its prompt alone.
 
-Leaves out: text, stop strings and HTTP (nabla.server.serving), sharing the
-prompt cache between sequences, chunked prefill.
+Leaves out: a request's text and stop strings (nabla.server.run), HTTP
+(nabla.server.app), sharing the prompt cache between sequences, chunked prefill.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -124,8 +124,6 @@ class Engine:
         self._jobs: deque[tuple[Callable, Future]] = deque()
         self._cv = threading.Condition()
         self._stopping = False
-        self._admitting = threading.Event()
-        self._admitting.set()
         self._thread: threading.Thread | None = None
         # Counters read by /metrics.
         self.prompt_tokens = 0
@@ -134,7 +132,7 @@ class Engine:
         self.step_seconds = 0.0
 
     # ------------------------------------------------------------ public
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="nabla-engine", daemon=True)
         self._thread.start()
         return self
@@ -163,15 +161,6 @@ class Engine:
         """A rough guess of when a slot frees up, in seconds (at least 1)."""
         per_step = self.step_seconds / self.steps if self.steps else 0.05
         return max(1.0, per_step * 32)
-
-    def pause_admission(self) -> None:
-        """Let no waiting sequence start (active ones go on) until resume_admission()."""
-        self._admitting.clear()
-
-    def resume_admission(self) -> None:
-        with self._cv:
-            self._admitting.set()
-            self._cv.notify_all()
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences (one request's choices) to run; all or none are taken."""
@@ -218,7 +207,7 @@ class Engine:
         with self._cv:
             left = list(self._waiting) + self._active
             self._waiting.clear()
-            for fn, fut in self._jobs:
+            for _, fut in self._jobs:
                 fut.cancel()
             self._jobs.clear()
         for s in left:
@@ -230,12 +219,11 @@ class Engine:
         with self._cv:
             if self._stopping:
                 return
-            admitting = self._admitting.is_set()
-            if not (self._jobs or self._active or (self._waiting and admitting)):
+            if not (self._jobs or self._active or self._waiting):
                 self._cv.wait(self.idle_wait)
                 return
             jobs, self._jobs = list(self._jobs), deque()
-            admitted = self._admit() if admitting else []
+            admitted = self._admit()
         for fn, fut in jobs:
             if fut.set_running_or_notify_cancel():
                 try:

@@ -1,26 +1,28 @@
-"""The OpenAI HTTP API's request schemas (pydantic) and response shapes.
+"""The OpenAI HTTP API's request schemas (pydantic).
 
 Requests are validated strictly, as OpenAI does: unknown fields, wrong types
 and out-of-range values are errors naming the parameter (`param_of` turns a
 pydantic error location into OpenAI's `messages[0].content` spelling).
+temperature and top_p go through nabla's own sampling checks
+(nabla.generation.checks), plus OpenAI's upper bound on temperature.
 Parameters OpenAI has but nabla does not implement are declared, so that
 setting one is a clear "not supported" error rather than silently ignored.
 
-Responses are plain dicts built by the small functions at the end; their
-fields are OpenAI's, in OpenAI's order.
+Leaves out: responses (nabla.server.responses), checks that need the model
+(vocabulary, context length: nabla.server.serving).
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from nabla.errors import InvalidRequestError
+from nabla.generation.checks import check_temperature, check_top_p
 
 MAX_STOP = 4
+MAX_TEMPERATURE = 2  # OpenAI's limit; nabla itself takes any temperature >= 0
 
 
 class Strict(BaseModel):
@@ -43,8 +45,8 @@ class StreamOptions(Strict):
 
 class _Sampling(Strict):
     model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = None
+    top_p: float | None = None
     n: int | None = Field(None, ge=1, le=128)
     stop: Any = None
     stream: bool | None = False
@@ -56,6 +58,23 @@ class _Sampling(Strict):
     logit_bias: Any = None
     ignore_eos: bool | None = False
     """An extension (as in vLLM): keep generating past the end-of-text token, for benchmarks."""
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if v is not None:
+            check_temperature(v)
+            if v > MAX_TEMPERATURE:
+                raise InvalidRequestError(f"temperature must be at most {MAX_TEMPERATURE} in OpenAI's API, "
+                                          f"got {v!r}", "temperature")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v):
+        if v is not None:
+            check_top_p(v)
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -196,26 +215,3 @@ def param_of(loc: tuple) -> str | None:
         else:
             out += ("." if out else "") + part
     return out or None
-
-
-# ------------------------------------------------------------------ responses
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "nabla"}

@@ -1,15 +1,20 @@
 """Generated text as clients see it: decoded a few tokens at a time, and held back
 while it could still be the start of a stop string, so that a stop string never
-reaches the client, even when it is split over tokens.
+reaches the client, even when it is split over tokens. And each token's own
+text and bytes, as the logprobs fields show it (`TokenText`).
 
-Leaves out: the tokens' logprob fields (nabla.server.serving).
+Leaves out: the logprobs fields themselves (nabla.server.responses).
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 
 from nabla.tokenizer.base import IncrementalDecoder
+
+_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @dataclass
@@ -22,6 +27,36 @@ class Tok:
     logprob: float | None
     top: list[tuple[str, list[int], float]] | None
     offset: int = 0  # characters before it in the choice's text
+
+
+class TokenText:
+    """Token ids as `Tok`s: the text each token adds on its own, and its UTF-8 bytes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._special = {tokenizer.bos_id, *tokenizer.stop_ids}
+        self.piece = functools.lru_cache(maxsize=65536)(self._piece)  # per instance: no cache outlives it
+
+    def _piece(self, i: int) -> tuple[str, list[int]]:
+        """The text token i adds (SentencePiece's '▁' as a space) and its UTF-8 bytes."""
+        if i in self._special:
+            return "", []
+        piece = getattr(self.tokenizer, "id_to_piece", None)
+        if piece is None:
+            s = self.tokenizer.decode([i])
+            return s, list(s.encode())
+        p = piece(i)
+        m = _BYTE.fullmatch(p)
+        if m:
+            b = int(m[1], 16)
+            return (chr(b) if b < 0x80 else f"bytes:\\x{b:02x}"), [b]
+        s = p.replace("\u2581", " ")
+        return s, list(s.encode())
+
+    def tok(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> Tok:
+        text, raw = self.piece(token)
+        tops = None if top is None else [(*self.piece(t), lp) for t, lp in top]
+        return Tok(token, text, raw, logprob, tops)
 
 
 class ChoiceText:
