@@ -43,6 +43,14 @@ def test_generate_bad_input_is_one_clear_line(tmp_path, make_checkpoint):
     assert out.returncode == 1 and "temperature" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_vanishing_temperature_is_greedy(make_checkpoint):
+    ckpt = str(make_checkpoint(TINY_MHA))
+    greedy = nabla("generate", "hi", "--model", ckpt, "--max-gen-len", "6", "--temperature", "0", "--json")
+    tiny = nabla("generate", "hi", "--model", ckpt, "--max-gen-len", "6", "--temperature", "1e-300", "--json")
+    assert tiny.returncode == 0 and "Traceback" not in tiny.stderr, tiny.stderr
+    assert json.loads(tiny.stdout)["tokens"] == json.loads(greedy.stdout)["tokens"]
+
+
 def test_chat_repl_answers_and_trims(make_checkpoint):
     ckpt = make_checkpoint(TINY_MHA)
     out = nabla("chat", "--model", str(ckpt), "--max-seq-len", "64", "--max-gen-len", "8", "--temperature", "0",
