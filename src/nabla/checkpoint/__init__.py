@@ -13,17 +13,17 @@ tokenizer file if any:
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from nabla.checkpoint import hf, meta
 from nabla.checkpoint.shards import LazyState, merge_shards
 from nabla.errors import CheckpointError
-from nabla.model.args import ModelArgs, args_from_params, read_json_object, read_params
+from nabla.jsonfile import read_json_object, token_ids
+from nabla.model.args import ModelArgs, args_from_params, read_params
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 PROGRESS_BYTES = 1 << 30  # checkpoints from 1 GiB load with a progress bar
@@ -153,15 +153,15 @@ def open_checkpoint(ckpt_dir: str | Path, **overrides) -> Checkpoint:
         return Checkpoint(path, "meta", args, lambda: _meta_state(path, params), find_tokenizer(path),
                           dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files),
                           quantization=read_quantization(path))
-    config = hf.read_config(path / "config.json")
+    config = read_json_object(path / "config.json")
     args = hf.config_to_args(config, source=str(path / "config.json"), **overrides)
     files = hf.weight_files(path)
     state = hf.load_hf_state(path, args, files)
-    bos = hf.token_ids(config.get("bos_token_id"))
-    eos = hf.token_ids(config.get("eos_token_id"))
+    bos = token_ids(config.get("bos_token_id"), str(path / "config.json"))
+    eos = token_ids(config.get("eos_token_id"), str(path / "config.json"))
     gen = path / "generation_config.json"
     if gen.is_file():
-        eos += [i for i in hf.token_ids(hf.read_config(gen).get("eos_token_id")) if i not in eos]
+        eos += [i for i in token_ids(read_json_object(gen).get("eos_token_id"), str(gen)) if i not in eos]
     return Checkpoint(path, "hf", args, lambda: hf.load_hf_state(path, args, files),
                       find_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
                       dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files),

@@ -15,16 +15,15 @@ import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from nabla.checkpoint.io import atomic_open, atomic_write_text
 from nabla.checkpoint.shards import LazyState, _Entry, drop_pages, entries_of
 from nabla.errors import CheckpointError, ConfigError
-from nabla.model.args import ModelArgs, read_json_object
+from nabla.model.args import ModelArgs
 
 # Hugging Face name -> Meta name; "{}" is the layer number; None means "not a weight, skip".
 WEIGHT_MAP: dict[str, str | None] = {
@@ -98,10 +97,6 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- config
-def read_config(path: Path) -> dict:
-    return read_json_object(path)
-
-
 def check_llama(config: dict, source: str = "config.json") -> None:
     """Raise ConfigError unless the config describes a Llama model nabla can run."""
     model_type = config.get("model_type")
@@ -143,17 +138,6 @@ def _rope(config: dict) -> tuple[float, dict | None]:
             scaling = {k: v for k, v in scaling.items() if k in (
                 "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
     return float(theta), scaling
-
-
-def token_ids(value) -> list[int]:
-    """A config's bos/eos_token_id: an int, a list of ints, or null."""
-    if value is None:
-        return []
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, int) for v in value):
-        return list(value)
-    raise ConfigError(f"a token id must be an integer or a list of integers, got {value!r}")
 
 
 def config_to_args(config: dict, source: str = "config.json", **overrides) -> ModelArgs:

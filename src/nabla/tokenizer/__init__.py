@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from nabla.errors import TokenizerError
+from nabla.jsonfile import read_json_object, token_ids
 from nabla.tokenizer.base import Tokenizer
 from nabla.tokenizer.sentencepiece import SentencePieceTokenizer
 
@@ -44,10 +45,8 @@ def chat_template(folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"  # transformers 5 writes the template on its own
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    from nabla.tokenizer.hf import read_json
-
     for name in ("tokenizer_config.json", "chat_template.json"):
-        template = read_json(folder / name).get("chat_template")
+        template = read_json_object(folder / name, missing_ok=True, error=TokenizerError).get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
@@ -58,17 +57,19 @@ def chat_template(folder: Path) -> str | None:
 
 def _add_folder_metadata(tok, folder: Path) -> None:
     from nabla.tokenizer.chat import JinjaChatFormat
-    from nabla.tokenizer.hf import id_list, read_json, token_text
+    from nabla.tokenizer.hf import token_text
 
     template = chat_template(folder)
     if template is not None:
-        config = read_json(folder / "tokenizer_config.json")
+        config = read_json_object(folder / "tokenizer_config.json", missing_ok=True, error=TokenizerError)
         bos = token_text(config.get("bos_token")) or getattr(tok, "bos_token", None)
         eos = token_text(config.get("eos_token")) or getattr(tok, "eos_token", None)
         tok.chat_format = partial(JinjaChatFormat, template=template, bos_token=bos or "", eos_token=eos or "")
     stops = list(tok.stop_ids)
     for name in ("generation_config.json", "config.json"):
-        stops += [i for i in id_list(read_json(folder / name).get("eos_token_id"))
+        ids = token_ids(read_json_object(folder / name, missing_ok=True, error=TokenizerError).get("eos_token_id"),
+                        str(folder / name))
+        stops += [i for i in ids
                   if i not in stops and 0 <= i < tok.n_words]
     tok.stop_ids = tuple(stops)
 
