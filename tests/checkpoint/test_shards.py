@@ -115,7 +115,7 @@ def test_params_json_dim_decides(tmp_path):
 
 def test_released_pages_read_back_intact(tmp_path):
     """Dropping a mapped file's pages after the copy loses nothing: reading again gives the same values."""
-    from nabla.checkpoint.hf import read_safetensors
+    from nabla.checkpoint.safetensors import read_safetensors
     from nabla.checkpoint.shards import LazyState, drop_pages
     from safetensors.torch import save_file
 

@@ -5,7 +5,8 @@ run), renames the weights to Meta's names through one table, and undoes the
 rotary permutation of the q/k projections. Writes the same format back
 (`save_hf_checkpoint`) for `nabla convert --to hf`.
 
-Leaves out: tokenizers (nabla.tokenizer.hf) and non-Llama architectures.
+Leaves out: the safetensors format itself (nabla.checkpoint.safetensors),
+tokenizers (nabla.tokenizer.hf) and non-Llama architectures.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import struct
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from nabla.checkpoint.io import atomic_open, atomic_write_text
+from nabla.checkpoint.io import atomic_write_text
+from nabla.checkpoint.safetensors import read_index, read_safetensors, write_safetensors
 from nabla.checkpoint.shards import LazyState, _Entry, drop_pages, entries_of
 from nabla.errors import CheckpointError, ConfigError
 from nabla.model.args import ModelArgs
@@ -43,16 +44,7 @@ WEIGHT_MAP: dict[str, str | None] = {
 }
 META_TO_HF = {v: k for k, v in WEIGHT_MAP.items() if v is not None}
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 
 
 def _rename(key: str, table: dict[str, str | None]) -> tuple[bool, str | None]:
@@ -195,12 +187,7 @@ def weight_files(path: Path) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-                raise CheckpointError(f"{index} is not a valid index (expected a JSON object with a "
-                                      "'weight_map'); re-download it") from None
+            names = read_index(index)
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
                 raise CheckpointError(f"{index} names weight files that are not in {path}: "
@@ -210,39 +197,6 @@ def weight_files(path: Path) -> list[Path]:
             return [path / single]
     found = sorted(path.glob("model-*.safetensors")) or sorted(path.glob("pytorch_model-*.bin"))
     return found
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, memory-mapped (nothing is read until used).
-
-    `safetensors.safe_open` checks the file (header, offsets, size); the
-    tensors are then views of one read-only torch mapping of the file, so
-    their pages can be released after they are copied into a model.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}. The file may be truncated or not a "
-                              "safetensors file; re-download or re-convert it") from None
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    size = path.stat().st_size
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    data = torch.empty(0, dtype=torch.uint8).set_(storage)
-    out = {}
-    for name in names:
-        info = header[name]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: {name} has dtype {info['dtype']}, which nabla cannot load")
-        begin, end = info["data_offsets"]
-        t = data[8 + n + begin: 8 + n + end]
-        out[name] = t.view(dtype).view(info["shape"]) if t.numel() else torch.empty(info["shape"], dtype=dtype)
-    return out
 
 
 def read_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -322,31 +276,6 @@ def state_dtype(state: Mapping) -> torch.dtype | None:
 
 
 # ------------------------------------------------------------------- writing
-def write_safetensors(path: Path, tensors: Mapping[str, Callable[[], torch.Tensor] | torch.Tensor],
-                      shapes: dict[str, tuple], dtypes: dict[str, torch.dtype]) -> None:
-    """Stream tensors into a .safetensors file atomically, one tensor in memory at a time."""
-    header, offset = {}, 0
-    for name in tensors:
-        nbytes = dtypes[name].itemsize
-        for s in shapes[name]:
-            nbytes *= s
-        header[name] = {"dtype": DTYPE_TO_SAFETENSORS[dtypes[name]], "shape": list(shapes[name]),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with atomic_open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in tensors:
-            t = tensors[name]
-            t = t() if callable(t) else t
-            t = t.detach().to("cpu", dtype=dtypes[name]).contiguous()
-            assert tuple(t.shape) == tuple(shapes[name]), name
-            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def save_hf_checkpoint(out: Path, state: Mapping[str, torch.Tensor], args: ModelArgs, *,
                        dtype: torch.dtype | None = None, bos_id: int | None = None,
                        eos_ids: list[int] | None = None, context_length: int | None = None) -> list[Path]:
