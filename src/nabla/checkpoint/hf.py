@@ -1,9 +1,11 @@
 """Hugging Face Llama folders: config.json + model.safetensors (or shards, or pytorch_model*.bin).
 
 Reads the config leniently (known keys, clear errors for what nabla cannot
-run), renames the weights to Meta's names through one table, and undoes the
-rotary permutation of the q/k projections. Writes the same format back
-(`save_hf_checkpoint`) for `nabla convert --to hf`.
+run) and renames the weights between Hugging Face's and Meta's names through
+one table and one function (`rename_weight`, both ways, with the rotary
+permutation of the q/k projections). Writes the same format back
+(`save_hf_checkpoint`) for `nabla convert --to hf`; nabla.bench.peers uses
+the same renamer to hand nabla's weights to transformers.
 
 Leaves out: the safetensors format itself (nabla.checkpoint.safetensors),
 tokenizers (nabla.tokenizer.hf) and non-Llama architectures.
@@ -11,18 +13,19 @@ tokenizers (nabla.tokenizer.hf) and non-Llama architectures.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 from nabla.checkpoint.io import atomic_write_text
 from nabla.checkpoint.safetensors import read_index, read_safetensors, write_safetensors
-from nabla.checkpoint.shards import LazyState, _Entry, drop_pages, entries_of
+from nabla.checkpoint.shards import LazyState, _Entry, drop_pages, entries_of, weight_kind
 from nabla.errors import CheckpointError, ConfigError
 from nabla.model.args import ModelArgs
 
@@ -47,25 +50,6 @@ META_TO_HF = {v: k for k, v in WEIGHT_MAP.items() if v is not None}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _rename(key: str, table: dict[str, str | None]) -> tuple[bool, str | None]:
-    """(known, new name) of `key` through `table`, with the layer number put back."""
-    m = re.search(r"\.(\d+)\.", key)
-    abstract = key[:m.start()] + ".{}." + key[m.end():] if m else key
-    if abstract not in table:
-        return False, None
-    new = table[abstract]
-    return True, (new.format(m.group(1)) if (new is not None and m) else new)
-
-
-def hf_to_meta_name(key: str) -> str | None:
-    known, new = _rename(key, WEIGHT_MAP)
-    if not known:
-        raise CheckpointError(
-            f"unexpected weight {key!r} in the Hugging Face checkpoint; nabla reads plain Llama "
-            "models (no biases, adapters or extra heads)")
-    return new
-
-
 # --------------------------------------------------------------- the permute
 # Meta's rotary embedding rotates adjacent channel pairs (0,1), (2,3), ... of
 # each head. Hugging Face's `rotate_half` rotates channel i with channel
@@ -86,6 +70,38 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta wq/wk rows -> HF rows."""
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------- the renamer
+def qk_heads(meta_name: str, args: ModelArgs) -> int | None:
+    """The heads whose rows the rotary permute reorders: n_heads for wq, n_kv_heads for wk, else None."""
+    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(weight_kind(meta_name))
+
+
+def rename_weight(key: str, args: ModelArgs,
+                  to: str) -> tuple[str | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """`key` in the other naming (`to` is "meta" or "hf") through WEIGHT_MAP, and what reorders its rows.
+
+    The name is None for Hugging Face entries that are not weights (skip them);
+    the function is the q/k permute towards `to` for wq/wk, else None. A name
+    missing from the table is an error: nabla runs plain Llama models.
+    """
+    table = WEIGHT_MAP if to == "meta" else META_TO_HF
+    m = re.search(r"\.(\d+)\.", key)  # the layer number, put back after the lookup
+    generic = key[:m.start()] + ".{}." + key[m.end():] if m else key
+    if generic not in table:
+        if to == "meta":
+            raise CheckpointError(f"unexpected weight {key!r} in the Hugging Face checkpoint; nabla reads plain "
+                                  "Llama models (no biases, adapters or extra heads)")
+        raise CheckpointError(f"weight {key!r} has no Hugging Face name; is this a Llama checkpoint?")
+    new = table[generic]
+    if new is None:
+        return None, None
+    new = new.format(m.group(1)) if m else new
+    heads = qk_heads(new if to == "meta" else key, args)
+    if heads is None:
+        return new, None
+    return new, functools.partial(unpermute_qk if to == "meta" else permute_qk, n_heads=heads)
 
 
 # ------------------------------------------------------------------- config
@@ -239,22 +255,21 @@ def load_hf_state(path: Path, args: ModelArgs, files: list[Path] | None = None) 
     seen: dict[str, Path] = {}
     for file in files:
         for hf_name, e in read_weight_file(file).items():
-            name = hf_to_meta_name(hf_name)
+            name, unpermute = rename_weight(hf_name, args, to="meta")
             if name is None:
                 continue
             if name in seen:
                 raise CheckpointError(f"{hf_name} is in both {seen[name].name} and {file.name}")
             seen[name] = file
-            kind = name.split(".")[-2]
-            if kind in ("wq", "wk"):
-                heads = args.n_heads if kind == "wq" else args.n_kv_heads
+            if unpermute is not None:
+                heads = qk_heads(name, args)
                 if len(e.shape) != 2 or e.shape[0] != heads * args.head_dim:
                     raise CheckpointError(
                         f"{file.name}: {hf_name} has shape {tuple(e.shape)}, config.json implies "
                         f"({heads * args.head_dim}, {args.dim}); the config does not fit the weights")
 
-                def make(make=e.make, heads=heads, sources=e.sources):
-                    w = unpermute_qk(make(), heads)  # a copy: the file's pages can go now
+                def make(make=e.make, unpermute=unpermute, sources=e.sources):
+                    w = unpermute(make())  # a copy: the file's pages can go now
                     for t in sources:
                         drop_pages(t)
                     return w
@@ -285,16 +300,11 @@ def save_hf_checkpoint(out: Path, state: Mapping[str, torch.Tensor], args: Model
     for name, e in ents.items():
         if name == "rope.freqs" or (args.tie_word_embeddings and name == "output.weight"):
             continue
-        hf = META_TO_HF.get(re.sub(r"\.\d+\.", ".{}.", name))
-        if hf is None:
-            raise CheckpointError(f"weight {name!r} has no Hugging Face name; is this a Llama checkpoint?")
-        layer = re.search(r"\.(\d+)\.", name)
-        hf = hf.format(layer.group(1)) if layer else hf
+        hf, permute = rename_weight(name, args, to="hf")
         make = e.make
-        kind = name.split(".")[-2]
-        if kind in ("wq", "wk"):
-            heads = args.n_heads if kind == "wq" else args.n_kv_heads
-            make = (lambda make=make, heads=heads: permute_qk(make(), heads))
+        if permute is not None:
+            def make(make=e.make, permute=permute):
+                return permute(make())
         tensors[hf], shapes[hf] = make, e.shape
         dtypes[hf] = dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype
     out.mkdir(parents=True, exist_ok=True)
