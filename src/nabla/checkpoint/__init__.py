@@ -24,6 +24,7 @@ from nabla.checkpoint.shards import LazyState, merge_shards
 from nabla.errors import CheckpointError
 from nabla.jsonfile import read_json_object, token_ids
 from nabla.model.args import ModelArgs, args_from_params, read_params
+from nabla.tokenizer.stops import eos_token_ids
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 PROGRESS_BYTES = 1 << 30  # checkpoints from 1 GiB load with a progress bar
@@ -48,7 +49,7 @@ class Checkpoint:
     """The context the model was trained for (HF max_position_embeddings), when known."""
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
-    """Stop tokens named by the model's config (HF eos_token_id, maybe a list)."""
+    """The eos_token_id lists of config.json and generation_config.json (nabla.tokenizer.stops.eos_token_ids)."""
     quantization: dict | None = None
     """{"mode": "int8" | "int4", "group_size": n} for a folder `nabla convert --quantize` wrote."""
 
@@ -158,15 +159,11 @@ def open_checkpoint(ckpt_dir: str | Path, **overrides) -> Checkpoint:
     files = hf.weight_files(path)
     state = hf.load_hf_state(path, args, files)
     bos = token_ids(config.get("bos_token_id"), str(path / "config.json"))
-    eos = token_ids(config.get("eos_token_id"), str(path / "config.json"))
-    gen = path / "generation_config.json"
-    if gen.is_file():
-        eos += [i for i in token_ids(read_json_object(gen).get("eos_token_id"), str(gen)) if i not in eos]
     return Checkpoint(path, "hf", args, lambda: hf.load_hf_state(path, args, files),
                       find_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
                       dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files),
                       context_length=config.get("max_position_embeddings"),
-                      bos_id=bos[0] if bos else None, eos_ids=eos)
+                      bos_id=bos[0] if bos else None, eos_ids=eos_token_ids(path))
 
 
 __all__ = ["Checkpoint", "open_checkpoint", "detect_format", "find_tokenizer", "check_folder"]

@@ -1,9 +1,9 @@
 """Hugging Face `tokenizer.json` files, through the `tokenizers` library.
 
 BOS and EOS come from the folder's metadata, not from the model's name:
-`tokenizer_config.json` (bos_token, eos_token), then `config.json` and
-`generation_config.json` (bos/eos_token_id, where eos may be a list: every
-id in it stops generation). Special tokens written in the text (e.g. `</s>`
+`tokenizer_config.json` (bos_token, eos_token), then `generation_config.json`
+and `config.json` (bos/eos_token_id; eos may be a list, whose every id
+load_tokenizer makes a stop id through nabla.tokenizer.stops). Special tokens written in the text (e.g. `</s>`
 in a rendered chat template) are recognised, as transformers does; BOS/EOS
 are only added when asked.
 
@@ -74,11 +74,11 @@ class HFTokenizer:
         self.eos_token = token_text(self.config.get("eos_token"))
         bos = self._id(self.bos_token)
         if bos is None:
-            bos = next(iter(token_ids(gen_config.get("bos_token_id"), "generation_config.json")
-                            + token_ids(model_config.get("bos_token_id"), "config.json")), None)
+            bos = next(iter(token_ids(gen_config.get("bos_token_id"), str(folder / "generation_config.json"))
+                            + token_ids(model_config.get("bos_token_id"), str(folder / "config.json"))), None)
         eos_ids = [self._id(self.eos_token)] if self._id(self.eos_token) is not None else []
-        for ids in (token_ids(gen_config.get("eos_token_id"), "generation_config.json"),
-                    token_ids(model_config.get("eos_token_id"), "config.json")):
+        for ids in (token_ids(gen_config.get("eos_token_id"), str(folder / "generation_config.json")),
+                    token_ids(model_config.get("eos_token_id"), str(folder / "config.json"))):
             eos_ids += [i for i in ids if i not in eos_ids]
         if bos is None or not eos_ids:
             raise TokenizerError(
@@ -86,7 +86,7 @@ class HFTokenizer:
                 "eos_token) or config.json (bos_token_id, eos_token_id) that came with it in the same folder")
         self.bos_id: int = bos
         self.eos_id: int = eos_ids[0]
-        self.stop_ids: tuple[int, ...] = tuple(eos_ids)
+        self.stop_ids: tuple[int, ...] = (self.eos_id,)  # load_tokenizer adds the configs' other eos ids
         if self.bos_token is None:
             self.bos_token = self.tk.id_to_token(bos)
         if self.eos_token is None:
