@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nabla"
 
 # Lower numbers are lower layers; a module may import from its own layer or below.
 LAYERS = {
-    "errors": 0,
+    "errors": 0, "jsonfile": 0,
     "device": 1,
     "model": 2, "tokenizer": 2,
     "checkpoint": 3,

@@ -97,11 +97,7 @@ class Llama:
         if tok_path is None:
             raise TokenizerError(f"{ckpt.path} holds no tokenizer.model; pass tokenizer_path "
                                  "(--tokenizer FILE) pointing to the model's tokenizer")
-        tokenizer = load_tokenizer(tok_path)
-        # Stop tokens the model's own config names (HF eos_token_id lists) count too.
-        extra = [i for i in ckpt.eos_ids if i not in tokenizer.stop_ids and 0 <= i < tokenizer.n_words]
-        if extra:
-            tokenizer.stop_ids = (*tokenizer.stop_ids, *extra)
+        tokenizer = load_tokenizer(tok_path, model_dir=ckpt.path)  # stop ids: also the model's eos_token_id lists
         if ckpt.context_length and max_seq_len > ckpt.context_length:
             warnings.warn(f"max_seq_len={max_seq_len} is longer than the {ckpt.context_length} tokens "
                           f"{ckpt.path.name} was trained for; text past that may degrade", stacklevel=2)

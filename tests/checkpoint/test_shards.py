@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_GQA, TINY_MHA, random_state
 
 from checkpoint.helpers import TOKENS, meta_folder, nabla_greedy, tiny_args
-from conftest import TINY_GQA, TINY_MHA, random_state
 from nabla import Llama
 from nabla.checkpoint import open_checkpoint
 from nabla.checkpoint.shards import embedding_split_dim, merge_shards, shard_for_rank, split_state
@@ -115,9 +115,10 @@ def test_params_json_dim_decides(tmp_path):
 
 def test_released_pages_read_back_intact(tmp_path):
     """Dropping a mapped file's pages after the copy loses nothing: reading again gives the same values."""
-    from nabla.checkpoint.hf import read_safetensors
-    from nabla.checkpoint.shards import LazyState, drop_pages
     from safetensors.torch import save_file
+
+    from nabla.checkpoint.safetensors import read_safetensors
+    from nabla.checkpoint.shards import LazyState, drop_pages
 
     state = random_state(tiny_args(TINY_MHA), seed=16)
     path = meta_folder(tmp_path / "m", TINY_MHA, state)

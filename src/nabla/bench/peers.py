@@ -9,7 +9,6 @@ the weights (nabla.bench.llamacpp).
 from __future__ import annotations
 
 import functools
-import re
 import time
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,7 @@ def hf_peer(model: Transformer, dtype: torch.dtype):
     """transformers' LlamaForCausalLM holding the same weights (q/k rows permuted to HF order)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nabla.checkpoint.hf import META_TO_HF, args_to_config, permute_qk
+    from nabla.checkpoint.hf import args_to_config, rename_weight
 
     args = model.args
     config = LlamaConfig(**args_to_config(args, dtype=dtype))
@@ -39,14 +38,8 @@ def hf_peer(model: Transformer, dtype: torch.dtype):
     for key, t in model.state_dict().items():
         if key == "rope" or ".cache." in key:
             continue
-        generic = re.sub(r"layers\.(\d+)\.", "layers.{}.", key)
-        layer = re.search(r"layers\.(\d+)\.", key)
-        name = META_TO_HF[generic].format(layer.group(1)) if layer else META_TO_HF[generic]
-        if key.endswith("attention.wq.weight"):
-            t = permute_qk(t, args.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            t = permute_qk(t, args.n_kv_heads)
-        state[name] = t.to(dtype)
+        name, permute = rename_weight(key, args, to="hf")
+        state[name] = (permute(t) if permute is not None else t).to(dtype)
     if args.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     hf.load_state_dict(state, assign=True, strict=False)
@@ -81,13 +74,13 @@ def time_hf(hf, tokens: torch.Tensor, gen_len: int) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
-def llamacpp_peer(model: Transformer, tokenizer, setup: "Setup", say):
+def llamacpp_peer(model: Transformer, tokenizer, setup: Setup, say):
     """llama.cpp on a GGUF of `model`'s weights (before nabla quantizes them): q8_0 beside int8,
     q4_0 beside int4, else the dtype's own type."""
     import tempfile
 
-    from nabla.checkpoint.gguf import write_gguf
     from nabla.bench.llamacpp import LlamaCpp
+    from nabla.checkpoint.gguf import write_gguf
 
     gguf_type = {"int8": "q8_0", "int4": "q4_0"}.get(setup.quantize) or GGUF_TYPE[(setup.dtype, None)]
     say(f"writing the weights as {gguf_type} GGUF for llama.cpp")

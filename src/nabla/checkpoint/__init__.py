@@ -13,17 +13,18 @@ tokenizer file if any:
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from nabla.checkpoint import hf, meta
 from nabla.checkpoint.shards import LazyState, merge_shards
 from nabla.errors import CheckpointError
-from nabla.model.args import ModelArgs, args_from_params, read_json_object, read_params
+from nabla.jsonfile import read_json_object, token_ids
+from nabla.model.args import ModelArgs, args_from_params, read_params
+from nabla.tokenizer.stops import eos_token_ids
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 PROGRESS_BYTES = 1 << 30  # checkpoints from 1 GiB load with a progress bar
@@ -48,7 +49,7 @@ class Checkpoint:
     """The context the model was trained for (HF max_position_embeddings), when known."""
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
-    """Stop tokens named by the model's config (HF eos_token_id, maybe a list)."""
+    """The eos_token_id lists of config.json and generation_config.json (nabla.tokenizer.stops.eos_token_ids)."""
     quantization: dict | None = None
     """{"mode": "int8" | "int4", "group_size": n} for a folder `nabla convert --quantize` wrote."""
 
@@ -153,20 +154,16 @@ def open_checkpoint(ckpt_dir: str | Path, **overrides) -> Checkpoint:
         return Checkpoint(path, "meta", args, lambda: _meta_state(path, params), find_tokenizer(path),
                           dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files),
                           quantization=read_quantization(path))
-    config = hf.read_config(path / "config.json")
+    config = read_json_object(path / "config.json")
     args = hf.config_to_args(config, source=str(path / "config.json"), **overrides)
     files = hf.weight_files(path)
     state = hf.load_hf_state(path, args, files)
-    bos = hf.token_ids(config.get("bos_token_id"))
-    eos = hf.token_ids(config.get("eos_token_id"))
-    gen = path / "generation_config.json"
-    if gen.is_file():
-        eos += [i for i in hf.token_ids(hf.read_config(gen).get("eos_token_id")) if i not in eos]
+    bos = token_ids(config.get("bos_token_id"), str(path / "config.json"))
     return Checkpoint(path, "hf", args, lambda: hf.load_hf_state(path, args, files),
                       find_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
                       dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files),
                       context_length=config.get("max_position_embeddings"),
-                      bos_id=bos[0] if bos else None, eos_ids=eos)
+                      bos_id=bos[0] if bos else None, eos_ids=eos_token_ids(path))
 
 
 __all__ = ["Checkpoint", "open_checkpoint", "detect_format", "find_tokenizer", "check_folder"]

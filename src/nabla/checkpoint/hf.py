@@ -1,30 +1,33 @@
 """Hugging Face Llama folders: config.json + model.safetensors (or shards, or pytorch_model*.bin).
 
 Reads the config leniently (known keys, clear errors for what nabla cannot
-run), renames the weights to Meta's names through one table, and undoes the
-rotary permutation of the q/k projections. Writes the same format back
-(`save_hf_checkpoint`) for `nabla convert --to hf`.
+run) and renames the weights between Hugging Face's and Meta's names through
+one table and one function (`rename_weight`, both ways, with the rotary
+permutation of the q/k projections). Writes the same format back
+(`save_hf_checkpoint`) for `nabla convert --to hf`; nabla.bench.peers uses
+the same renamer to hand nabla's weights to transformers.
 
-Leaves out: tokenizers (nabla.tokenizer.hf) and non-Llama architectures.
+Leaves out: the safetensors format itself (nabla.checkpoint.safetensors),
+tokenizers (nabla.tokenizer.hf) and non-Llama architectures.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
-import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from nabla.checkpoint.io import atomic_open, atomic_write_text
-from nabla.checkpoint.shards import LazyState, Entry, drop_pages, entries_of
+from nabla.checkpoint.io import atomic_write_text
+from nabla.checkpoint.safetensors import read_index, read_safetensors, write_safetensors
+from nabla.checkpoint.shards import Entry, LazyState, drop_pages, entries_of, weight_kind
 from nabla.errors import CheckpointError, ConfigError
-from nabla.model.args import ModelArgs, read_json_object
+from nabla.model.args import ModelArgs
 
 # Hugging Face name -> Meta name; "{}" is the layer number; None means "not a weight, skip".
 WEIGHT_MAP: dict[str, str | None] = {
@@ -44,35 +47,7 @@ WEIGHT_MAP: dict[str, str | None] = {
 }
 META_TO_HF = {v: k for k, v in WEIGHT_MAP.items() if v is not None}
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-
-
-def _rename(key: str, table: dict[str, str | None]) -> tuple[bool, str | None]:
-    """(known, new name) of `key` through `table`, with the layer number put back."""
-    m = re.search(r"\.(\d+)\.", key)
-    abstract = key[:m.start()] + ".{}." + key[m.end():] if m else key
-    if abstract not in table:
-        return False, None
-    new = table[abstract]
-    return True, (new.format(m.group(1)) if (new is not None and m) else new)
-
-
-def hf_to_meta_name(key: str) -> str | None:
-    known, new = _rename(key, WEIGHT_MAP)
-    if not known:
-        raise CheckpointError(
-            f"unexpected weight {key!r} in the Hugging Face checkpoint; nabla reads plain Llama "
-            "models (no biases, adapters or extra heads)")
-    return new
 
 
 # --------------------------------------------------------------- the permute
@@ -97,11 +72,39 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+# ---------------------------------------------------------------- the renamer
+def qk_heads(meta_name: str, args: ModelArgs) -> int | None:
+    """The heads whose rows the rotary permute reorders: n_heads for wq, n_kv_heads for wk, else None."""
+    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(weight_kind(meta_name))
+
+
+def rename_weight(key: str, args: ModelArgs,
+                  to: str) -> tuple[str | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """`key` in the other naming (`to` is "meta" or "hf") through WEIGHT_MAP, and what reorders its rows.
+
+    The name is None for Hugging Face entries that are not weights (skip them);
+    the function is the q/k permute towards `to` for wq/wk, else None. A name
+    missing from the table is an error: nabla runs plain Llama models.
+    """
+    table = WEIGHT_MAP if to == "meta" else META_TO_HF
+    m = re.search(r"\.(\d+)\.", key)  # the layer number, put back after the lookup
+    generic = key[:m.start()] + ".{}." + key[m.end():] if m else key
+    if generic not in table:
+        if to == "meta":
+            raise CheckpointError(f"unexpected weight {key!r} in the Hugging Face checkpoint; nabla reads plain "
+                                  "Llama models (no biases, adapters or extra heads)")
+        raise CheckpointError(f"weight {key!r} has no Hugging Face name; is this a Llama checkpoint?")
+    new = table[generic]
+    if new is None:
+        return None, None
+    new = new.format(m.group(1)) if m else new
+    heads = qk_heads(new if to == "meta" else key, args)
+    if heads is None:
+        return new, None
+    return new, functools.partial(unpermute_qk if to == "meta" else permute_qk, n_heads=heads)
+
+
 # ------------------------------------------------------------------- config
-def read_config(path: Path) -> dict:
-    return read_json_object(path)
-
-
 def check_llama(config: dict, source: str = "config.json") -> None:
     """Raise ConfigError unless the config describes a Llama model nabla can run."""
     model_type = config.get("model_type")
@@ -143,17 +146,6 @@ def _rope(config: dict) -> tuple[float, dict | None]:
             scaling = {k: v for k, v in scaling.items() if k in (
                 "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
     return float(theta), scaling
-
-
-def token_ids(value) -> list[int]:
-    """A config's bos/eos_token_id: an int, a list of ints, or null."""
-    if value is None:
-        return []
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, int) for v in value):
-        return list(value)
-    raise ConfigError(f"a token id must be an integer or a list of integers, got {value!r}")
 
 
 def config_to_args(config: dict, source: str = "config.json", **overrides) -> ModelArgs:
@@ -211,12 +203,7 @@ def weight_files(path: Path) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-                raise CheckpointError(f"{index} is not a valid index (expected a JSON object with a "
-                                      "'weight_map'); re-download it") from None
+            names = read_index(index)
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
                 raise CheckpointError(f"{index} names weight files that are not in {path}: "
@@ -226,39 +213,6 @@ def weight_files(path: Path) -> list[Path]:
             return [path / single]
     found = sorted(path.glob("model-*.safetensors")) or sorted(path.glob("pytorch_model-*.bin"))
     return found
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, memory-mapped (nothing is read until used).
-
-    `safetensors.safe_open` checks the file (header, offsets, size); the
-    tensors are then views of one read-only torch mapping of the file, so
-    their pages can be released after they are copied into a model.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}. The file may be truncated or not a "
-                              "safetensors file; re-download or re-convert it") from None
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    size = path.stat().st_size
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    data = torch.empty(0, dtype=torch.uint8).set_(storage)
-    out = {}
-    for name in names:
-        info = header[name]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: {name} has dtype {info['dtype']}, which nabla cannot load")
-        begin, end = info["data_offsets"]
-        t = data[8 + n + begin: 8 + n + end]
-        out[name] = t.view(dtype).view(info["shape"]) if t.numel() else torch.empty(info["shape"], dtype=dtype)
-    return out
 
 
 def read_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -301,22 +255,21 @@ def load_hf_state(path: Path, args: ModelArgs, files: list[Path] | None = None) 
     seen: dict[str, Path] = {}
     for file in files:
         for hf_name, e in read_weight_file(file).items():
-            name = hf_to_meta_name(hf_name)
+            name, unpermute = rename_weight(hf_name, args, to="meta")
             if name is None:
                 continue
             if name in seen:
                 raise CheckpointError(f"{hf_name} is in both {seen[name].name} and {file.name}")
             seen[name] = file
-            kind = name.split(".")[-2]
-            if kind in ("wq", "wk"):
-                heads = args.n_heads if kind == "wq" else args.n_kv_heads
+            if unpermute is not None:
+                heads = qk_heads(name, args)
                 if len(e.shape) != 2 or e.shape[0] != heads * args.head_dim:
                     raise CheckpointError(
                         f"{file.name}: {hf_name} has shape {tuple(e.shape)}, config.json implies "
                         f"({heads * args.head_dim}, {args.dim}); the config does not fit the weights")
 
-                def make(make=e.make, heads=heads, sources=e.sources):
-                    w = unpermute_qk(make(), heads)  # a copy: the file's pages can go now
+                def make(make=e.make, unpermute=unpermute, sources=e.sources):
+                    w = unpermute(make())  # a copy: the file's pages can go now
                     for t in sources:
                         drop_pages(t)
                     return w
@@ -338,31 +291,6 @@ def state_dtype(state: Mapping) -> torch.dtype | None:
 
 
 # ------------------------------------------------------------------- writing
-def write_safetensors(path: Path, tensors: Mapping[str, Callable[[], torch.Tensor] | torch.Tensor],
-                      shapes: dict[str, tuple], dtypes: dict[str, torch.dtype]) -> None:
-    """Stream tensors into a .safetensors file atomically, one tensor in memory at a time."""
-    header, offset = {}, 0
-    for name in tensors:
-        nbytes = dtypes[name].itemsize
-        for s in shapes[name]:
-            nbytes *= s
-        header[name] = {"dtype": DTYPE_TO_SAFETENSORS[dtypes[name]], "shape": list(shapes[name]),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with atomic_open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in tensors:
-            t = tensors[name]
-            t = t() if callable(t) else t
-            t = t.detach().to("cpu", dtype=dtypes[name]).contiguous()
-            assert tuple(t.shape) == tuple(shapes[name]), name
-            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def save_hf_checkpoint(out: Path, state: Mapping[str, torch.Tensor], args: ModelArgs, *,
                        dtype: torch.dtype | None = None, bos_id: int | None = None,
                        eos_ids: list[int] | None = None, context_length: int | None = None) -> list[Path]:
@@ -372,16 +300,11 @@ def save_hf_checkpoint(out: Path, state: Mapping[str, torch.Tensor], args: Model
     for name, e in ents.items():
         if name == "rope.freqs" or (args.tie_word_embeddings and name == "output.weight"):
             continue
-        hf = META_TO_HF.get(re.sub(r"\.\d+\.", ".{}.", name))
-        if hf is None:
-            raise CheckpointError(f"weight {name!r} has no Hugging Face name; is this a Llama checkpoint?")
-        layer = re.search(r"\.(\d+)\.", name)
-        hf = hf.format(layer.group(1)) if layer else hf
+        hf, permute = rename_weight(name, args, to="hf")
         make = e.make
-        kind = name.split(".")[-2]
-        if kind in ("wq", "wk"):
-            heads = args.n_heads if kind == "wq" else args.n_kv_heads
-            make = (lambda make=make, heads=heads: permute_qk(make(), heads))
+        if permute is not None:
+            def make(make=e.make, permute=permute):
+                return permute(make())
         tensors[hf], shapes[hf] = make, e.shape
         dtypes[hf] = dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype
     out.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,6 @@ def shard_paths(ckpt_dir: str | Path) -> list[Path]:
     return sorted(Path(ckpt_dir).glob("consolidated.*.pth"))
 
 
-def is_meta_checkpoint(ckpt_dir: str | Path) -> bool:
-    d = Path(ckpt_dir)
-    return (d / "params.json").is_file() or bool(shard_paths(d))
-
-
 def load_shard(path: str | Path) -> dict[str, torch.Tensor]:
     """One .pth state dict, memory-mapped, with a clear error when the file is damaged."""
     path = Path(path)

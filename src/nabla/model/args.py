@@ -8,12 +8,12 @@ config.json (nabla.checkpoint.hf maps it onto these same fields).
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from nabla.errors import ConfigError
+from nabla.jsonfile import read_json_object
 
 # Llama 3.1's "use_scaled_rope": the frequency scaling Meta applies to rope_theta.
 LLAMA3_ROPE_SCALING = {
@@ -149,17 +149,6 @@ def read_params(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} is missing: a Meta checkpoint folder needs params.json next to its .pth files")
     return read_json_object(path, "a JSON object of model settings")
-
-
-def read_json_object(path: Path, what: str = "a JSON object") -> dict:
-    """A JSON file holding one object (a config), with a clear error when it is not."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path} must hold {what}, got {type(value).__name__}")
-    return value
 
 
 def args_from_params(params: dict, **overrides) -> ModelArgs:

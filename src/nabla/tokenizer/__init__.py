@@ -8,8 +8,9 @@ name or folder:
     a JSON object                         -> HFTokenizer (Hugging Face tokenizer.json)
 
 Metadata beside the file completes it: a Hugging Face tokenizer_config.json
-chat template becomes the chat format, and generation_config.json/config.json
-eos_token_id lists add stop tokens.
+chat template becomes the chat format, and config.json/generation_config.json
+eos_token_id lists, beside it or in the model's folder, add stop tokens
+(nabla.tokenizer.stops).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from functools import partial
 from pathlib import Path
 
 from nabla.errors import TokenizerError
+from nabla.jsonfile import read_json_object
 from nabla.tokenizer.base import Tokenizer
 from nabla.tokenizer.sentencepiece import SentencePieceTokenizer
+from nabla.tokenizer.stops import stop_ids
 
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=*[ \t]+\d+\r?$")
 
@@ -44,10 +47,8 @@ def chat_template(folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"  # transformers 5 writes the template on its own
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    from nabla.tokenizer.hf import read_json
-
     for name in ("tokenizer_config.json", "chat_template.json"):
-        template = read_json(folder / name).get("chat_template")
+        template = read_json_object(folder / name, missing_ok=True, error=TokenizerError).get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
@@ -56,25 +57,25 @@ def chat_template(folder: Path) -> str | None:
     return None
 
 
-def _add_folder_metadata(tok, folder: Path) -> None:
+def _add_folder_metadata(tok, folder: Path, model_dir: Path | None) -> None:
     from nabla.tokenizer.chat import JinjaChatFormat
-    from nabla.tokenizer.hf import id_list, read_json, token_text
+    from nabla.tokenizer.hf import token_text
 
     template = chat_template(folder)
     if template is not None:
-        config = read_json(folder / "tokenizer_config.json")
+        config = read_json_object(folder / "tokenizer_config.json", missing_ok=True, error=TokenizerError)
         bos = token_text(config.get("bos_token")) or getattr(tok, "bos_token", None)
         eos = token_text(config.get("eos_token")) or getattr(tok, "eos_token", None)
         tok.chat_format = partial(JinjaChatFormat, template=template, bos_token=bos or "", eos_token=eos or "")
-    stops = list(tok.stop_ids)
-    for name in ("generation_config.json", "config.json"):
-        stops += [i for i in id_list(read_json(folder / name).get("eos_token_id"))
-                  if i not in stops and 0 <= i < tok.n_words]
-    tok.stop_ids = tuple(stops)
+    tok.stop_ids = stop_ids(tok, folder, model_dir)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Open a tokenizer file, telling its kind from its contents."""
+def load_tokenizer(path: str | Path, model_dir: str | Path | None = None) -> Tokenizer:
+    """Open a tokenizer file, telling its kind from its contents.
+
+    Its stop ids include the eos_token_id lists of the configs beside it and,
+    when given, in `model_dir` (the checkpoint folder), as nabla.tokenizer.stops gathers them.
+    """
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"tokenizer file {path} not found; pass --tokenizer FILE "
@@ -101,7 +102,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                 f"{path} is not a tokenizer nabla knows: not a SentencePiece model, a tiktoken BPE file "
                 "(Llama 3) or a Hugging Face tokenizer.json") from None
     try:
-        _add_folder_metadata(tok, path.parent)
+        _add_folder_metadata(tok, path.parent, Path(model_dir) if model_dir is not None else None)
     except (OSError, json.JSONDecodeError):  # pragma: no cover - unreadable neighbours are ignored
         pass
     return tok

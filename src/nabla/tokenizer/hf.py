@@ -1,9 +1,9 @@
 """Hugging Face `tokenizer.json` files, through the `tokenizers` library.
 
 BOS and EOS come from the folder's metadata, not from the model's name:
-`tokenizer_config.json` (bos_token, eos_token), then `config.json` and
-`generation_config.json` (bos/eos_token_id, where eos may be a list: every
-id in it stops generation). Special tokens written in the text (e.g. `</s>`
+`tokenizer_config.json` (bos_token, eos_token), then `generation_config.json`
+and `config.json` (bos/eos_token_id; eos may be a list, whose every id
+load_tokenizer makes a stop id through nabla.tokenizer.stops). Special tokens written in the text (e.g. `</s>`
 in a rendered chat template) are recognised, as transformers does; BOS/EOS
 are only added when asked.
 
@@ -13,21 +13,11 @@ Leaves out: slow (Python) tokenizers and anything that needs transformers.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nabla.errors import TokenizerError
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a metadata file, or {} when it is missing."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e}); re-download or fix it") from None
-    return data if isinstance(data, dict) else {}
+from nabla.jsonfile import read_json_object, token_ids
 
 
 def token_text(value) -> str | None:
@@ -35,16 +25,6 @@ def token_text(value) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def id_list(value) -> list[int]:
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
 
 
 def _without_legacy_prefix(tk):
@@ -84,20 +64,21 @@ class HFTokenizer:
             raise TokenizerError(f"{path} is not a Hugging Face tokenizer.json ({e})") from None
         self.path = path
         folder = path.parent
-        self.config = read_json(folder / "tokenizer_config.json")
+        self.config = read_json_object(folder / "tokenizer_config.json", missing_ok=True, error=TokenizerError)
         self.tk_chat = _without_legacy_prefix(self.tk) if self.config.get("legacy") is False else self.tk
-        model_config = read_json(folder / "config.json")
-        gen_config = read_json(folder / "generation_config.json")
+        model_config = read_json_object(folder / "config.json", missing_ok=True, error=TokenizerError)
+        gen_config = read_json_object(folder / "generation_config.json", missing_ok=True, error=TokenizerError)
 
         self.n_words: int = self.tk.get_vocab_size(with_added_tokens=True)
         self.bos_token = token_text(self.config.get("bos_token"))
         self.eos_token = token_text(self.config.get("eos_token"))
         bos = self._id(self.bos_token)
         if bos is None:
-            bos = next(iter(id_list(gen_config.get("bos_token_id")) + id_list(model_config.get("bos_token_id"))),
-                       None)
+            bos = next(iter(token_ids(gen_config.get("bos_token_id"), str(folder / "generation_config.json"))
+                            + token_ids(model_config.get("bos_token_id"), str(folder / "config.json"))), None)
         eos_ids = [self._id(self.eos_token)] if self._id(self.eos_token) is not None else []
-        for ids in (id_list(gen_config.get("eos_token_id")), id_list(model_config.get("eos_token_id"))):
+        for ids in (token_ids(gen_config.get("eos_token_id"), str(folder / "generation_config.json")),
+                    token_ids(model_config.get("eos_token_id"), str(folder / "config.json"))):
             eos_ids += [i for i in ids if i not in eos_ids]
         if bos is None or not eos_ids:
             raise TokenizerError(
@@ -105,7 +86,7 @@ class HFTokenizer:
                 "eos_token) or config.json (bos_token_id, eos_token_id) that came with it in the same folder")
         self.bos_id: int = bos
         self.eos_id: int = eos_ids[0]
-        self.stop_ids: tuple[int, ...] = tuple(eos_ids)
+        self.stop_ids: tuple[int, ...] = (self.eos_id,)  # load_tokenizer adds the configs' other eos ids
         if self.bos_token is None:
             self.bos_token = self.tk.id_to_token(bos)
         if self.eos_token is None:

@@ -10,8 +10,8 @@ Leaves out: other tiktoken encodings (cl100k and friends are not Llama's).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from nabla.errors import TokenizerError
 from nabla.tokenizer.chat import Llama3ChatFormat
@@ -84,13 +84,6 @@ class TiktokenTokenizer:
     def encode_with_special(self, s: str) -> list[int]:
         """Encode rendered chat text, where "<|eot_id|>" and friends are special tokens."""
         return self.model.encode(s, allowed_special="all")
-
-    def encode_special(self, name: str) -> int:
-        """The id of a special token such as "<|eot_id|>"."""
-        try:
-            return self.special_tokens[name]
-        except KeyError:
-            raise TokenizerError(f"{name!r} is not one of this tokenizer's special tokens") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         # errors="replace": a token may hold part of a UTF-8 character.
