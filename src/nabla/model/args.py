@@ -82,11 +82,6 @@ class ModelArgs:
         if self.hidden_dim is None:
             self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
-    @property
-    def n_rep(self) -> int:
-        """How many query heads share one key/value head."""
-        return self.n_heads // self.n_kv_heads
-
     def to_params(self) -> dict:
         """The params.json Meta's code (and nabla) reads back into the same model."""
         params = {

@@ -227,10 +227,6 @@ class Transformer(nn.Module):
             self.step_graphs = StepGraphs(self)
         return self.step_graphs(tokens, start_pos)
 
-    @property
-    def has_cache(self) -> bool:
-        return self.layers[0].attention.cache is not None
-
     def forward(
         self,
         tokens: torch.Tensor,
