@@ -16,7 +16,7 @@ TOKENS = [[1, 15043, 3186, 372, 338, 263, 1243, 29889]]  # "<s> Hello world it i
 
 
 def tiny_args(params: dict, **overrides):
-    return args_from_params(dict(params), max_seq_len=64, **overrides)
+    return args_from_params(dict(params), **overrides)
 
 
 def meta_folder(path: Path, params: dict, state: dict, tokenizer: Path | None = LLAMA2_TOKENIZER) -> Path:

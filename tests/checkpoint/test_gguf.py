@@ -19,7 +19,7 @@ PARAMS = dict(TINY_GQA, rope_theta=10000.0)
 
 
 def tiny():
-    args = args_from_params(dict(PARAMS), max_seq_len=64)
+    args = args_from_params(dict(PARAMS))
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, 2), strict=False)
     return model, args

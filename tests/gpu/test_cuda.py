@@ -38,7 +38,7 @@ def exact_fp32():
 
 
 def model_on(params, device, dtype=torch.float32, seed=0):
-    args = args_from_params(dict(params), max_seq_len=128)
+    args = args_from_params(dict(params))
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, seed), strict=False)
     return model.to(device=device, dtype=dtype), args

@@ -17,7 +17,7 @@ from nabla.model import graphs
 
 
 def tiny(seed=0):
-    args = args_from_params(dict(TINY_GQA), max_seq_len=64)
+    args = args_from_params(dict(TINY_GQA))
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, seed), strict=False)
     return model

@@ -18,7 +18,7 @@ CONFIGS = {
 
 
 def build(params, seed=0):
-    args = args_from_params(params, max_seq_len=160)
+    args = args_from_params(params)
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, seed), strict=False)
     return model, args

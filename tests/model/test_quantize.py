@@ -14,7 +14,7 @@ from nabla.model.quantize import (Int4Linear, Int8Linear, dequantize_int4, dequa
 
 
 def tiny_model(seed=0):
-    args = from_name("tiny", max_seq_len=64)
+    args = from_name("tiny")
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, seed), strict=False)
     return model

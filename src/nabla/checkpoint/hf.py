@@ -24,7 +24,7 @@ import torch
 from nabla.checkpoint.io import atomic_open, atomic_write_text
 from nabla.checkpoint.shards import LazyState, _Entry, drop_pages, entries_of
 from nabla.errors import CheckpointError, ConfigError
-from nabla.model.args import ModelArgs, read_json_object
+from nabla.model.args import DEFAULT_CONTEXT, ModelArgs, read_json_object
 
 # Hugging Face name -> Meta name; "{}" is the layer number; None means "not a weight, skip".
 WEIGHT_MAP: dict[str, str | None] = {
@@ -181,7 +181,7 @@ def config_to_args(config: dict, source: str = "config.json", **overrides) -> Mo
 def args_to_config(args: ModelArgs, *, dtype: torch.dtype | None = None, bos_id: int | None = None,
                    eos_ids: list[int] | None = None, context_length: int | None = None) -> dict:
     """A config.json that transformers (4 and 5) and nabla read back into the same model."""
-    ctx = context_length or args.max_seq_len
+    ctx = context_length or DEFAULT_CONTEXT
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
