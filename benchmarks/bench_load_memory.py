@@ -8,8 +8,8 @@ dtype="auto" (which keeps bf16 on a CPU) and reads the peak resident set size
 exec, so this parent process stays small: it imports no torch and builds the
 checkpoints in a subprocess too). The process's RSS just before loading
 (Python, torch and nabla imported, torch's meta-device kernels warmed up) is
-reported too, so the cost of loading the weights is peak - before. A plain `torch.load` + `load_state_dict` of the same .pth is
-measured for comparison.
+reported too, so the cost of loading the weights is peak - before. A plain
+`torch.load` + `load_state_dict` of the same .pth is measured for comparison.
 
     python benchmarks/bench_load_memory.py [--layers 12] [--keep DIR]
 """

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TypedDict
+from typing import TypedDict
 
 import torch
 
@@ -26,7 +27,7 @@ from nabla.model.llama import Transformer
 from nabla.model.prepare import prepare_model
 from nabla.tokenizer import Tokenizer, load_tokenizer
 from nabla.tokenizer.base import IncrementalDecoder
-from nabla.tokenizer.chat import UNSAFE_ERROR, Dialog, check_dialog, chat_format_for, has_special_tags
+from nabla.tokenizer.chat import UNSAFE_ERROR, Dialog, chat_format_for, check_dialog, has_special_tags
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -64,7 +65,7 @@ class Llama:
         dtype: str | torch.dtype | None = None,
         verbose: bool = False,
         quantize: str | None = None,
-    ) -> "Llama":
+    ) -> Llama:
         """Load a checkpoint folder and its tokenizer, ready to generate.
 
         `tokenizer_path` may be None when the folder holds its tokenizer.

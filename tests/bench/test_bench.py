@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from nabla.cli import main
 from nabla.bench import peers, runner
+from nabla.cli import main
 
 
 def test_bench_tiny_json(capsys):

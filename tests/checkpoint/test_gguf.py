@@ -10,6 +10,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from conftest import LLAMA2_TOKENIZER, TINY_GQA, random_state  # noqa: E402
+
 from nabla.checkpoint.gguf import write_gguf  # noqa: E402
 from nabla.errors import ConfigError  # noqa: E402
 from nabla.model import Transformer, args_from_params  # noqa: E402

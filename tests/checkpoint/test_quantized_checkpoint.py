@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_MHA, random_state
 
-from conftest import TINY_MHA, random_state, write_meta_checkpoint
 from nabla import Llama
 from nabla.checkpoint.convert import convert_checkpoint
 from nabla.cli import main

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import LLAMA2_TOKENIZER, TINY_GQA, TINY_MHA, random_state, write_meta_checkpoint
+
 from nabla import Llama
 from nabla.errors import ConfigError
 from nabla.model import args_from_params

@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("numba")
 
 from conftest import TINY_GQA, random_state  # noqa: E402
+
 from nabla.model import Transformer, args_from_params, cpu_kernels  # noqa: E402
 from nabla.model.quantize import Int4Linear, Int8Linear  # noqa: E402
 

@@ -9,11 +9,10 @@ cache, buckets, and forgetting the graphs when the cache moves.
 
 import pytest
 import torch
-
 from conftest import TINY_GQA, random_state
+
 from nabla import device as devices
-from nabla.model import Transformer, args_from_params
-from nabla.model import graphs
+from nabla.model import Transformer, args_from_params, graphs
 
 
 def tiny(seed=0):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import random_state
 from hf_reference import hf_model_from_meta
+
 from nabla.errors import ConfigError
 from nabla.model import ModelArgs, Transformer, args_from_params
 

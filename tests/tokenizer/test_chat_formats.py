@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import LLAMA2_TOKENIZER, LLAMA3_TOKENIZER, TINYLLAMA_DIR, random_state
+
 from nabla import Llama
 from nabla.errors import InvalidRequestError
 from nabla.tokenizer import load_tokenizer

@@ -82,13 +82,13 @@ def time_hf(hf, tokens: torch.Tensor, gen_len: int) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
-def llamacpp_peer(model: Transformer, tokenizer, setup: "Setup", say):
+def llamacpp_peer(model: Transformer, tokenizer, setup: Setup, say):
     """llama.cpp on a GGUF of `model`'s weights (before nabla quantizes them): q8_0 beside int8,
     q4_0 beside int4, else the dtype's own type."""
     import tempfile
 
-    from nabla.checkpoint.gguf import write_gguf
     from nabla.bench.llamacpp import LlamaCpp
+    from nabla.checkpoint.gguf import write_gguf
 
     gguf_type = {"int8": "q8_0", "int4": "q4_0"}.get(setup.quantize) or GGUF_TYPE[(setup.dtype, None)]
     say(f"writing the weights as {gguf_type} GGUF for llama.cpp")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from nabla import device as devices
-from nabla.bench.machine import peak_rss, read_bandwidth, available_memory
+from nabla.bench.machine import available_memory, peak_rss, read_bandwidth
 from nabla.bench.peers import hf_peer, llamacpp_peer, time_hf
 from nabla.bench.timing import rates, time_nabla
 from nabla.errors import ConfigError

@@ -15,9 +15,8 @@ import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -381,7 +380,10 @@ def save_hf_checkpoint(out: Path, state: Mapping[str, torch.Tensor], args: Model
         kind = name.split(".")[-2]
         if kind in ("wq", "wk"):
             heads = args.n_heads if kind == "wq" else args.n_kv_heads
-            make = (lambda make=make, heads=heads: permute_qk(make(), heads))
+
+            def make(make=make, heads=heads):
+                return permute_qk(make(), heads)
+
         tensors[hf], shapes[hf] = make, e.shape
         dtypes[hf] = dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ import ipaddress
 import os
 import sys
 
-from nabla.errors import ConfigError
 from nabla.cli.common import add_model_args
+from nabla.errors import ConfigError
 
 
 def is_loopback(host: str) -> bool:

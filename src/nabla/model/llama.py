@@ -104,7 +104,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.dropout = 0.0
 
-    def forward(self, x, freqs, pos: "Positions | None") -> torch.Tensor:
+    def forward(self, x, freqs, pos: Positions | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = cpu_kernels.project(x, self.wq, self.wk, self.wv)
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))

@@ -16,7 +16,7 @@ reading checkpoints (nabla.checkpoint), splitting the model across processes
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
