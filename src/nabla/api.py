@@ -4,6 +4,10 @@
 no process group, no CUDA needed); `generate`, `text_completion` and
 `chat_completion` take the reference's arguments and return what it returns.
 `stream` yields a single prompt's tokens and text as they are produced.
+
+Leaves out: the model's preparation for its device (nabla.model.prepare), the
+decode loop and sampling (nabla.generation), prompt formats
+(nabla.tokenizer.chat), serving many clients (nabla.server).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@
 permuted to Hugging Face's order), timed by `time_hf` the way
 nabla.bench.timing times nabla. `llamacpp_peer`: llama.cpp on a GGUF file of
 the weights (nabla.bench.llamacpp).
+
+Leaves out: other engines (vLLM, MLX) and peers' own quantization schemes
+beyond the GGUF types that match nabla's.
 """
 
 from __future__ import annotations

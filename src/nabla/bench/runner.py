@@ -10,6 +10,11 @@ LlamaForCausalLM on the same weights in the same process, alternating runs;
 `--vs llama.cpp` writes the same weights to GGUF (f32, bf16, f16, or q8_0 /
 q4_0 beside nabla's int8 / int4) and times llama.cpp the same way
 (nabla.bench.llamacpp).
+
+A checkpoint is built by Llama.build, random weights by
+nabla.model.prepare.prepare_model: the same dtype and kernel choices either
+way. Leaves out: the probes (machine.py), the timing loop (timing.py), the
+peers (peers.py, llamacpp.py) and the CLI flags (nabla.cli.bench).
 """
 
 from __future__ import annotations
