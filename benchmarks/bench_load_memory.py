@@ -8,9 +8,8 @@ dtype="auto" (which keeps bf16 on a CPU) and reads the peak resident set size
 exec, so this parent process stays small: it imports no torch and builds the
 checkpoints in a subprocess too). The process's RSS just before loading
 (Python, torch and nabla imported, torch's meta-device kernels warmed up) is
-reported too, so the cost of loading the weights is peak - before. A plain `torch.load` +
-`load_state_dict` of the same .pth is
-measured for comparison.
+reported too, so the cost of loading the weights is peak - before. A plain
+`torch.load` + `load_state_dict` of the same .pth is measured for comparison.
 
     python benchmarks/bench_load_memory.py [--layers 12] [--keep DIR]
 """
@@ -45,7 +44,7 @@ if mode == "nabla":
 else:  # the naive way: read the whole file into memory, then copy it into a model
     from nabla.model import Transformer, args_from_params
     params = json.load(open(path + "/params.json"))
-    args = args_from_params(params, max_seq_len=64)
+    args = args_from_params(params)
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to(torch.bfloat16).to_empty(device="cpu")
@@ -64,7 +63,7 @@ def make_checkpoints(root: Path, layers: int) -> None:
     from nabla.model import Transformer, args_from_params
 
     params = dict(dim=1024, n_layers=layers, n_heads=16, vocab_size=32000, multiple_of=256, norm_eps=1e-5)
-    args = args_from_params(params, max_seq_len=64)
+    args = args_from_params(params)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     gen = torch.Generator().manual_seed(0)

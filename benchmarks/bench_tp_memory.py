@@ -68,7 +68,7 @@ def make_checkpoints(root: Path, layers: int, dim: int) -> dict:
 
     params = dict(dim=dim, n_layers=layers, n_heads=16, n_kv_heads=8, vocab_size=32000, multiple_of=256,
                   norm_eps=1e-5)
-    args = args_from_params(params, max_seq_len=64)
+    args = args_from_params(params)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     gen = torch.Generator().manual_seed(0)

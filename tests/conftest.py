@@ -69,7 +69,7 @@ def make_checkpoint(tmp_path_factory):
         params = dict(params or TINY_MHA)
         key = (json.dumps(params, sort_keys=True), seed, str(dtype), str(tokenizer))
         if key not in made:
-            args = args_from_params(params, max_seq_len=256)
+            args = args_from_params(params)
             path = tmp_path_factory.mktemp("ckpt")
             made[key] = write_meta_checkpoint(path, params, random_state(args, seed), tokenizer, dtype)
         return made[key]

@@ -14,6 +14,8 @@ def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def hf_model_from_meta(state: dict, args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from nabla.model.args import DEFAULT_CONTEXT
+
     rope_scaling = None
     if args.rope_scaling:
         rope_scaling = {"rope_type": "llama3", **args.rope_scaling}
@@ -21,7 +23,7 @@ def hf_model_from_meta(state: dict, args):
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-        max_position_embeddings=args.max_seq_len, tie_word_embeddings=args.tie_word_embeddings,
+        max_position_embeddings=DEFAULT_CONTEXT, tie_word_embeddings=args.tie_word_embeddings,
         rope_scaling=rope_scaling, head_dim=args.head_dim, attention_bias=False, mlp_bias=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=None,
     )

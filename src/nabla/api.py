@@ -4,15 +4,20 @@
 no process group, no CUDA needed); `generate`, `text_completion` and
 `chat_completion` take the reference's arguments and return what it returns.
 `stream` yields a single prompt's tokens and text as they are produced.
+
+Leaves out: the model's preparation for its device (nabla.model.prepare), the
+decode loop and sampling (nabla.generation), prompt formats
+(nabla.tokenizer.chat), serving many clients (nabla.server).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TypedDict
+from typing import TypedDict
 
 import torch
 
@@ -23,9 +28,10 @@ from nabla.errors import ConfigError, InvalidRequestError, TokenizerError
 from nabla.generation.checks import check_prompts, check_sampling
 from nabla.generation.loop import collect, decode_steps, new_batch
 from nabla.model.llama import Transformer
+from nabla.model.prepare import prepare_model
 from nabla.tokenizer import Tokenizer, load_tokenizer
 from nabla.tokenizer.base import IncrementalDecoder
-from nabla.tokenizer.chat import UNSAFE_ERROR, Dialog, check_dialog, chat_format_for, has_special_tags
+from nabla.tokenizer.chat import UNSAFE_ERROR, Dialog, chat_format_for, check_dialog, has_special_tags
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -63,7 +69,7 @@ class Llama:
         dtype: str | torch.dtype | None = None,
         verbose: bool = False,
         quantize: str | None = None,
-    ) -> "Llama":
+    ) -> Llama:
         """Load a checkpoint folder and its tokenizer, ready to generate.
 
         `tokenizer_path` may be None when the folder holds its tokenizer.
@@ -74,16 +80,13 @@ class Llama:
         (nabla.model.quantize).
         """
         start = time.time()
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         from nabla.distributed import model_parallel_world, shard_model
 
         mp = model_parallel_world(model_parallel_size)  # 1, or the torchrun world the model is split across
         if quantize is not None and mp > 1:
             raise ConfigError(f"quantize={quantize!r} is not supported with model_parallel_size={mp} yet; "
                               "use one or the other")
-        ckpt = open_checkpoint(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        ckpt = open_checkpoint(ckpt_dir)
         saved = ckpt.quantization  # a folder `nabla convert --quantize` wrote: load it as it is
         if saved is not None:
             if quantize not in (None, saved["mode"]):
@@ -98,9 +101,6 @@ class Llama:
             raise TokenizerError(f"{ckpt.path} holds no tokenizer.model; pass tokenizer_path "
                                  "(--tokenizer FILE) pointing to the model's tokenizer")
         tokenizer = load_tokenizer(tok_path, model_dir=ckpt.path)  # stop ids: also the model's eos_token_id lists
-        if ckpt.context_length and max_seq_len > ckpt.context_length:
-            warnings.warn(f"max_seq_len={max_seq_len} is longer than the {ckpt.context_length} tokens "
-                          f"{ckpt.path.name} was trained for; text past that may degrade", stacklevel=2)
         args = ckpt.args
         state = ckpt.load_state()
         emb = ckpt.shapes.get("tok_embeddings.weight")  # the shape only: reading it would join MP shards
@@ -113,42 +113,26 @@ class Llama:
 
         dev = devices.choose_device(device)
         dt = devices.resolve_dtype(dtype, dev, ckpt.dtype)  # "auto": keep the checkpoint's dtype
-        bf16_weights = devices.bf16_weights_only(dev, dt) and quantize is None and saved is None and mp == 1
-        if bf16_weights:
-            dt = torch.float32  # compute in fp32; the linear weights go back to bf16 below
         with torch.device("meta"):
             model = Transformer(args)
         if mp > 1:  # tensor parallel: this rank's layers and its slice of every weight
             state = shard_model(model, state, mp, dev, ckpt)
-        model = model.to(dtype=dt)
-        if saved is not None:
-            from nabla.model.quantize import quantize_model
 
-            quantize_model(model, saved["mode"], group_size=saved["group_size"], device=dev)  # lays out buffers
-        model = model.to_empty(device=dev)
-        model.init_rope()
-        load_into(model, state, source=str(ckpt.path), progress=verbose or ckpt.show_progress)
-        del state
-        model.eval()
-        if quantize is not None:
-            from nabla.model.quantize import quantize_model
+        def load_weights(m: Transformer) -> None:
+            nonlocal state
+            load_into(m, state, source=str(ckpt.path), progress=verbose or ckpt.show_progress)
+            state = None  # drop the checkpoint's tensors before the layers are swapped
 
-            quantize_model(model, quantize)
-        elif saved is not None:
-            pass  # its layers are the quantized ones already
-        elif bf16_weights:
-            from nabla.model.cpu_kernels import use_bf16_weights
-
-            use_bf16_weights(model)  # half the bytes to read; products stay fp32
-        elif mp == 1 and devices.row_kernels(dev):
-            from nabla.model.cpu_kernels import use_row_kernels
-
-            use_row_kernels(model)  # decode steps read fp32 weights at the memory's speed
-        model.setup_cache(max_batch_size, max_seq_len)
+        model = prepare_model(model, dev, dt, load_weights, max_batch_size=max_batch_size,
+                              max_seq_len=max_seq_len, quantize=quantize, quantized=saved, sharded=mp > 1)
+        if ckpt.context_length and max_seq_len > ckpt.context_length:
+            warnings.warn(f"max_seq_len={max_seq_len} is longer than the {ckpt.context_length} tokens "
+                          f"{ckpt.path.name} was trained for; text past that may degrade", stacklevel=2)
         # Seed last, so the first sample draws from a freshly seeded stream
         # whatever loading did; every rank seeds the same way.
         torch.manual_seed(seed)
         if verbose:
+            dt = model.tok_embeddings.weight.dtype  # the compute dtype (fp32 under bf16 weights)
             print(f"Loaded {ckpt.path} ({ckpt.format}) on {dev} in {dt} in {time.time() - start:.2f} seconds")
         return Llama(model, tokenizer)
 
@@ -161,11 +145,13 @@ class Llama:
 
     @property
     def max_seq_len(self) -> int:
-        return self.model.args.max_seq_len
+        """The context: positions the model's key/value cache holds."""
+        return self.model.layers[0].attention.cache.k.shape[2]
 
     @property
     def max_batch_size(self) -> int:
-        return self.model.args.max_batch_size
+        """Sequences the model's key/value cache holds."""
+        return self.model.layers[0].attention.cache.k.shape[0]
 
     def check_prompts(self, prompt_tokens) -> list[list[int]]:
         """Token-id prompts as `generate` takes them, checked against this model's batch, vocabulary and context."""

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from nabla.cli import main
 from nabla.bench import peers, runner
+from nabla.cli import main
 
 
 def test_bench_tiny_json(capsys):
@@ -33,7 +33,7 @@ def test_hf_peer_gives_our_logits():
 
     from nabla.model.args import from_name
 
-    args = from_name("tiny", max_seq_len=32)
+    args = from_name("tiny")
     model = runner.random_model(args, torch.float32, seed=1)
     hf = peers.hf_peer(model, torch.float32)
     tokens = torch.randint(0, args.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))

@@ -7,16 +7,16 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from conftest import LLAMA2_TOKENIZER, TINYLLAMA_DIR, random_state
 from hf_reference import hf_model_from_meta
+
 from nabla.model import args_from_params
 
 TOKENS = [[1, 15043, 3186, 372, 338, 263, 1243, 29889]]  # "<s> Hello world it is a test."
 
 
 def tiny_args(params: dict, **overrides):
-    return args_from_params(dict(params), max_seq_len=64, **overrides)
+    return args_from_params(dict(params), **overrides)
 
 
 def meta_folder(path: Path, params: dict, state: dict, tokenizer: Path | None = LLAMA2_TOKENIZER) -> Path:

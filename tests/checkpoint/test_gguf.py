@@ -10,6 +10,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from conftest import LLAMA2_TOKENIZER, TINY_GQA, random_state  # noqa: E402
+
 from nabla.checkpoint.gguf import write_gguf  # noqa: E402
 from nabla.errors import ConfigError  # noqa: E402
 from nabla.model import Transformer, args_from_params  # noqa: E402
@@ -19,7 +20,7 @@ PARAMS = dict(TINY_GQA, rope_theta=10000.0)
 
 
 def tiny():
-    args = args_from_params(dict(PARAMS), max_seq_len=64)
+    args = args_from_params(dict(PARAMS))
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, 2), strict=False)
     return model, args

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_MHA, random_state
+
 from nabla import Llama
 from nabla.checkpoint.convert import convert_checkpoint
 from nabla.cli import main
@@ -18,7 +18,7 @@ TIED = dict(TINY_MHA, tie_word_embeddings=True)
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantize_state_equals_quantize_model(mode):
-    args = args_from_params(dict(TINY_MHA), max_seq_len=32)
+    args = args_from_params(dict(TINY_MHA))
     state = random_state(args, 5)
     model = Transformer(args)
     model.load_state_dict(state, strict=False)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import LLAMA2_TOKENIZER, TINY_GQA, TINY_MHA, random_state, write_meta_checkpoint
+
 from nabla import Llama
 from nabla.errors import ConfigError
 from nabla.model import args_from_params
@@ -53,13 +53,13 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     out = {}
     for name, params in (("mha", TINY_MHA), ("gqa", TINY_GQA)):
-        state = random_state(args_from_params(dict(params), max_seq_len=64), seed=3)
+        state = random_state(args_from_params(dict(params)), seed=3)
         out[f"{name}-mp1"] = write_meta_checkpoint(root / f"{name}-mp1", params, state)
         out[f"{name}-mp2"] = write_meta_mp(root / f"{name}-mp2", params, state, 2)
         if name == "mha":
             out["mha-mp4"] = write_meta_mp(root / "mha-mp4", params, state, 4)
     # A Hugging Face folder (safetensors) of a GQA model with a tied output head.
-    args = args_from_params(dict(TINY_GQA), max_seq_len=64, tie_word_embeddings=True)
+    args = args_from_params(dict(TINY_GQA), tie_word_embeddings=True)
     save_hf_checkpoint(root / "gqa-tied-hf", random_state(args, seed=4), args)
     out["gqa-tied-hf"] = root / "gqa-tied-hf"
     return out
@@ -194,7 +194,7 @@ def test_one_process_stays_one_process(folders, no_torchrun):
 def test_rank_state_is_the_slice_of_the_full_weights(files_mp, vocab_split_files):
     from nabla.distributed import rank_state
 
-    args = args_from_params(dict(TINY_MHA, vocab_size=512), max_seq_len=16)
+    args = args_from_params(dict(TINY_MHA, vocab_size=512))
     state = random_state(args, seed=5)
     split = dict(META_SPLIT_DIM, tok_embeddings=0 if vocab_split_files else 1)
     shards = [{k: (t if split.get(k.split(".")[-2]) is None else t.chunk(files_mp, split[k.split(".")[-2]])[r])

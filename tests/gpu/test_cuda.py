@@ -14,9 +14,9 @@ import threading
 
 import pytest
 import torch
-
 from conftest import TINY_GQA, TINY_MHA, random_state
 from hf_reference import hf_model_from_meta
+
 from nabla import Llama
 from nabla.model import Transformer, args_from_params
 
@@ -38,7 +38,7 @@ def exact_fp32():
 
 
 def model_on(params, device, dtype=torch.float32, seed=0):
-    args = args_from_params(dict(params), max_seq_len=128)
+    args = args_from_params(dict(params))
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, seed), strict=False)
     return model.to(device=device, dtype=dtype), args
@@ -168,8 +168,8 @@ def test_server_engine_on_gpu_equals_generate(make_checkpoint):
 def test_training_on_gpu_lowers_the_loss_and_loads_on_cpu(tmp_path):
     from training.conftest import TINY, write_stories
 
-    from nabla.training.data import parse_sources, train_tokenizer
     from nabla.training import train
+    from nabla.training.data import parse_sources, train_tokenizer
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

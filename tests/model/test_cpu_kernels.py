@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("numba")
 
 from conftest import TINY_GQA, random_state  # noqa: E402
+
 from nabla.model import Transformer, args_from_params, cpu_kernels  # noqa: E402
 from nabla.model.quantize import Int4Linear, Int8Linear  # noqa: E402
 
@@ -68,7 +69,7 @@ def test_kernels_stay_out_of_autograd_and_big_calls():
 
 
 def test_model_with_row_kernels_decodes_as_without(monkeypatch):
-    args = args_from_params(dict(TINY_GQA), max_seq_len=64)
+    args = args_from_params(dict(TINY_GQA))
     plain = Transformer(args).eval()
     plain.load_state_dict(random_state(args, 1), strict=False)
     fast = copy.deepcopy(plain)
@@ -100,7 +101,7 @@ def test_int8_layers_sharing_an_input_take_one_call(monkeypatch):
 def test_bf16_weights_with_fp32_products():
     from nabla import device as devices
 
-    args = args_from_params(dict(TINY_GQA), max_seq_len=64)
+    args = args_from_params(dict(TINY_GQA))
     ref = Transformer(args).eval()
     ref.load_state_dict(random_state(args, 3), strict=False)
     with torch.no_grad():  # the reference: fp32 everywhere, weights rounded to bf16 values

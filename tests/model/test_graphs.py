@@ -9,15 +9,14 @@ cache, buckets, and forgetting the graphs when the cache moves.
 
 import pytest
 import torch
-
 from conftest import TINY_GQA, random_state
+
 from nabla import device as devices
-from nabla.model import Transformer, args_from_params
-from nabla.model import graphs
+from nabla.model import Transformer, args_from_params, graphs
 
 
 def tiny(seed=0):
-    args = args_from_params(dict(TINY_GQA), max_seq_len=64)
+    args = args_from_params(dict(TINY_GQA))
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, seed), strict=False)
     return model

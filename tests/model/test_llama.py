@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import random_state
 from hf_reference import hf_model_from_meta
+
 from nabla.errors import ConfigError
 from nabla.model import ModelArgs, Transformer, args_from_params
 
@@ -18,7 +18,7 @@ CONFIGS = {
 
 
 def build(params, seed=0):
-    args = args_from_params(params, max_seq_len=160)
+    args = args_from_params(params)
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, seed), strict=False)
     return model, args

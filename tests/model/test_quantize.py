@@ -4,17 +4,27 @@ import copy
 
 import pytest
 import torch
-
 from conftest import random_state
+
 from nabla.errors import ConfigError
 from nabla.model import Transformer
 from nabla.model.args import from_name
-from nabla.model.quantize import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, pack_int4,
-                                  quantize_int4, quantize_int8, quantize_model, unpack_int4, weight_bytes)
+from nabla.model.quantize import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    unpack_int4,
+    weight_bytes,
+)
 
 
 def tiny_model(seed=0):
-    args = from_name("tiny", max_seq_len=64)
+    args = from_name("tiny")
     model = Transformer(args).eval()
     model.load_state_dict(random_state(args, seed), strict=False)
     return model
@@ -90,6 +100,7 @@ def test_quantized_cached_decode_equals_full_forward():
 
 def test_int8_greedy_agrees_with_fp32(make_checkpoint):
     from conftest import TINY_MHA
+
     from nabla import Llama
 
     path = make_checkpoint(TINY_MHA, seed=3)

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import LLAMA2_TOKENIZER, LLAMA3_TOKENIZER, TINYLLAMA_DIR, random_state
+
 from nabla import Llama
 from nabla.errors import InvalidRequestError
 from nabla.tokenizer import load_tokenizer
@@ -101,7 +101,7 @@ def test_chat_completion_picks_the_format(tmp_path):
 
     params = dict(dim=32, n_layers=1, n_heads=2, vocab_size=128256, multiple_of=32, rope_theta=500000.0)
     (tmp_path / "params.json").write_text(json.dumps(params))
-    torch.save(random_state(args_from_params(params, max_seq_len=64), seed=1), tmp_path / "consolidated.00.pth")
+    torch.save(random_state(args_from_params(params), seed=1), tmp_path / "consolidated.00.pth")
     shutil.copy(LLAMA3_TOKENIZER, tmp_path / "tokenizer.model")
     llama = Llama.build(tmp_path, None, max_seq_len=64, max_batch_size=2)
     assert isinstance(llama.chat_format, Llama3ChatFormat) and 128009 in llama.stop_ids

@@ -5,6 +5,8 @@ The model is written to GGUF from the very tensors nabla runs
 every sequence in one llama_decode, then greedy steps of one token per
 sequence, each sequence in its own slot of llama.cpp's cache (n_seq_max =
 batch size), on the CPU with the same thread count.
+
+Leaves out: installing llama.cpp (the error says how) and its GPU builds.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Decoding one token at batch 1 reads every weight once, so its ceiling is
 (memory read bandwidth) / (bytes of weights). `read_bandwidth` measures the
 bandwidth with several probes; the best is the roofline.
+
+Leaves out: compute peaks (FLOP/s; prefill is reported as a rate only) and
+the device choice (nabla.device).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@
 permuted to Hugging Face's order), timed by `time_hf` the way
 nabla.bench.timing times nabla. `llamacpp_peer`: llama.cpp on a GGUF file of
 the weights (nabla.bench.llamacpp).
+
+Leaves out: other engines (vLLM, MLX) and peers' own quantization schemes
+beyond the GGUF types that match nabla's.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ if TYPE_CHECKING:
 GGUF_TYPE = {("fp32", None): "f32", ("bf16", None): "bf16", ("fp16", None): "f16"}  # else by --quantize
 
 
-def hf_peer(model: Transformer, dtype: torch.dtype):
-    """transformers' LlamaForCausalLM holding the same weights (q/k rows permuted to HF order)."""
+def hf_peer(model: Transformer, dtype: torch.dtype, context_length: int | None = None):
+    """transformers' LlamaForCausalLM holding the same weights (q/k rows permuted to HF order);
+    `context_length` goes into its config (max_position_embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from nabla.checkpoint.hf import args_to_config, rename_weight
 
     args = model.args
-    config = LlamaConfig(**args_to_config(args, dtype=dtype))
+    config = LlamaConfig(**args_to_config(args, dtype=dtype, context_length=context_length))
     with torch.device("meta"):
         hf = LlamaForCausalLM(config)
     state = {}
@@ -86,10 +90,10 @@ def llamacpp_peer(model: Transformer, tokenizer, setup: Setup, say):
     say(f"writing the weights as {gguf_type} GGUF for llama.cpp")
     folder = tempfile.TemporaryDirectory(prefix="nabla-bench-")
     try:
+        context = setup.prompt_len + setup.gen_len + 1
         path = write_gguf(f"{folder.name}/model-{gguf_type}.gguf", model.state_dict(), model.args, tokenizer,
-                          gguf_type)
-        cpp = LlamaCpp(path, setup.batch_size, setup.prompt_len + setup.gen_len + 1, torch.get_num_threads(),
-                       setup.prompt_len)
+                          gguf_type, context_length=context)
+        cpp = LlamaCpp(path, setup.batch_size, context, torch.get_num_threads(), setup.prompt_len)
     except BaseException:
         folder.cleanup()
         raise

@@ -10,6 +10,11 @@ LlamaForCausalLM on the same weights in the same process, alternating runs;
 `--vs llama.cpp` writes the same weights to GGUF (f32, bf16, f16, or q8_0 /
 q4_0 beside nabla's int8 / int4) and times llama.cpp the same way
 (nabla.bench.llamacpp).
+
+A checkpoint is built by Llama.build, random weights by
+nabla.model.prepare.prepare_model: the same dtype and kernel choices either
+way. Leaves out: the probes (machine.py), the timing loop (timing.py), the
+peers (peers.py, llamacpp.py) and the CLI flags (nabla.cli.bench).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from nabla import device as devices
-from nabla.bench.machine import peak_rss, read_bandwidth, available_memory
+from nabla.bench.machine import available_memory, peak_rss, read_bandwidth
 from nabla.bench.peers import hf_peer, llamacpp_peer, time_hf
 from nabla.bench.timing import rates, time_nabla
 from nabla.errors import ConfigError
 from nabla.model.args import ModelArgs, from_name, param_count
 from nabla.model.llama import Transformer
+from nabla.model.prepare import materialize, prepare_model
 from nabla.model.quantize import quantize_model, weight_bytes
 
 
@@ -72,22 +78,23 @@ def check_fits(args: ModelArgs, dtype: torch.dtype, setup: Setup, device: torch.
     return need
 
 
-def random_model(args: ModelArgs, dtype: torch.dtype, seed: int = 0,
-                 device: torch.device | None = None) -> Transformer:
-    """A model of shape `args` with random weights (std 0.02, norms 1), built in place on `device`."""
-    device = device or torch.device("cpu")
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.init_rope()
-    gen = torch.Generator(device=device).manual_seed(seed)
+def random_weights(model: Transformer, seed: int = 0) -> None:
+    """Fill `model` in place with random weights (std 0.02, norms 1), drawn on its device."""
+    gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
+
+
+def random_model(args: ModelArgs, dtype: torch.dtype, seed: int = 0,
+                 device: torch.device | None = None) -> Transformer:
+    """A model of shape `args` in `dtype` with random weights, built in place on `device`; torch's layers, no cache."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return materialize(model, device or torch.device("cpu"), dtype, functools.partial(random_weights, seed=seed))
 
 
 def run(setup: Setup, progress: bool = True) -> dict:
@@ -114,38 +121,43 @@ def run(setup: Setup, progress: bool = True) -> dict:
     say = _Progress(progress)
     say(f"measuring the read bandwidth of {dev}")
     bw = read_bandwidth(dev)
+    context = setup.prompt_len + setup.gen_len + 1
+    hf = cpp = None
+
+    def make_peer(model: Transformer, tokenizer) -> None:
+        """The peer copies the weights as loaded, before nabla swaps in its own layers."""
+        nonlocal hf, cpp
+        if setup.vs == "hf":
+            say("building the transformers peer on the same weights")
+            hf = hf_peer(model, dtype, context_length=context)
+        elif setup.vs == "llama.cpp":
+            cpp = llamacpp_peer(model, tokenizer, setup, say)
+
     if setup.model:
         from nabla.api import Llama
 
-        llama = Llama.build(setup.model, max_seq_len=setup.prompt_len + setup.gen_len + 1,
-                            max_batch_size=setup.batch_size, device=dev, dtype=setup.dtype)
+        # Prepared as for generation, but quantized only once the peer has copied the weights.
+        llama = Llama.build(setup.model, max_seq_len=context, max_batch_size=setup.batch_size, device=dev,
+                            dtype=setup.dtype)
         model, args, tokenizer = llama.model, llama.model.args, llama.tokenizer
         check_fits(args, dtype, setup, dev)
+        make_peer(model, tokenizer)
+        if setup.quantize:
+            say(f"quantizing to {setup.quantize}")
+            quantize_model(model, setup.quantize)
     else:
-        args = from_name(setup.shape or "tiny", max_seq_len=setup.prompt_len + setup.gen_len + 1,
-                         max_batch_size=setup.batch_size)
+        args = from_name(setup.shape or "tiny")
         check_fits(args, dtype, setup, dev)
         say(f"building random {setup.shape} weights ({param_count(args) / 1e6:.0f}M parameters)")
-        compute = torch.float32 if devices.bf16_weights_only(dev, dtype) else dtype  # as Llama.build does
-        model, tokenizer = random_model(args, compute, setup.seed, dev), None
-    hf = cpp = None
-    if setup.vs == "hf":
-        say("building the transformers peer on the same weights")
-        hf = hf_peer(model, dtype)
-    elif setup.vs == "llama.cpp":
-        cpp = llamacpp_peer(model, tokenizer, setup, say)
-    if setup.quantize:
-        say(f"quantizing to {setup.quantize}")
-        quantize_model(model, setup.quantize)
-    elif devices.bf16_weights_only(dev, dtype) and not setup.model:
-        from nabla.model.cpu_kernels import use_bf16_weights
 
-        use_bf16_weights(model)  # bf16 weights, fp32 products (as Llama.build does)
-    elif devices.row_kernels(dev):
-        from nabla.model.cpu_kernels import use_row_kernels
+        def load_weights(m: Transformer) -> None:
+            random_weights(m, setup.seed)
+            make_peer(m, None)
 
-        use_row_kernels(model)  # as Llama.build does
-    model.setup_cache(setup.batch_size, setup.prompt_len + setup.gen_len + 1)
+        with torch.device("meta"):
+            model = Transformer(args)
+        model = prepare_model(model, dev, dtype, load_weights, max_batch_size=setup.batch_size,
+                              max_seq_len=context, quantize=setup.quantize)
     graphs = setup.graphs and devices.records_graphs(dev)
     if not graphs:
         from nabla.model.graphs import plain_steps

@@ -1,6 +1,8 @@
 """Timing one run of nabla: the prompt in one pass (prefill), then greedy decode steps.
 
 Also the rates every peer's times become (median of the runs, tokens per second).
+
+Leaves out: building the model and the peers (runner.py, peers.py).
 """
 
 from __future__ import annotations

@@ -143,19 +143,19 @@ def read_quantization(path: Path) -> dict | None:
     return {"mode": mode, "group_size": group}
 
 
-def open_checkpoint(ckpt_dir: str | Path, **overrides) -> Checkpoint:
+def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
     path = check_folder(ckpt_dir)
     fmt = detect_format(path)
     if fmt == "meta":
         params = read_params(path / "params.json")
-        args = args_from_params(params, **overrides)
+        args = args_from_params(params)
         state = _meta_state(path, params)  # reads only the pickles: shapes and dtypes
         files = meta.shard_paths(path)
         return Checkpoint(path, "meta", args, lambda: _meta_state(path, params), find_tokenizer(path),
                           dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files),
                           quantization=read_quantization(path))
     config = read_json_object(path / "config.json")
-    args = hf.config_to_args(config, source=str(path / "config.json"), **overrides)
+    args = hf.config_to_args(config, source=str(path / "config.json"))
     files = hf.weight_files(path)
     state = hf.load_hf_state(path, args, files)
     bos = token_ids(config.get("bos_token_id"), str(path / "config.json"))

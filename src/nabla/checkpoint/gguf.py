@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from nabla.errors import ConfigError
-from nabla.model.args import ModelArgs
+from nabla.model.args import DEFAULT_CONTEXT, ModelArgs
 
 GGUF_HINT = "writing GGUF needs the gguf package: `pip install gguf`"
 
@@ -100,8 +100,10 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[float], list
 
 
 def write_gguf(path: str | Path, state: dict[str, torch.Tensor], args: ModelArgs, tokenizer=None,
-               qtype: str = "f32", name: str = "nabla") -> Path:
-    """Write `state` (Meta names, one shard) as a llama.cpp GGUF file at `path`, atomically."""
+               qtype: str = "f32", name: str = "nabla", context_length: int | None = None) -> Path:
+    """Write `state` (Meta names, one shard) as a llama.cpp GGUF file at `path`, atomically.
+
+    `context_length` is the trained context recorded in the file (default DEFAULT_CONTEXT)."""
     gguf = _gguf()
     if qtype not in QTYPES:
         raise ConfigError(f"unknown GGUF type {qtype!r}: use one of {', '.join(QTYPES)}")
@@ -115,7 +117,7 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], args: ModelArgs
     w = gguf.GGUFWriter(tmp, "llama")
     try:
         w.add_name(name)
-        w.add_context_length(args.max_seq_len)
+        w.add_context_length(context_length or DEFAULT_CONTEXT)
         w.add_embedding_length(args.dim)
         w.add_block_count(args.n_layers)
         w.add_feed_forward_length(args.hidden_dim)

@@ -27,7 +27,7 @@ from nabla.checkpoint.io import atomic_write_text
 from nabla.checkpoint.safetensors import read_index, read_safetensors, write_safetensors
 from nabla.checkpoint.shards import Entry, LazyState, drop_pages, entries_of, weight_kind
 from nabla.errors import CheckpointError, ConfigError
-from nabla.model.args import ModelArgs
+from nabla.model.args import DEFAULT_CONTEXT, ModelArgs
 
 # Hugging Face name -> Meta name; "{}" is the layer number; None means "not a weight, skip".
 WEIGHT_MAP: dict[str, str | None] = {
@@ -148,7 +148,7 @@ def _rope(config: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
-def config_to_args(config: dict, source: str = "config.json", **overrides) -> ModelArgs:
+def config_to_args(config: dict, source: str = "config.json") -> ModelArgs:
     """ModelArgs of a Hugging Face Llama config.json."""
     check_llama(config, source)
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -165,7 +165,7 @@ def config_to_args(config: dict, source: str = "config.json", **overrides) -> Mo
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
     try:
-        return ModelArgs(**{**kw, **overrides})
+        return ModelArgs(**kw)
     except TypeError as e:
         raise ConfigError(f"{source}: invalid model settings: {e}") from None
 
@@ -173,7 +173,7 @@ def config_to_args(config: dict, source: str = "config.json", **overrides) -> Mo
 def args_to_config(args: ModelArgs, *, dtype: torch.dtype | None = None, bos_id: int | None = None,
                    eos_ids: list[int] | None = None, context_length: int | None = None) -> dict:
     """A config.json that transformers (4 and 5) and nabla read back into the same model."""
-    ctx = context_length or args.max_seq_len
+    ctx = context_length or DEFAULT_CONTEXT
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim,

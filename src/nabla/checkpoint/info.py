@@ -30,6 +30,7 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
 
     from nabla import device as devices
     from nabla.checkpoint import open_checkpoint
+    from nabla.model.args import DEFAULT_CONTEXT
     from nabla.tokenizer import tokenizer_kind
     from nabla.tokenizer.chat import chat_format_for
 
@@ -38,7 +39,7 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
     vocab = ckpt.shapes.get("tok_embeddings.weight", (a.vocab_size,))[0]
     tok_path = Path(tokenizer) if tokenizer else ckpt.tokenizer_path
     tok, tok_error = try_tokenizer(tok_path)
-    ctx = context or ckpt.context_length or a.max_seq_len
+    ctx = context or ckpt.context_length or DEFAULT_CONTEXT
     if not isinstance(batch, int) or batch < 1 or not isinstance(ctx, int) or ctx < 1:
         raise NablaError(f"--context and --batch must be positive integers, got {ctx} and {batch}")
     run_dtype = devices.parse_dtype(dtype) or ckpt.dtype or torch.float32

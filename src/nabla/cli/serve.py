@@ -7,8 +7,8 @@ import ipaddress
 import os
 import sys
 
-from nabla.errors import ConfigError
 from nabla.cli.common import add_model_args
+from nabla.errors import ConfigError
 
 
 def is_loopback(host: str) -> bool:
@@ -29,9 +29,8 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    for name in ("max_batch_size", "max_seq_len", "max_queue"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_queue < 1:  # the cache sizes are checked where the model is prepared (nabla.model.prepare)
+        raise ConfigError(f"--max-queue must be at least 1, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("NABLA_API_KEY") or None

@@ -1,6 +1,10 @@
-"""The Llama model: hyper-parameters, the transformer, its key/value cache."""
+"""The Llama model: hyper-parameters, the transformer, its key/value cache, and its preparation for a device.
+
+Leaves out: reading checkpoints (nabla.checkpoint) and generating (nabla.generation).
+"""
 
 from nabla.model.args import SHAPES, ModelArgs, args_from_params, from_name, param_count
 from nabla.model.llama import Transformer
+from nabla.model.prepare import prepare_model
 
-__all__ = ["ModelArgs", "SHAPES", "Transformer", "args_from_params", "from_name", "param_count"]
+__all__ = ["ModelArgs", "SHAPES", "Transformer", "args_from_params", "from_name", "param_count", "prepare_model"]

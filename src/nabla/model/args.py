@@ -2,6 +2,10 @@
 one table of named model shapes (used by `nabla train --preset` and
 `nabla bench --shape`).
 
+ModelArgs is the architecture only. How many sequences and positions a run
+holds (max_batch_size, max_seq_len) are sizes of the key/value cache, given
+to `Transformer.setup_cache` (see nabla.model.prepare), not fields here.
+
 Leaves out: reading weights (see nabla.checkpoint) and Hugging Face
 config.json (nabla.checkpoint.hf maps it onto these same fields).
 """
@@ -23,6 +27,9 @@ LLAMA3_ROPE_SCALING = {
     "original_max_position_embeddings": 8192,
 }
 
+DEFAULT_CONTEXT = 2048
+"""Context length written into exported configs when the source names none (Meta's default max_seq_len)."""
+
 
 @dataclass
 class ModelArgs:
@@ -41,8 +48,6 @@ class ModelArgs:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     """Llama 3 style frequency scaling (factor, low/high_freq_factor, original_max_position_embeddings)."""
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
     head_dim: int | None = None
     """Per-head width; None means dim // n_heads (Hugging Face configs may set it)."""
     hidden_dim: int | None = None
@@ -51,7 +56,7 @@ class ModelArgs:
     """Output head shares the token embedding (some Hugging Face models)."""
 
     def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "multiple_of"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -81,11 +86,6 @@ class ModelArgs:
             self.rope_scaling = _check_rope_scaling(self.rope_scaling)
         if self.hidden_dim is None:
             self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-
-    @property
-    def n_rep(self) -> int:
-        """How many query heads share one key/value head."""
-        return self.n_heads // self.n_kv_heads
 
     def to_params(self) -> dict:
         """The params.json Meta's code (and nabla) reads back into the same model."""
@@ -138,9 +138,10 @@ def _check_rope_scaling(scaling: dict) -> dict:
     return out
 
 
-# Keys of Meta params.json files that change nothing in the math.
+# Keys of Meta params.json files that change nothing in the math: the run's
+# cache sizes, which Meta's files (and older nabla training states) carry.
 _IGNORED_PARAMS = {"max_batch_size", "max_seq_len"}
-_PARAM_KEYS = {f.name for f in fields(ModelArgs)} | {"use_scaled_rope"}
+_PARAM_KEYS = {f.name for f in fields(ModelArgs)} | {"use_scaled_rope"} | _IGNORED_PARAMS
 
 
 def read_params(path: str | Path) -> dict:

@@ -16,18 +16,20 @@ products, which are compute-bound and good at it. Compiled code is cached on
 disk after the first use.
 
 Where numba is not installed everything falls back to torch.
+
+Leaves out: deciding where the kernels run (nabla.device.row_kernels, applied
+by nabla.model.prepare), the quantized layers (nabla.model.quantize), GPUs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import importlib.util
 
 _jit = None  # nabla.model.cpu_kernels_jit once loaded
 _AVAILABLE = importlib.util.find_spec("numba") is not None

@@ -2,10 +2,13 @@
 
 Imported only when a layer first runs one, so that importing nabla, and small
 models that never use them, do not pay for numba's start-up.
+
+Leaves out: the torch side (layers, fallbacks, threading; nabla.model.cpu_kernels).
 """
 
 import numpy as np
 from numba import njit, prange
+
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled

@@ -16,7 +16,8 @@ what is cached.
 
 Where the device records no graphs (CPU, MPS), outside inference mode, on a
 model with forward hooks or split across processes, `StepGraphs` simply calls
-the model.
+the model. Leaves out: prefill (one pass per request, its shape changes) and
+torch.compile.
 """
 
 from __future__ import annotations

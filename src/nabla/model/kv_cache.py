@@ -1,4 +1,9 @@
-"""Static key/value cache: allocated once, written in place, never grown."""
+"""Static key/value cache: allocated once, written in place, never grown.
+
+Its shape is the run's sizes: max_batch_size rows of max_seq_len positions
+(Transformer.setup_cache). Leaves out: paging, prefix sharing and eviction
+(a server's business), and the attention mask (nabla.model.llama.Positions).
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,12 @@ grouped-query attention with a key/value cache, SwiGLU feed-forward, untied
 The forward pass returns float32 logits; sampling lives in nabla.generation.
 Each sequence of a batch may sit at its own position in the cache (`start_pos`
 as a tensor), which is what batched decoding and the server need.
+
+The model holds no run sizes: `setup_cache(max_batch_size, max_seq_len)`
+allocates the key/value cache and sizes the rotary table; a pass without the
+cache grows the table to its length. Leaves out: putting the model on a
+device and choosing its kernels (nabla.model.prepare), sampling, tensor
+parallelism (nabla.distributed).
 """
 
 from __future__ import annotations
@@ -98,7 +104,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.dropout = 0.0
 
-    def forward(self, x, freqs, pos: "Positions | None") -> torch.Tensor:
+    def forward(self, x, freqs, pos: Positions | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = cpu_kernels.project(x, self.wq, self.wk, self.wv)
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
@@ -191,24 +197,25 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope", torch.empty(0), persistent=False)  # (max_seq_len, hd/2, 2)
+        # (positions, hd/2, 2): empty until setup_cache or a pass without the cache sizes it
+        self.register_buffer("rope", torch.empty(0, args.head_dim // 2, 2), persistent=False)
         self.step_graphs = None  # nabla.model.graphs.StepGraphs, made by the first decode()
-        self.init_rope()
         self.set_dropout(dropout)
 
     def init_rope(self, max_seq_len: int | None = None) -> None:
-        """(Re)compute the float32 rotary tables on the model's device (after to_empty / to(dtype))."""
-        table = rope_table(self.args, max_seq_len or self.args.max_seq_len)
-        self.rope = table.to(self.tok_embeddings.weight.device)
+        """(Re)compute the float32 rotary table for `max_seq_len` positions (None: as many as it has) on the
+        model's device, after to_empty / to(dtype)."""
+        length = self.rope.shape[0] if max_seq_len is None else max_seq_len
+        self.rope = rope_table(self.args, length).to(self.tok_embeddings.weight.device)
 
     def set_dropout(self, p: float) -> None:
         for layer in self.layers:
             layer.drop.p = p
             layer.attention.dropout = p
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> None:
-        """Allocate the key/value cache once, on the model's device and dtype."""
-        max_seq_len = max_seq_len or self.args.max_seq_len
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the key/value cache for `max_batch_size` sequences of up to `max_seq_len` positions,
+        once, on the model's device and dtype; the rotary table grows to cover them."""
         w = self.tok_embeddings.weight  # the compute dtype (wk may hold int8 once quantized)
         for layer in self.layers:
             a = layer.attention
@@ -226,10 +233,6 @@ class Transformer(nn.Module):
 
             self.step_graphs = StepGraphs(self)
         return self.step_graphs(tokens, start_pos)
-
-    @property
-    def has_cache(self) -> bool:
-        return self.layers[0].attention.cache is not None
 
     def forward(
         self,
@@ -254,8 +257,10 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
         if self.rope.dtype != torch.float32:  # a .to(dtype) cast the table: rebuild it exact
-            self.init_rope(self.rope.shape[0])
+            self.init_rope()
         if start_pos is None:
+            if self.rope.shape[0] < T:  # no cache sized the table: make it as long as this pass
+                self.init_rope(T)
             pos = None
             table = self.rope[None, :T]  # a view, no copy
         else:

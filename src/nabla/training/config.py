@@ -128,7 +128,7 @@ def get_model_args(cfg: TrainConfig, n_words: int | None) -> ModelArgs:
     """The model shape: preset (or --init-from params.json), then the flags."""
     overrides = {k: getattr(cfg, k) for k in SHAPE_KEYS if getattr(cfg, k) is not None}
     if cfg.init_from:
-        args = args_from_params(read_params(Path(cfg.init_from) / "params.json"), max_seq_len=cfg.seq_len)
+        args = args_from_params(read_params(Path(cfg.init_from) / "params.json"))
         changed = {k: v for k, v in overrides.items() if getattr(args, k) != v}
         if changed:
             raise ConfigError(f"--init-from {cfg.init_from} has a fixed shape; drop the flags {changed} "
@@ -138,7 +138,7 @@ def get_model_args(cfg: TrainConfig, n_words: int | None) -> ModelArgs:
         overrides["vocab_size"] = n_words
     if "n_heads" in overrides and "n_kv_heads" not in overrides:
         overrides["n_kv_heads"] = None
-    return from_name(cfg.preset, max_seq_len=cfg.seq_len, **overrides)
+    return from_name(cfg.preset, **overrides)
 
 
 def merge_resumed(cfg: TrainConfig, state: dict, given: dict) -> TrainConfig:

@@ -41,7 +41,7 @@ import torch
 from nabla import device as devices
 from nabla.distributed import data_parallel
 from nabla.errors import ConfigError, NablaError
-from nabla.model.args import ModelArgs, param_count
+from nabla.model.args import ModelArgs, args_from_params, param_count
 from nabla.model.llama import Transformer
 from nabla.training import config, report, rundir
 from nabla.training.config import TrainConfig
@@ -135,7 +135,7 @@ def _setup(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world
     token_bytes = token_byte_lengths(tokenizer)
 
     if state is not None:
-        args = ModelArgs(**{**state["model_args"], "max_seq_len": cfg.seq_len})
+        args = args_from_params(state["model_args"])  # drops the cache sizes older runs saved with the shape
     else:
         args = config.get_model_args(cfg, tokenizer.n_words)
     if tokenizer.n_words > args.vocab_size:
@@ -144,6 +144,7 @@ def _setup(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world
 
     torch.manual_seed(cfg.seed)
     raw = Transformer(args, dropout=cfg.dropout).to(device)
+    raw.init_rope(cfg.seq_len)  # the rotary table for the training windows, before compile and DDP
     if cfg.init_from and state is None:
         from nabla.checkpoint.meta import load_into, load_meta_state
 
