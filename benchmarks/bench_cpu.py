@@ -23,8 +23,8 @@ import platform
 import torch
 
 from nabla import device as devices
-from nabla.errors import ConfigError
 from nabla.bench import Setup, run
+from nabla.errors import ConfigError
 
 
 def rows(shape: str, gen: int):

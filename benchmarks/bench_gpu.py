@@ -21,8 +21,8 @@ import platform
 import torch
 
 from nabla import device as devices
-from nabla.errors import ConfigError
 from nabla.bench import Setup, run
+from nabla.errors import ConfigError
 
 RUNS = [  # (label, batch, prompt, new tokens, replay recorded decode steps)
     ("decode b1", 1, 16, 128, True),

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY_MHA
+
 from nabla import Llama
 
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from nabla.errors import (CheckpointError, ConfigError, ContextLengthError, InvalidRequestError,
-                          NablaError, TokenizerError)
+from nabla.errors import (
+    CheckpointError,
+    ConfigError,
+    ContextLengthError,
+    InvalidRequestError,
+    NablaError,
+    TokenizerError,
+)
 
 __version__ = "0.1.0"
 

@@ -5,11 +5,17 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import LLAMA2_TOKENIZER, TINY_MHA
+
 from nabla import Llama
-from nabla.errors import (CheckpointError, ConfigError, ContextLengthError, InvalidRequestError, NablaError,
-                          TokenizerError)
+from nabla.errors import (
+    CheckpointError,
+    ConfigError,
+    ContextLengthError,
+    InvalidRequestError,
+    NablaError,
+    TokenizerError,
+)
 
 
 def copy_ckpt(src, dst):

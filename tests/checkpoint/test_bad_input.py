@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_GQA, TINY_MHA, random_state
 
 from checkpoint.helpers import copy_hf_tokenizer, hf_folder, meta_folder, tiny_args
-from conftest import TINY_GQA, TINY_MHA, random_state
 from nabla import Llama
 from nabla.checkpoint import open_checkpoint
 from nabla.errors import CheckpointError, ConfigError, TokenizerError

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_GQA, TINY_MHA, random_state
 
 from checkpoint.helpers import TOKENS, hf_folder, hf_logits, meta_folder, tiny_args
-from conftest import TINY_GQA, TINY_MHA, random_state
 from nabla import Llama
 from nabla.checkpoint import open_checkpoint
 from nabla.checkpoint.convert import convert_checkpoint

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_GQA, TINY_MHA
 
 from checkpoint.helpers import TOKENS, hf_folder, hf_greedy, hf_logits, nabla_greedy
-from conftest import TINY_GQA, TINY_MHA
 from nabla import Llama
 from nabla.checkpoint import open_checkpoint
 from nabla.checkpoint.hf import config_to_args, permute_qk, unpermute_qk

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_GQA, TINY_MHA
+
 from nabla.cli import main
 from nabla.errors import ContextLengthError, InvalidRequestError
 from nabla.explain import Alternative, Explanation, TokenExplanation, score, token_stats

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from nabla.generation.sampling import (MIN_TEMPERATURE, greedy, nucleus, sample, sample_top_p, temperature_probs,
-                                       top_p_filter)
+from nabla.generation.sampling import (
+    MIN_TEMPERATURE,
+    greedy,
+    nucleus,
+    sample,
+    sample_top_p,
+    temperature_probs,
+    top_p_filter,
+)
 
 
 def meta_sample_top_p(probs, p, generator=None):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from nabla import cli
+from nabla.cli.mnist import register
 from nabla.errors import ConfigError
 from nabla.network import load
-from nabla.cli.mnist import register
 from nabla.network.mnist import DataError
 
 

@@ -8,8 +8,15 @@ import torch
 
 from nabla.errors import ConfigError
 from nabla.tokenizer.sentencepiece import SentencePieceTokenizer
-from nabla.training.data import (TokenData, build_token_files, get_batch, parse_sources, read_documents,
-                                 token_byte_lengths, train_tokenizer)
+from nabla.training.data import (
+    TokenData,
+    build_token_files,
+    get_batch,
+    parse_sources,
+    read_documents,
+    token_byte_lengths,
+    train_tokenizer,
+)
 
 GUTENBERG = ("\ufeffThe Project Gutenberg EBook of A Tale\r\n\r\nLicense blah\r\n"
              "*** START OF THIS PROJECT GUTENBERG EBOOK A TALE ***\r\n\r\n"

@@ -25,9 +25,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -68,7 +67,7 @@ class LazyState(Mapping):
         self.file_backed = file_backed
 
     @classmethod
-    def of(cls, tensors: Mapping[str, torch.Tensor], file_backed: bool = False) -> "LazyState":
+    def of(cls, tensors: Mapping[str, torch.Tensor], file_backed: bool = False) -> LazyState:
         """Wrap ready tensors (e.g. from torch.load(weights_only=True, mmap=True))."""
         return cls({k: Entry(lambda t=t: t, tuple(t.shape), t.dtype, [t])
                     for k, t in tensors.items() if isinstance(t, torch.Tensor)}, file_backed)

@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from nabla.errors import InvalidRequestError
 from nabla.cli.common import add_model_args, add_sampling_args, load_model
+from nabla.errors import InvalidRequestError
 
 
 def run_explain(args: argparse.Namespace) -> int:

@@ -17,8 +17,15 @@ from torch import nn
 
 from nabla.distributed.follow import follow, lead, only_rank_0_runs
 from nabla.distributed.launch import init_process_group, is_main_process, model_parallel_world, rank
-from nabla.distributed.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                               check_divisible, local_param_bytes, parallelize, rank_state)
+from nabla.distributed.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    check_divisible,
+    local_param_bytes,
+    parallelize,
+    rank_state,
+)
 
 
 def shard_model(model: nn.Module, state: Mapping[str, torch.Tensor], world_size: int, device: torch.device,

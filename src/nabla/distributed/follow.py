@@ -27,7 +27,7 @@ Leaves out: calls that reach into the model other than through forward.
 from __future__ import annotations
 
 import atexit
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -38,8 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nabla.checkpoint.shards import (EMBEDDING, SPLIT_DIM, LazyState, Entry, embedding_split_dim, entries_of,
-                                     weight_kind)
+from nabla.checkpoint.shards import EMBEDDING, SPLIT_DIM, Entry, LazyState, embedding_split_dim, entries_of, weight_kind
 from nabla.errors import ConfigError
 
 

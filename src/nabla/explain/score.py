@@ -112,7 +112,7 @@ def score(llama, text: str, window: int | None = None, stride: int | None = None
     return ScoredText(text, steps, len(text.encode("utf-8")), window, stride)
 
 
-def _score_rows(logits: torch.Tensor, targets: torch.Tensor, first: int, k: int, pieces: "_Pieces"):
+def _score_rows(logits: torch.Tensor, targets: torch.Tensor, first: int, k: int, pieces: _Pieces):
     """TokenExplanations at temperature 1 for targets (T,) predicted by logits (T, V), vectorised."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
     probs = logp.exp()

@@ -16,8 +16,8 @@ the CLI share one loop. The reference's semantics, kept exactly:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
