@@ -119,8 +119,12 @@ class JinjaChatFormat:
     """A Hugging Face chat template (tokenizer_config.json `chat_template`), rendered as
     transformers renders it: a sandboxed Jinja environment with trim_blocks and
     lstrip_blocks, `raise_exception`, the messages, bos/eos tokens and
-    add_generation_prompt=True. The text is then encoded as it stands (its
-    special tokens recognised, no second BOS added).
+    add_generation_prompt=True. The text is then encoded with no second BOS
+    added, the special tokens of the template's own text recognised; message
+    content is always plain text, so that a user's "</s><s>" or
+    "<|im_start|>" is characters, not the end of a turn and the start of a
+    forged one. A dialog whose content holds no special token's text encodes
+    exactly as the whole rendered text does.
     """
 
     name = "template"
@@ -142,6 +146,14 @@ class JinjaChatFormat:
 
         self.tokenizer = tokenizer
         self.bos_token, self.eos_token = bos_token, eos_token
+        # The special-token strings the rendered text is cut at, with their ids: all of them
+        # for tokenizers that parse special tokens, else BOS and EOS (SentencePiece).
+        if getattr(tokenizer, "encode_with_special", None) is not None:
+            self.specials: dict[str, int] = dict(getattr(tokenizer, "special_tokens", {}))
+        else:
+            self.specials = {t: i for t, i in ((bos_token, tokenizer.bos_id), (eos_token, tokenizer.eos_id)) if t}
+        names = sorted(self.specials, key=len, reverse=True)  # the longest token that matches
+        self.special_pattern = re.compile("|".join(re.escape(t) for t in names) if names else "(?!)")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = tojson
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
@@ -161,26 +173,88 @@ class JinjaChatFormat:
 
     def encode_dialog(self, dialog: Dialog) -> list[int]:
         text = self.render(dialog)
-        encode_text = getattr(self.tokenizer, "encode_with_special", None)
-        if encode_text is not None:
-            return encode_text(text)
-        return self._encode_split(text)
+        if not any(self.special_pattern.search(m["content"]) for m in dialog):
+            return self._encode_rendered(text, [])
+        # A message holds a special token's text ("</s><s>", "<|im_start|>"): it stays
+        # characters, or a user could write turns of the conversation for the model.
+        spans = self._content_spans(dialog, text)
+        if spans is None:
+            raise InvalidRequestError(
+                "a message contains the text of a special token, and the model's chat template changes "
+                "message content in a way nabla cannot follow to keep it plain text; remove it", "messages")
+        return self._encode_rendered(text, spans)
 
-    def _encode_split(self, text: str) -> list[int]:
-        """For tokenizers that do not parse special tokens (SentencePiece): cut the text at
-        the BOS/EOS strings and put their ids in."""
-        specials = {t: i for t, i in ((self.bos_token, self.tokenizer.bos_id),
-                                      (self.eos_token, self.tokenizer.eos_id)) if t}
-        if not specials:
-            return self.tokenizer.encode(text, bos=False, eos=False)
-        parts = re.split("(" + "|".join(re.escape(t) for t in specials) + ")", text)
+    def _encode_rendered(self, text: str, plain: list[tuple[int, int]]) -> list[int]:
+        """Encode rendered text; special tokens count only outside the `plain` spans (the
+        messages' content). With no spans this is how the text was always encoded."""
+        encode_text = getattr(self.tokenizer, "encode_with_special", None)
+        if encode_text is not None and not plain:
+            return encode_text(text)
+        pattern = self.special_pattern
+        cuts, start = [], 0
+        for end, after in [*plain, (len(text), len(text))]:  # the template's text between contents
+            cuts += [m.span() for m in pattern.finditer(text, start, end)]
+            start = after
+        encode_plain = getattr(self.tokenizer, "encode_plain", None)
         tokens: list[int] = []
-        for part in parts:
-            if part in specials:
-                tokens.append(specials[part])
-            elif part:
-                tokens += self.tokenizer.encode(part, bos=False, eos=False)
+        pos = 0
+        for a, b in [*cuts, (len(text), len(text))]:
+            if a > pos:
+                piece = text[pos:a]
+                tokens += (encode_plain(piece, at_start=pos == 0) if encode_plain is not None
+                           else self.tokenizer.encode(piece, bos=False, eos=False))
+            if b > a:
+                tokens.append(self.specials[text[a:b]])
+            pos = b
         return tokens
+
+    def _content_spans(self, dialog: Dialog, text: str) -> list[tuple[int, int]] | None:
+        """Where each message's content lies in the rendered `text`, in order, or None when
+        the template's use of the content cannot be followed.
+
+        The dialog is rendered a second time with each content replaced by a marker (a
+        private-use character around the message's index); the text between markers is the
+        template's own. The content itself may appear whole or stripped (`| trim`,
+        `.strip()`), as many times as the template writes it.
+        """
+        contents = [m["content"] for m in dialog]
+        seen = text + "".join(contents)
+        mark = next((chr(c) for c in range(0xE000, 0xF900) if chr(c) not in seen), None)
+        if mark is None:
+            return None
+        marked = self.render([{**m, "content": f"{mark}{i}{mark}"} for i, m in enumerate(dialog)])
+        parts = re.split(f"{mark}([0-9]+){mark}", marked)
+        if mark in "".join(parts[::2]) or any(int(i) >= len(contents) for i in parts[1::2]):
+            return None
+
+        def forms(c: str) -> list[str]:
+            return list(dict.fromkeys([c, c.strip(), c.lstrip(), c.rstrip()]))
+
+        # Depth-first over the forms each content took; stack entries: (part index, position, forms tried).
+        # A state met again has failed before (the search stops at the first success).
+        spans: list[tuple[int, int]] = []
+        stack, seen_states = [(0, 0, 0)], set()
+        while stack:
+            k, pos, tried = stack.pop()
+            del spans[k // 2:]
+            if tried == 0:
+                if (k, pos) in seen_states or not text.startswith(parts[k], pos):
+                    continue
+                seen_states.add((k, pos))
+                if k == len(parts) - 1:
+                    if pos + len(parts[k]) == len(text):
+                        return spans
+                    continue
+            start = pos + len(parts[k])
+            options = forms(contents[int(parts[k + 1])])
+            while tried < len(options) and not text.startswith(options[tried], start):
+                tried += 1
+            if tried == len(options):
+                continue
+            stack.append((k, pos, tried + 1))
+            stack.append((k + 2, start + len(options[tried]), 0))
+            spans.append((start, start + len(options[tried])))
+        return None
 
 
 def chat_format_for(tokenizer: Tokenizer):

@@ -51,6 +51,31 @@ def _without_legacy_prefix(tk):
     return copy
 
 
+def _plain_copies(tk):
+    """Two copies of `tk` that read special-token strings as plain characters: one for text
+    at the very start, one for text after a special token. The second differs only where a
+    Metaspace pre-tokenizer prepends "▁" to the "first" piece: the library does that for the
+    piece at offset 0 alone, and every separately encoded piece would count as first."""
+    from tokenizers import Tokenizer as _Tokenizer
+
+    def never_prepend(node) -> bool:
+        if isinstance(node, list):
+            return any([never_prepend(n) for n in node])
+        if not isinstance(node, dict):
+            return False
+        changed = any([never_prepend(v) for v in node.values()])
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+            node["prepend_scheme"] = "never"
+            changed = True
+        return changed
+
+    data = json.loads(tk.to_str())
+    first = _Tokenizer.from_str(json.dumps(data))
+    rest = _Tokenizer.from_str(json.dumps(data)) if never_prepend(data.get("pre_tokenizer")) else first
+    first.encode_special_tokens = rest.encode_special_tokens = True
+    return first, rest
+
+
 class HFTokenizer:
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tokenizer
@@ -108,6 +133,19 @@ class HFTokenizer:
     def encode_with_special(self, s: str) -> list[int]:
         """Encode rendered chat text: special tokens in it count, nothing is added."""
         return self.tk_chat.encode(s, add_special_tokens=False).ids
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The special added tokens by their text ("</s>": 2); `encode_with_special` reads these."""
+        return {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+
+    def encode_plain(self, s: str, at_start: bool) -> list[int]:
+        """Encode a piece of rendered chat text with no special token recognised in it, as
+        `encode_with_special` would encode it between two special tokens; `at_start`: the piece
+        opens the text rather than following a special token."""
+        if getattr(self, "_plain", None) is None:
+            self._plain = _plain_copies(self.tk_chat)
+        return self._plain[0 if at_start else 1].encode(s, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         # Special tokens are not text (as SentencePiece drops BOS/EOS).
