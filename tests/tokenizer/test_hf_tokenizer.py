@@ -4,8 +4,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import LLAMA2_TOKENIZER, STORY_TEXT, TINYLLAMA_DIR
+
 from nabla.errors import TokenizerError
 from nabla.tokenizer import load_tokenizer
 from nabla.tokenizer.hf import HFTokenizer

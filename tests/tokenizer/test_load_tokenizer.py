@@ -3,8 +3,8 @@
 import shutil
 
 import pytest
-
 from conftest import LLAMA2_TOKENIZER, LLAMA3_TOKENIZER, TINYLLAMA_DIR
+
 from nabla.errors import TokenizerError
 from nabla.tokenizer import SentencePieceTokenizer, load_tokenizer, tokenizer_kind
 from nabla.tokenizer.hf import HFTokenizer

@@ -1,8 +1,8 @@
 """The real Llama 2 tokenizer: known ids and round trips."""
 
 import pytest
-
 from conftest import LLAMA2_TOKENIZER
+
 from nabla.errors import TokenizerError
 from nabla.tokenizer import SentencePieceTokenizer, load_tokenizer
 from nabla.tokenizer.base import IncrementalDecoder

@@ -1,8 +1,8 @@
 """The real Llama 3 tiktoken tokenizer: known ids, special tokens, round trips."""
 
 import pytest
-
 from conftest import LLAMA3_TOKENIZER
+
 from nabla.tokenizer import load_tokenizer
 from nabla.tokenizer.base import IncrementalDecoder
 from nabla.tokenizer.tiktoken import TiktokenTokenizer
