@@ -32,7 +32,8 @@ mode, path, tok = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
 # Warm up: the first model built on the meta device imports torch's meta
 # kernels (~80 MB of code and tables, whatever the checkpoint's size).
-from nabla.model import Transformer, args_from_params
+from nabla.model import Transformer
+from nabla.checkpoint.meta import args_from_params
 with torch.device("meta"):
     Transformer(args_from_params(dict(dim=64, n_layers=1, n_heads=4, vocab_size=256)))
 from nabla.tokenizer import load_tokenizer
@@ -42,7 +43,8 @@ if mode == "nabla":
     llama = Llama.build(path, tok, max_seq_len=64, max_batch_size=1, dtype="auto", device="cpu")
     dtype = str(llama.model.tok_embeddings.weight.dtype)
 else:  # the naive way: read the whole file into memory, then copy it into a model
-    from nabla.model import Transformer, args_from_params
+    from nabla.model import Transformer
+    from nabla.checkpoint.meta import args_from_params
     params = json.load(open(path + "/params.json"))
     args = args_from_params(params)
     with torch.device("meta"):
@@ -60,7 +62,8 @@ def make_checkpoints(root: Path, layers: int) -> None:
     import torch
 
     from nabla.checkpoint.convert import convert_checkpoint
-    from nabla.model import Transformer, args_from_params
+    from nabla.checkpoint.meta import args_from_params
+    from nabla.model import Transformer
 
     params = dict(dim=1024, n_layers=layers, n_heads=16, vocab_size=32000, multiple_of=256, norm_eps=1e-5)
     args = args_from_params(params)

@@ -64,7 +64,8 @@ def make_checkpoints(root: Path, layers: int, dim: int) -> dict:
     import torch
 
     from nabla.checkpoint.convert import convert_checkpoint
-    from nabla.model import Transformer, args_from_params, param_count
+    from nabla.checkpoint.meta import args_from_params
+    from nabla.model import Transformer, param_count
 
     params = dict(dim=dim, n_layers=layers, n_heads=16, n_kv_heads=8, vocab_size=32000, multiple_of=256,
                   norm_eps=1e-5)

@@ -61,7 +61,7 @@ TINY_GQA = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, m
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory):
     """make_checkpoint(params=TINY_MHA, seed=0, dtype=None) -> folder with params.json, weights, tokenizer."""
-    from nabla.model import args_from_params
+    from nabla.checkpoint.meta import args_from_params
 
     made = {}
 

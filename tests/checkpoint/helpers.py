@@ -10,7 +10,7 @@ import torch
 from conftest import LLAMA2_TOKENIZER, TINYLLAMA_DIR, random_state
 from hf_reference import hf_model_from_meta
 
-from nabla.model import args_from_params
+from nabla.checkpoint.meta import args_from_params
 
 TOKENS = [[1, 15043, 3186, 372, 338, 263, 1243, 29889]]  # "<s> Hello world it is a test."
 

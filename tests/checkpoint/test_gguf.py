@@ -12,8 +12,9 @@ gguf = pytest.importorskip("gguf")
 from conftest import LLAMA2_TOKENIZER, TINY_GQA, random_state  # noqa: E402
 
 from nabla.checkpoint.gguf import write_gguf  # noqa: E402
+from nabla.checkpoint.meta import args_from_params  # noqa: E402
 from nabla.errors import ConfigError  # noqa: E402
-from nabla.model import Transformer, args_from_params  # noqa: E402
+from nabla.model import Transformer  # noqa: E402
 from nabla.tokenizer import load_tokenizer  # noqa: E402
 
 PARAMS = dict(TINY_GQA, rope_theta=10000.0)

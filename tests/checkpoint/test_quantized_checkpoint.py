@@ -8,9 +8,10 @@ from conftest import TINY_MHA, random_state
 
 from nabla import Llama
 from nabla.checkpoint.convert import convert_checkpoint
+from nabla.checkpoint.meta import args_from_params
 from nabla.cli import main
 from nabla.errors import CheckpointError, ConfigError, NablaError
-from nabla.model import Transformer, args_from_params
+from nabla.model import Transformer
 from nabla.model.quantize import Int4Linear, Int8Linear, quantize_model, quantize_state
 
 TIED = dict(TINY_MHA, tie_word_embeddings=True)

@@ -18,8 +18,8 @@ import torch
 from conftest import LLAMA2_TOKENIZER, TINY_GQA, TINY_MHA, random_state, write_meta_checkpoint
 
 from nabla import Llama
+from nabla.checkpoint.meta import args_from_params
 from nabla.errors import ConfigError
-from nabla.model import args_from_params
 
 PROMPTS = [[1, 15043, 3186], [1, 450, 4996, 17354, 1701]]  # two lengths: the padded batch path too
 GEN = 6

@@ -18,7 +18,8 @@ from conftest import TINY_GQA, TINY_MHA, random_state
 from hf_reference import hf_model_from_meta
 
 from nabla import Llama
-from nabla.model import Transformer, args_from_params
+from nabla.checkpoint.meta import args_from_params
+from nabla.model import Transformer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

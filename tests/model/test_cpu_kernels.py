@@ -9,7 +9,8 @@ pytest.importorskip("numba")
 
 from conftest import TINY_GQA, random_state  # noqa: E402
 
-from nabla.model import Transformer, args_from_params, cpu_kernels  # noqa: E402
+from nabla.checkpoint.meta import args_from_params  # noqa: E402
+from nabla.model import Transformer, cpu_kernels  # noqa: E402
 from nabla.model.quantize import Int4Linear, Int8Linear  # noqa: E402
 
 GEN = torch.Generator().manual_seed(0)

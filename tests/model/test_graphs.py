@@ -12,7 +12,8 @@ import torch
 from conftest import TINY_GQA, random_state
 
 from nabla import device as devices
-from nabla.model import Transformer, args_from_params, graphs
+from nabla.checkpoint.meta import args_from_params
+from nabla.model import Transformer, graphs
 
 
 def tiny(seed=0):

@@ -5,8 +5,9 @@ import torch
 from conftest import random_state
 from hf_reference import hf_model_from_meta
 
+from nabla.checkpoint.meta import args_from_params
 from nabla.errors import ConfigError
-from nabla.model import ModelArgs, Transformer, args_from_params
+from nabla.model import ModelArgs, Transformer
 
 CONFIGS = {
     "mha": dict(dim=64, n_layers=2, n_heads=4, vocab_size=300, multiple_of=32),

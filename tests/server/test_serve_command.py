@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from nabla.cli import main
-from nabla.errors import ConfigError
 from nabla.cli.serve import check_exposure, is_loopback
+from nabla.errors import ConfigError
 from server.conftest import free_port
 
 
@@ -62,8 +62,8 @@ def test_sigterm_finishes_in_flight_then_refuses(reference):
 
     import uvicorn
 
-    from nabla.server.app import create_app
     from nabla.cli.serve import draining_server
+    from nabla.server.app import create_app
 
     app = create_app(reference, "tiny")
     port = free_port()

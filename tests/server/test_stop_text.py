@@ -73,8 +73,8 @@ def test_window_decoder_equals_full_decode():
 
     from conftest import LLAMA2_TOKENIZER
 
-    from nabla.tokenizer.base import IncrementalDecoder
     from nabla.tokenizer import load_tokenizer
+    from nabla.tokenizer.base import IncrementalDecoder
 
     tok = load_tokenizer(LLAMA2_TOKENIZER)
     rng = random.Random(0)

@@ -97,7 +97,7 @@ def test_template_with_sentencepiece_splits_special_tokens(tmp_path):
 
 def test_chat_completion_picks_the_format(tmp_path):
     """A Llama 3 Meta folder: chat prompts use headers, and <|eot_id|> stops generation."""
-    from nabla.model import args_from_params
+    from nabla.checkpoint.meta import args_from_params
 
     params = dict(dim=32, n_layers=1, n_heads=2, vocab_size=128256, multiple_of=32, rope_theta=500000.0)
     (tmp_path / "params.json").write_text(json.dumps(params))

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from nabla.checkpoint import hf, meta
+from nabla.checkpoint.meta import args_from_params, read_params
 from nabla.checkpoint.shards import LazyState, merge_shards
 from nabla.errors import CheckpointError
 from nabla.jsonfile import read_json_object, token_ids
-from nabla.model.args import ModelArgs, args_from_params, read_params
+from nabla.model.args import ModelArgs
 from nabla.tokenizer.stops import eos_token_ids
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")

@@ -1,5 +1,8 @@
 """Meta-format checkpoints: `params.json` + `consolidated.NN.pth` (+ `tokenizer.model`).
 
+`read_params` and `args_from_params` turn params.json into ModelArgs (as
+nabla.checkpoint.hf does for config.json).
+
 Weights are opened with `torch.load(weights_only=True, mmap=True)`, so a
 checkpoint is paged in from disk as it is copied into the model instead of
 being held twice in memory. Extra keys (`rope.freqs`) are ignored; missing or
@@ -10,16 +13,54 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from nabla.checkpoint.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
-from nabla.errors import CheckpointError
-from nabla.model.args import ModelArgs
+from nabla.errors import CheckpointError, ConfigError
+from nabla.jsonfile import read_json_object
+from nabla.model.args import LLAMA3_ROPE_SCALING, ModelArgs
 
 IGNORED_KEYS = ("rope.freqs",)
+
+
+# Keys of Meta params.json files that change nothing in the math: the run's
+# cache sizes, which Meta's files (and older nabla training states) carry.
+_IGNORED_PARAMS = {"max_batch_size", "max_seq_len"}
+_PARAM_KEYS = {f.name for f in fields(ModelArgs)} | {"use_scaled_rope"} | _IGNORED_PARAMS
+
+
+def read_params(path: str | Path) -> dict:
+    """params.json as a dict, with a clear error when it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: a Meta checkpoint folder needs params.json next to its .pth files")
+    return read_json_object(path, "a JSON object of model settings")
+
+
+def args_from_params(params: dict, **overrides) -> ModelArgs:
+    """ModelArgs from a Meta params.json dict; unknown keys warn, bad values raise."""
+    params = dict(params)
+    unknown = sorted(set(params) - _PARAM_KEYS)
+    if unknown:
+        warnings.warn(f"params.json has keys nabla does not use, ignored: {', '.join(unknown)}", stacklevel=2)
+        for key in unknown:
+            del params[key]
+    for key in _IGNORED_PARAMS:
+        params.pop(key, None)
+    if params.pop("use_scaled_rope", False) and params.get("rope_scaling") is None:
+        params["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
+    for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        if isinstance(params.get(key), int) and not isinstance(params.get(key), bool):
+            params[key] = float(params[key])
+    try:
+        return ModelArgs(**{**params, **overrides})
+    except TypeError as e:
+        raise ConfigError(f"invalid model settings: {e}") from None
 
 
 def shard_paths(ckpt_dir: str | Path) -> list[Path]:

@@ -3,8 +3,8 @@
 Leaves out: reading checkpoints (nabla.checkpoint) and generating (nabla.generation).
 """
 
-from nabla.model.args import SHAPES, ModelArgs, args_from_params, from_name, param_count
+from nabla.model.args import SHAPES, ModelArgs, from_name, param_count
 from nabla.model.llama import Transformer
 from nabla.model.prepare import prepare_model
 
-__all__ = ["ModelArgs", "SHAPES", "Transformer", "args_from_params", "from_name", "param_count", "prepare_model"]
+__all__ = ["ModelArgs", "SHAPES", "Transformer", "from_name", "param_count", "prepare_model"]

@@ -1,23 +1,19 @@
-"""Model hyper-parameters: one dataclass, Meta's params.json reader, and the
-one table of named model shapes (used by `nabla train --preset` and
-`nabla bench --shape`).
+"""Model hyper-parameters: one dataclass and the one table of named model
+shapes (used by `nabla train --preset` and `nabla bench --shape`).
 
 ModelArgs is the architecture only. How many sequences and positions a run
 holds (max_batch_size, max_seq_len) are sizes of the key/value cache, given
 to `Transformer.setup_cache` (see nabla.model.prepare), not fields here.
 
-Leaves out: reading weights (see nabla.checkpoint) and Hugging Face
-config.json (nabla.checkpoint.hf maps it onto these same fields).
+Leaves out: reading files (see nabla.checkpoint: Meta's params.json in
+meta.py, Hugging Face config.json in hf.py, both mapped onto these fields).
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 from nabla.errors import ConfigError
-from nabla.jsonfile import read_json_object
 
 # Llama 3.1's "use_scaled_rope": the frequency scaling Meta applies to rope_theta.
 LLAMA3_ROPE_SCALING = {
@@ -136,41 +132,6 @@ def _check_rope_scaling(scaling: dict) -> dict:
             and out["original_max_position_embeddings"] > 0):
         raise ConfigError(f"invalid rope_scaling values: {scaling!r}")
     return out
-
-
-# Keys of Meta params.json files that change nothing in the math: the run's
-# cache sizes, which Meta's files (and older nabla training states) carry.
-_IGNORED_PARAMS = {"max_batch_size", "max_seq_len"}
-_PARAM_KEYS = {f.name for f in fields(ModelArgs)} | {"use_scaled_rope"} | _IGNORED_PARAMS
-
-
-def read_params(path: str | Path) -> dict:
-    """params.json as a dict, with a clear error when it is missing or not JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing: a Meta checkpoint folder needs params.json next to its .pth files")
-    return read_json_object(path, "a JSON object of model settings")
-
-
-def args_from_params(params: dict, **overrides) -> ModelArgs:
-    """ModelArgs from a Meta params.json dict; unknown keys warn, bad values raise."""
-    params = dict(params)
-    unknown = sorted(set(params) - _PARAM_KEYS)
-    if unknown:
-        warnings.warn(f"params.json has keys nabla does not use, ignored: {', '.join(unknown)}", stacklevel=2)
-        for key in unknown:
-            del params[key]
-    for key in _IGNORED_PARAMS:
-        params.pop(key, None)
-    if params.pop("use_scaled_rope", False) and params.get("rope_scaling") is None:
-        params["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
-    for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
-        if isinstance(params.get(key), int) and not isinstance(params.get(key), bool):
-            params[key] = float(params[key])
-    try:
-        return ModelArgs(**{**params, **overrides})
-    except TypeError as e:
-        raise ConfigError(f"invalid model settings: {e}") from None
 
 
 # The one table of named model shapes. "tiny" is for tests; the rest match

@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from nabla.errors import CheckpointError, ConfigError
-from nabla.model.args import ModelArgs, args_from_params, from_name, read_params
-
 # The flags that change the model's shape (and so cannot change on --resume or with --init-from).
+from nabla.checkpoint.meta import args_from_params, read_params
+from nabla.errors import CheckpointError, ConfigError
+from nabla.model.args import ModelArgs, from_name
+
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
 # Settings of one invocation only: never taken from the run being resumed.
 PER_RUN = ("stop_at", "time_limit", "force", "progress")

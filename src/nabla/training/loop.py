@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 from nabla import device as devices
+from nabla.checkpoint.meta import args_from_params
 from nabla.distributed import data_parallel
 from nabla.errors import ConfigError, NablaError
-from nabla.model.args import ModelArgs, args_from_params, param_count
+from nabla.model.args import ModelArgs, param_count
 from nabla.model.llama import Transformer
 from nabla.training import config, report, rundir
 from nabla.training.config import TrainConfig
