@@ -149,3 +149,62 @@ def test_missing_tokenizer(tmp_path):
     path = meta_folder(tmp_path / "meta", TINY_MHA, state, tokenizer=None)
     with pytest.raises(TokenizerError, match="tokenizer_path"):
         Llama.build(path, None, max_seq_len=32, max_batch_size=1)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_weights_the_config_does_not_use(tmp_path, meta_dir):
+    bad = _copy(meta_dir, tmp_path / "bad")
+    params = json.loads((bad / "params.json").read_text())
+    (bad / "params.json").write_text(json.dumps({**params, "n_layers": params["n_layers"] - 1}))
+    with pytest.raises(CheckpointError, match=r"config does not use: layers\.1\."):
+        Llama.build(bad, None, max_seq_len=32, max_batch_size=1)
+
+
+def test_nan_or_infinite_weights_are_refused(tmp_path, meta_dir):
+    for value in (float("nan"), float("inf")):
+        bad = _copy(meta_dir, tmp_path / f"bad-{value}")
+        state = torch.load(bad / "consolidated.00.pth", weights_only=True)
+        state["layers.0.feed_forward.w2.weight"][3, 5] = value
+        torch.save(state, bad / "consolidated.00.pth")
+        with pytest.raises(CheckpointError, match=r"layers\.0\.feed_forward\.w2\.weight holds NaN or infinite"):
+            Llama.build(bad, None, max_seq_len=32, max_batch_size=1)
+
+
+def test_empty_pth_and_params_without_dim(tmp_path, meta_dir):
+    bad = _copy(meta_dir, tmp_path / "empty")
+    (bad / "consolidated.00.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth is empty \(0 bytes\)"):
+        Llama.build(bad, None, max_seq_len=32, max_batch_size=1)
+    bad = _copy(meta_dir, tmp_path / "nodim")
+    params = json.loads((bad / "params.json").read_text())
+    del params["dim"]
+    (bad / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ConfigError, match="params.json has no 'dim'"):
+        Llama.build(bad, None, max_seq_len=32, max_batch_size=1)
+
+
+def test_info_verify_checks_the_checklist(tmp_path, meta_dir, capsys):
+    import hashlib
+
+    from nabla.cli import main
+
+    folder = _copy(meta_dir, tmp_path / "download")
+    names = sorted(p.name for p in folder.iterdir())
+    (folder / "checklist.chk").write_text(
+        "".join(f"{hashlib.md5((folder / n).read_bytes()).hexdigest()}  {n}\n" for n in names))
+    assert main(["info", "--model", str(folder), "--verify"]) == 0
+    assert all(f"ok   {n}" in capsys.readouterr().out for n in names[:1])
+    # 4 KB of random bytes inside the weights: torch may still load it, the checklist does not.
+    raw = bytearray((folder / "consolidated.00.pth").read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 4096] = torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()
+    (folder / "consolidated.00.pth").write_bytes(bytes(raw))
+    assert main(["info", "--model", str(folder), "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 files" in err and "consolidated.00.pth: MD5 differs" in err and "Traceback" not in err
+    (folder / "checklist.chk").unlink()
+    assert main(["info", "--model", str(folder), "--verify"]) == 1
+    assert "has no checklist.chk" in capsys.readouterr().err

@@ -72,3 +72,56 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
     else:
         info["tokenizer"] = {"path": str(tok_path) if tok_path else None, "error": tok_error}
     return info
+
+
+CHECKLIST = "checklist.chk"
+"""Meta's downloads: one `MD5  FILE` line per file of the folder."""
+
+
+def verify_checklist(folder: str | Path, progress: bool = False) -> list[dict]:
+    """Each file `checklist.chk` names, with its size and whether its MD5 matches.
+
+    Returns one {"file", "bytes", "ok", "problem"} per line; a folder without
+    the checklist, or a checklist that is not `MD5  FILE` lines, is an error.
+    """
+    import hashlib
+
+    folder = Path(folder)
+    chk = folder / CHECKLIST
+    if not chk.is_file():
+        raise NablaError(f"{folder} has no {CHECKLIST}; --verify checks the MD5 list that comes with Meta's "
+                         "downloads (put it beside the .pth files)")
+    entries = []
+    for n, line in enumerate(chk.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[0]) != 32 or any(c not in "0123456789abcdefABCDEF" for c in parts[0]):
+            raise NablaError(f"{chk}, line {n}: expected 'MD5  FILE', got {line.strip()[:80]!r}")
+        entries.append((parts[0].lower(), parts[1].lstrip("*")))
+    total = sum((folder / name).stat().st_size for _, name in entries if (folder / name).is_file())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="verifying", leave=False)
+    out = []
+    for digest, name in entries:
+        path = folder / name
+        if not path.is_file():
+            out.append({"file": name, "bytes": None, "ok": False, "problem": "missing"})
+            continue
+        md5 = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                md5.update(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        size = path.stat().st_size
+        ok = md5.hexdigest() == digest
+        out.append({"file": name, "bytes": size, "ok": ok,
+                    "problem": None if ok else ("empty" if size == 0 else "MD5 differs: damaged or incomplete")})
+    if bar is not None:
+        bar.close()
+    return out
+

@@ -42,9 +42,17 @@ def read_params(path: str | Path) -> dict:
     return read_json_object(path, "a JSON object of model settings")
 
 
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")
+"""Keys a params.json must give: a default for these would describe some other model."""
+
+
 def args_from_params(params: dict, **overrides) -> ModelArgs:
     """ModelArgs from a Meta params.json dict; unknown keys warn, bad values raise."""
     params = dict(params)
+    absent = [k for k in REQUIRED_PARAMS if k not in params and k not in overrides]
+    if absent:
+        raise ConfigError(f"params.json has no {', '.join(repr(k) for k in absent)}: a Meta params.json gives "
+                          f"{', '.join(REQUIRED_PARAMS)}; add the missing key(s) with this model's values")
     unknown = sorted(set(params) - _PARAM_KEYS)
     if unknown:
         warnings.warn(f"params.json has keys nabla does not use, ignored: {', '.join(unknown)}", stacklevel=2)
@@ -71,6 +79,9 @@ def shard_paths(ckpt_dir: str | Path) -> list[Path]:
 def load_shard(path: str | Path) -> dict[str, torch.Tensor]:
     """One .pth state dict, memory-mapped, with a clear error when the file is damaged."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; "
+                              "download or copy it again")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
@@ -108,9 +119,13 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
     missing = [k for k in want if k not in state and not (tied and k == "output.weight")]
     if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{source} is missing weights: {', '.join(missing[:5])}{more}. "
+        raise CheckpointError(f"{source} is missing weights: {_some(missing)}. "
                               "Is it a checkpoint of this model (see params.json)?")
+    unused = [k for k in state if k not in want and k not in IGNORED_KEYS]
+    if unused:  # e.g. a 6-layer checkpoint whose params.json says 5: never drop weights silently
+        raise CheckpointError(f"{source} has weights the model's config does not use: {_some(unused)}. "
+                              "Its config (params.json / config.json) does not describe these weights; "
+                              "fix the config (n_layers, dims) or use the checkpoint it belongs to")
     if tied and model.output.weight is not model.tok_embeddings.weight:
         model.output.weight = model.tok_embeddings.weight  # to_empty() unties shared weights
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -130,10 +145,19 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
             if src.shape != want[key]:
                 raise CheckpointError(f"{source}: {key} has shape {tuple(src.shape)}, the model expects "
                                       f"{tuple(want[key])} (check params.json against the weights)")
-            params[key].copy_(src)
+            dst = params[key]
+            dst.copy_(src)
             del src
+            if dst.is_floating_point() and not bool(torch.isfinite(dst).all()):
+                raise CheckpointError(f"{source}: {key} holds NaN or infinite values; the file is damaged "
+                                      "(check it with `nabla info --verify`) or was saved from a diverged run")
             if release is not None:
                 release(key)
+
+
+def _some(keys: list[str]) -> str:
+    more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+    return ", ".join(keys[:5]) + more
 
 
 def save_meta_checkpoint(out_dir: str | Path, model: torch.nn.Module, args: ModelArgs,

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from nabla.checkpoint.info import checkpoint_info
+from nabla.checkpoint.info import checkpoint_info, verify_checklist
 from nabla.cli.common import human_bytes, human_count, model_dir
+from nabla.errors import CheckpointError
 
 
 def print_info(info: dict, out=None) -> None:
@@ -46,7 +47,24 @@ def print_info(info: dict, out=None) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    info = checkpoint_info(model_dir(args), args.tokenizer, args.context, args.batch, args.dtype)
+    path = model_dir(args)
+    checked = verify_checklist(path, progress=not args.json) if args.verify else None
+    if checked is not None:
+        bad = [r for r in checked if not r["ok"]]
+        if not args.json:
+            for r in checked:
+                size = "missing" if r["bytes"] is None else human_bytes(r["bytes"])
+                problem = "" if r["ok"] else f": {r['problem']}"
+                print(f"{'ok' if r['ok'] else 'BAD':<4} {r['file']} ({size}){problem}")
+        if bad:
+            if args.json:
+                print(json.dumps({"path": str(path), "verify": checked}, indent=2))
+            raise CheckpointError(f"{len(bad)} of {len(checked)} files in {path} do not match checklist.chk "
+                                  f"({', '.join(r['file'] + ': ' + r['problem'] for r in bad[:3])}); "
+                                  "download them again")
+    info = checkpoint_info(path, args.tokenizer, args.context, args.batch, args.dtype)
+    if checked is not None:
+        info["verify"] = checked
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -65,5 +83,7 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size for the memory estimate (default: 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype for the memory estimate (default: the checkpoint's)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file against the folder's checklist.chk (Meta's MD5 list)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_info)
