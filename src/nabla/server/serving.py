@@ -139,7 +139,7 @@ class Serving:
             async for choices in chunks:
                 yield chunk(choices)
         except GenerationError as e:  # the run has ended the other choices too
-            yield sse(error_body(str(e), "server_error"))
+            yield sse(error_body(f"{e} (request id {e.request_id})", "server_error"))
         else:
             if chunk.with_usage:
                 yield chunk([], usage(p.prompt_tokens, p.run.generated))
