@@ -152,8 +152,12 @@ def validation_error(err: dict) -> APIError:
     if kind == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON "
                              f"({err.get('ctx', {}).get('error', 'syntax error')}).")
-    if kind == "model_type" or param is None:
+    if param is None:
         return APIError(400, "The request body must be a JSON object.")
+    if kind == "model_type":  # a nested object (messages[0], stream_options) of another type
+        got = _json_type(err.get("input"))
+        return APIError(400, f"Invalid value for '{param}': must be a JSON object (got {got}).", param=param,
+                        code="invalid_value")
     if kind == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
     if kind == "missing":
@@ -165,6 +169,12 @@ def validation_error(err: dict) -> APIError:
     got = err.get("input")
     shown = repr(got) if isinstance(got, (int, float, str, bool)) or got is None else type(got).__name__
     return APIError(400, f"Invalid value for '{param}': {msg} (got {shown}).", param=param, code="invalid_value")
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 async def until_disconnected(request: Request, coro):

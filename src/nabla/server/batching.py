@@ -169,8 +169,9 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
-            # A request is always taken into an empty queue, whatever its n.
-            if self._waiting and len(self._waiting) + len(seqs) > self.max_queue:
+            # Sequences count, not requests: n choices of k prompts take n * k places. (A request
+            # larger than the whole queue never gets here: serving refuses it.)
+            if len(self._waiting) + len(seqs) > self.max_queue:
                 raise QueueFullError(self.retry_after())
             for s in seqs:
                 s.generator = torch.Generator(device=self.device)

@@ -98,7 +98,7 @@ class _Sampling(Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Any = None
+    prompt: Any  # required: the validator below runs only on a value that was sent
     max_tokens: int | None = Field(None, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
@@ -169,7 +169,7 @@ class ChatCompletionRequest(_Sampling):
 
 class EmbeddingRequest(Strict):
     model: str
-    input: Any = None
+    input: Any  # required, as prompt is
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None

@@ -96,23 +96,39 @@ class Serving:
             out.append(ids)
         return out
 
-    def check_length(self, ids: list[int], max_tokens: int | None, param: str, what: str) -> int:
-        """The max_tokens to use (chat's default fills the context); raise if it does not fit."""
+    def check_length(self, ids: list[int], max_tokens: int | None, param: str, what: str,
+                     tokens_param: str | None = None) -> int:
+        """The max_tokens to use (chat's default fills the context); raise if it does not fit.
+
+        The error names the prompt (`param`) when the prompt alone leaves no room, else the
+        max_tokens parameter the client set (`tokens_param`), whose value is then what is too big.
+        """
         limit = self.max_seq_len
         if max_tokens is None:
             max_tokens = limit - len(ids)
         if len(ids) + max_tokens > limit or max_tokens < 1:
+            blame = tokens_param if tokens_param is not None and len(ids) < limit else param
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{len(ids) + max(max_tokens, 1)} tokens ({len(ids)} in {what}, {max(max_tokens, 1)} in the "
-                "completion). Please reduce the length of the prompt or of max_tokens.", param)
+                "completion). Please reduce the length of the prompt or of max_tokens.", blame)
         return max_tokens
 
     # ---------------------------------------------------------- generation
     def _start(self, req, prompts: list[list[int]], texts: list[str], max_tokens: int, logprobs: int | None,
                prompt_logprobs: bool = False) -> PreparedRequest:
-        """Queue n sequences per prompt now (so a full queue is a 429 before any response)."""
+        """Queue n sequences per prompt now (so a full queue is a 429 before any response).
+
+        The queue counts sequences, not requests, so a request that alone would overfill it
+        is refused outright (a 400: retrying cannot help).
+        """
         n = req.n or 1
+        limit = self.engine.max_queue
+        if len(prompts) * n > limit:
+            raise InvalidRequestError(
+                f"This request asks for {len(prompts) * n} sequences ({len(prompts)} prompts x n={n}), but this "
+                f"server queues at most {limit} sequences (--max-queue {limit}); send fewer prompts or a smaller n.",
+                "n" if n > 1 else "prompt")
         jobs, bases = [], []
         for ids, text in zip(prompts, texts):
             for j in range(n):
@@ -152,7 +168,8 @@ class Serving:
         prompts = self.encode_prompts(req.prompt, "prompt")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         for ids in prompts:
-            self.check_length(ids, max_tokens, "prompt", "your prompt")
+            self.check_length(ids, max_tokens, "prompt", "your prompt",
+                              None if req.max_tokens is None else "max_tokens")
         texts = [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(req.prompt, prompts)]
         return self._start(req, prompts, texts, max_tokens, req.logprobs,
                            prompt_logprobs=bool(req.echo) and req.logprobs is not None)
@@ -200,8 +217,10 @@ class Serving:
         dialog = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                   for m in req.messages]
         ids = self.llama.encode_chat(dialog)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = self.check_length(ids, max_tokens, "messages", "the messages")
+        tokens_param = ("max_completion_tokens" if req.max_completion_tokens is not None else
+                        "max_tokens" if req.max_tokens is not None else None)
+        max_tokens = None if tokens_param is None else getattr(req, tokens_param)
+        max_tokens = self.check_length(ids, max_tokens, "messages", "the messages", tokens_param)
         k = (req.top_logprobs or 0) if req.logprobs else None
         return self._start(req, [ids], [""], max_tokens, k)
 
