@@ -305,7 +305,7 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         req = await read_request(request, EmbeddingRequest)
-        return reply(await serving.embeddings(req))
+        return reply(await until_disconnected(request, serving.embeddings(req)))
 
     @app.get("/v1/models")
     async def models():

@@ -4,7 +4,7 @@
 context length), turns a completions or chat request into one engine sequence
 per prompt and choice (`PreparedRequest`, already queued), and follows the
 choices' deltas into OpenAI's answer: one JSON body, or SSE chunks. Embeddings
-run on the engine thread too.
+run on the engine thread too, in short slices between decode steps.
 
 Leaves out: HTTP (nabla.server.app), request schemas (nabla.server.protocol),
 running the sequences (nabla.server.run), the fields of the answer
@@ -14,6 +14,8 @@ running the sequences (nabla.server.run), the fields of the answer
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -41,6 +43,9 @@ from nabla.server.responses import (
 )
 from nabla.server.run import GenerationError, Run
 from nabla.server.text import TokenText
+
+EMBED_SLICE_S = 0.02
+"""The longest an embeddings request holds the engine at a time (but one input always runs whole)."""
 
 
 class ModelNotFoundError(Exception):
@@ -261,13 +266,20 @@ class Serving:
                     f"{len(ids)} tokens in the input. Please reduce your input.", "input")
         model, device = self.llama.model, self.engine.device
 
-        def embed():
-            out = []
-            for ids in prompts:
+        def embed(start: int) -> list[torch.Tensor]:
+            """Vectors of prompts[start:], as many as EMBED_SLICE_S allows (at least one)."""
+            out, t0 = [], time.perf_counter()
+            for ids in prompts[start:]:
                 h = model(torch.tensor([ids], device=device), return_hidden=True)[0].float()  # (T, dim)
                 v = h.mean(0)
-                out.append(v / v.norm().clamp_min(1e-12))
-            return [v.cpu() for v in out]
+                out.append((v / v.norm().clamp_min(1e-12)).cpu())
+                if time.perf_counter() - t0 >= EMBED_SLICE_S:
+                    break
+            return out
 
-        vectors = await asyncio.wrap_future(self.engine.run_job(embed))
+        # One slice per engine iteration, so decoding goes on in between; a client that
+        # leaves cancels this coroutine, and no further slice is queued.
+        vectors: list[torch.Tensor] = []
+        while len(vectors) < len(prompts):
+            vectors += await asyncio.wrap_future(self.engine.run_job(functools.partial(embed, len(vectors))))
         return embedding_list(vectors, req.encoding_format, self.model_name, sum(map(len, prompts)))
