@@ -148,7 +148,8 @@ def first_error(errors: list[dict]) -> dict:
 
 
 def validation_error(err: dict) -> APIError:
-    kind, param = err["type"], param_of(tuple(err.get("loc", ())))
+    kind = err["type"]
+    param = param_of(tuple(err.get("loc", ())), field_last=kind in ("extra_forbidden", "missing"))
     if kind == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON "
                              f"({err.get('ctx', {}).get('error', 'syntax error')}).")

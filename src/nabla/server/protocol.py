@@ -204,14 +204,22 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def param_of(loc: tuple) -> str | None:
-    """pydantic's error location ('messages', 0, 'content') as OpenAI's 'messages[0].content'."""
+def param_of(loc: tuple, field_last: bool = False) -> str | None:
+    """pydantic's error location ('messages', 0, 'content') as OpenAI's 'messages[0].content'.
+
+    pydantic puts a union member's tag ('str', 'list[TextPart]') in the location; such parts are
+    skipped, except the first (a request's own field) and, with `field_last`, the last (a field
+    the client sent or left out: its name as written, whatever it looks like).
+    """
+    if not loc:
+        return None
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none"):
-            break  # a union member's tag, not a field
+        elif 0 < i and not (field_last and i == len(loc) - 1) and (
+                "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none")):
+            continue  # a union member's tag, not a field
         else:
             out += ("." if out else "") + part
-    return out or None
+    return out
