@@ -8,7 +8,8 @@ decode step feeds the last token of every active sequence at once,
 sequences join between steps; a finished or cancelled one frees its slot at
 once. Sampling is per sequence (own temperature, top_p, penalties and
 torch.Generator), so a greedy sequence yields exactly `Llama.generate`'s
-tokens for its prompt alone.
+tokens for its prompt alone. A step that fails is run again one sequence at
+a time, so that a failure ends only the sequence that causes it.
 
 Leaves out: a request's text and stop strings (nabla.server.run), HTTP
 (nabla.server.app), sharing the prompt cache between sequences, chunked prefill.
