@@ -9,7 +9,8 @@ draws with `torch.multinomial`. Temperature 0 is the argmax.
 
 As the temperature tends to 0 sampling tends to the argmax; below
 MIN_TEMPERATURE `logits / temperature` would overflow float32 (and a
-temperature of 1e-300 rounds to 0 in it), so there it *is* the argmax.
+temperature of 1e-300 rounds to 0 in it), so there it *is* the argmax; above
+it, a row whose logits still overflow is shifted first (see temperature_probs).
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ def temperature_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """The distribution (..., V) after temperature: softmax(logits / T), one-hot on the argmax when greedy."""
     if is_greedy(temperature):
         return F.one_hot(greedy(logits), logits.shape[-1]).to(logits.dtype)
-    return torch.softmax(logits / temperature, dim=-1)
+    scaled = logits / temperature
+    # Large logits over a small temperature can still overflow to inf (and softmax to nan): such a
+    # row takes the same distribution from its logits shifted so that the largest is 0. Other rows
+    # keep Meta's operations, bit for bit.
+    top = logits.amax(dim=-1, keepdim=True)
+    scaled = torch.where(torch.isposinf(scaled.amax(dim=-1, keepdim=True)), (logits - top) / temperature, scaled)
+    return torch.softmax(scaled, dim=-1)
 
 
 def nucleus(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,8 +4,12 @@ Every error leaves as OpenAI's error object, `{"error": {"message", "type",
 "param", "code"}}`, with OpenAI's status: 400 for a bad request (never 422),
 401 for a missing or wrong key, 404 for an unknown model or route, 413 for a
 body over 1 MB, 429 when the queue is full (with Retry-After), 503 while
-shutting down. Request bodies are read and validated here by hand, so that
-malformed JSON and wrong types are 400s naming the parameter.
+shutting down; a 500 tells only a request id, under which the log keeps the
+error and its traceback. Request bodies are read and validated here by hand,
+so that malformed JSON and wrong types are 400s naming the parameter (by its
+path: `messages[0]`, `stream_options.include_usage`). A body is read as JSON
+whatever its Content-Type says (none, text/plain), as OpenAI's clients all
+send JSON. A client that leaves while its body is read is logged as a 499.
 
 Leaves out: what a request means (nabla.server.serving), the fields of an
 answer (nabla.server.responses).
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -26,15 +31,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from nabla.errors import ContextLengthError, InvalidRequestError
 from nabla.server.batching import Engine, EngineStoppedError, QueueFullError
 from nabla.server.metrics import Metrics
 from nabla.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, param_of
-from nabla.server.responses import DONE, error_body, model_card, sse
+from nabla.server.responses import DONE, error_body, model_card, new_id, sse
 from nabla.server.run import GenerationError
 from nabla.server.serving import ModelNotFoundError, Serving
 
+log = logging.getLogger("nabla.server")
 MAX_BODY = 1 << 20  # 1 MB
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
 
@@ -97,6 +104,17 @@ class Gate:
         return None
 
 
+class ClientGone(Exception):
+    """The client left before its request was read: nobody to answer (a 499, as nginx logs it)."""
+
+
+def internal_error(e: BaseException, what: str = "internal error") -> str:
+    """Log e with its traceback under a new request id; the message for the client, which names only the id."""
+    rid = new_id("req")
+    log.error("%s (request id %s)", what, rid, exc_info=e)
+    return f"{what}; request id {rid}"
+
+
 class ServerState:
     def __init__(self, serving: Serving, api_key: str | None):
         self.serving, self.api_key = serving, api_key
@@ -110,10 +128,13 @@ async def read_request(request: Request, model: type[BaseModel]):
     if size is not None and size.isdigit() and int(size) > MAX_BODY:
         raise APIError(413, f"The request body is {int(size)} bytes; the limit is {MAX_BODY} bytes.")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise APIError(413, f"The request body is over the limit of {MAX_BODY} bytes.")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise APIError(413, f"The request body is over the limit of {MAX_BODY} bytes.")
+    except ClientDisconnect:
+        raise ClientGone() from None
     try:
         return model.model_validate_json(bytes(body))
     except ValidationError as e:
@@ -127,12 +148,17 @@ def first_error(errors: list[dict]) -> dict:
 
 
 def validation_error(err: dict) -> APIError:
-    kind, param = err["type"], param_of(tuple(err.get("loc", ())))
+    kind = err["type"]
+    param = param_of(tuple(err.get("loc", ())), field_last=kind in ("extra_forbidden", "missing"))
     if kind == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON "
                              f"({err.get('ctx', {}).get('error', 'syntax error')}).")
-    if kind == "model_type" or param is None:
+    if param is None:
         return APIError(400, "The request body must be a JSON object.")
+    if kind == "model_type":  # a nested object (messages[0], stream_options) of another type
+        got = _json_type(err.get("input"))
+        return APIError(400, f"Invalid value for '{param}': must be a JSON object (got {got}).", param=param,
+                        code="invalid_value")
     if kind == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
     if kind == "missing":
@@ -144,6 +170,12 @@ def validation_error(err: dict) -> APIError:
     got = err.get("input")
     shown = repr(got) if isinstance(got, (int, float, str, bool)) or got is None else type(got).__name__
     return APIError(400, f"Invalid value for '{param}': {msg} (got {shown}).", param=param, code="invalid_value")
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 async def until_disconnected(request: Request, coro):
@@ -168,7 +200,7 @@ async def guarded(stream: AsyncIterator[str]) -> AsyncIterator[str]:
         async for chunk in stream:
             yield chunk
     except Exception as e:  # after the 200 is out, an error can only travel as an event
-        yield sse(error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"))
+        yield sse(error_body(internal_error(e, "generation failed: internal error"), "server_error"))
         yield DONE
     finally:
         await stream.aclose()
@@ -221,8 +253,16 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
         return error_response(503, "The server is shutting down.", "server_error", code="service_unavailable")
 
     @app.exception_handler(GenerationError)
-    async def _failed(request, e):
-        return error_response(500, str(e), "server_error")
+    async def _failed(request, e: GenerationError):
+        if not e.internal:
+            return error_response(500, str(e), "server_error")
+        # The engine logged the traceback under this request id; the client learns the id, not the error.
+        log.error("request id %s: %s", e.request_id, e)
+        return error_response(500, f"generation failed: internal error; request id {e.request_id}", "server_error")
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request, e):
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
@@ -238,7 +278,7 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
 
     @app.exception_handler(Exception)
     async def _unexpected(request, e: Exception):
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        return error_response(500, internal_error(e), "server_error")
 
     def reply(body) -> Response:
         return Response(status_code=499) if body is None else JSONResponse(body)
@@ -266,7 +306,7 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         req = await read_request(request, EmbeddingRequest)
-        return reply(await serving.embeddings(req))
+        return reply(await until_disconnected(request, serving.embeddings(req)))
 
     @app.get("/v1/models")
     async def models():

@@ -8,7 +8,8 @@ decode step feeds the last token of every active sequence at once,
 sequences join between steps; a finished or cancelled one frees its slot at
 once. Sampling is per sequence (own temperature, top_p, penalties and
 torch.Generator), so a greedy sequence yields exactly `Llama.generate`'s
-tokens for its prompt alone.
+tokens for its prompt alone. A step that fails is run again one sequence at
+a time, so that a failure ends only the sequence that causes it.
 
 Leaves out: a request's text and stop strings (nabla.server.run), HTTP
 (nabla.server.app), sharing the prompt cache between sequences, chunked prefill.
@@ -102,6 +103,8 @@ class Sequence:
     generator: torch.Generator | None = None
     counts: dict[int, int] = field(default_factory=dict)
     arrived: float = field(default_factory=time.monotonic)
+    request_id: str = ""
+    """The request's id, in the log when this sequence fails."""
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence (takes effect before the next step)."""
@@ -167,8 +170,9 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
-            # A request is always taken into an empty queue, whatever its n.
-            if self._waiting and len(self._waiting) + len(seqs) > self.max_queue:
+            # Sequences count, not requests: n choices of k prompts take n * k places. (A request
+            # larger than the whole queue never gets here: serving refuses it.)
+            if len(self._waiting) + len(seqs) > self.max_queue:
                 raise QueueFullError(self.retry_after())
             for s in seqs:
                 s.generator = torch.Generator(device=self.device)
@@ -263,16 +267,39 @@ class Engine:
             s.sink([FinishEvent("abort")])
 
     def _guarded(self, step: Callable, seqs: list[Sequence]) -> None:
+        """Run a batched step; if it fails, run it again for each sequence alone.
+
+        A step raises only from its batched forward pass (writing the cache again is harmless),
+        never once it has handed a sequence its token: so the retry ends only the sequence that
+        fails on its own, and its neighbours go on as if nothing had happened.
+        """
         if not seqs:
             return
         try:
             step(seqs)
-        except Exception as e:  # a failed step ends its sequences, not the server
-            log.exception("a generation step failed")
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fail(seqs[0], e)
+                return
+            log.warning("a step of %d sequences failed (%s: %s); running them one at a time",
+                        len(seqs), type(e).__name__, e)
             for s in seqs:
                 if s.slot >= 0:
-                    self._release(s)
-                    s.sink([ErrorEvent(f"generation failed: {type(e).__name__}: {e}")])
+                    self._guarded(step, [s])
+
+    def _fail(self, s: Sequence, e: Exception) -> None:
+        """End s, and only s, with an error; the log keeps the traceback under its request id."""
+        log.error("generation failed (request id %s)", s.request_id or "?", exc_info=e)
+        if s.slot >= 0:
+            self._release(s)
+        s.sink([ErrorEvent(f"generation failed: {type(e).__name__}: {e}")])
+
+    def _emit(self, s: Sequence, logits: torch.Tensor, events: list, token: int | None = None) -> None:
+        """_advance, but an error in it (sampling) ends s alone."""
+        try:
+            self._advance(s, logits, events, token)
+        except Exception as e:
+            self._fail(s, e)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Write each new prompt into its slot and pick its first token.
@@ -283,19 +310,25 @@ class Engine:
         groups: dict[tuple[int, bool], list[Sequence]] = {}
         for s in seqs:
             groups.setdefault((len(s.prompt), s.params.prompt_logprobs), []).append(s)
-        for (T, all_logits), group in groups.items():
-            t0 = time.perf_counter()
-            tokens = torch.tensor([s.prompt for s in group], dtype=torch.long, device=self.device)
-            start = torch.zeros(len(group), dtype=torch.long, device=self.device)
-            rows = torch.tensor([s.slot for s in group], dtype=torch.long, device=self.device)
-            logits = self.model(tokens, start, rows=rows, last_only=not all_logits)  # (G, T or 1, V)
-            self.prompt_tokens += T * len(group)
-            for i, s in enumerate(group):
-                events: list = []
-                if all_logits:
-                    events.append(_prompt_event(logits[i, :-1], tokens[i, 1:], s.params.logprobs))
-                self._advance(s, logits[i, -1], events)
-            self.step_seconds += time.perf_counter() - t0
+        for group in groups.values():
+            self._guarded(self._prefill_group, group)
+
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        t0 = time.perf_counter()
+        all_logits = group[0].params.prompt_logprobs
+        tokens = torch.tensor([s.prompt for s in group], dtype=torch.long, device=self.device)
+        start = torch.zeros(len(group), dtype=torch.long, device=self.device)
+        rows = torch.tensor([s.slot for s in group], dtype=torch.long, device=self.device)
+        logits = self.model(tokens, start, rows=rows, last_only=not all_logits)  # (G, T or 1, V)
+        self.prompt_tokens += tokens.numel()
+        for i, s in enumerate(group):
+            try:
+                events = [_prompt_event(logits[i, :-1], tokens[i, 1:], s.params.logprobs)] if all_logits else []
+            except Exception as e:
+                self._fail(s, e)
+                continue
+            self._emit(s, logits[i, -1], events)
+        self.step_seconds += time.perf_counter() - t0
 
     def _decode(self, seqs: list[Sequence]) -> None:
         """One step for every active sequence: feed its last token, pick the next."""
@@ -309,7 +342,7 @@ class Engine:
         picks = greedy(logits[argmax_rows]).tolist() if argmax_rows else []
         chosen = dict(zip(argmax_rows, picks))
         for i, s in enumerate(seqs):
-            self._advance(s, logits[i], [], chosen.get(i))
+            self._emit(s, logits[i], [], chosen.get(i))
         self.steps += 1
         self.step_seconds += time.perf_counter() - t0
 

@@ -98,7 +98,7 @@ class _Sampling(Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Any = None
+    prompt: Any  # required: the validator below runs only on a value that was sent
     max_tokens: int | None = Field(None, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
@@ -169,7 +169,7 @@ class ChatCompletionRequest(_Sampling):
 
 class EmbeddingRequest(Strict):
     model: str
-    input: Any = None
+    input: Any  # required, as prompt is
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
@@ -204,14 +204,22 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def param_of(loc: tuple) -> str | None:
-    """pydantic's error location ('messages', 0, 'content') as OpenAI's 'messages[0].content'."""
+def param_of(loc: tuple, field_last: bool = False) -> str | None:
+    """pydantic's error location ('messages', 0, 'content') as OpenAI's 'messages[0].content'.
+
+    pydantic puts a union member's tag ('str', 'list[TextPart]') in the location; such parts are
+    skipped, except the first (a request's own field) and, with `field_last`, the last (a field
+    the client sent or left out: its name as written, whatever it looks like).
+    """
+    if not loc:
+        return None
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none"):
-            break  # a union member's tag, not a field
+        elif 0 < i and not (field_last and i == len(loc) - 1) and (
+                "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none")):
+            continue  # a union member's tag, not a field
         else:
             out += ("." if out else "") + part
-    return out or None
+    return out

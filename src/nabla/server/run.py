@@ -6,7 +6,8 @@ engine thread's events over to the request's event loop through a `Mailbox`,
 and turns each choice's tokens into `Delta`s of released text (the text
 held back while it could still begin a stop string: nabla.server.text). It
 counts the generated tokens (usage) and times the first one (/metrics). A
-failed or aborted choice raises GenerationError and ends the other choices.
+failed or aborted choice raises GenerationError and ends the other choices;
+the request id it carries is the one the engine's log names the failure under.
 
 Leaves out: what the request asks for (nabla.server.serving), the response
 fields (nabla.server.responses), the decode loop itself (nabla.server.batching).
@@ -24,11 +25,16 @@ from dataclasses import dataclass, field
 
 from nabla.server.batching import Engine, ErrorEvent, FinishEvent, PromptEvent, SamplingParams, Sequence, TokenEvent
 from nabla.server.metrics import Metrics
+from nabla.server.responses import new_id
 from nabla.server.text import ChoiceText, Tok, TokenText
 
 
 class GenerationError(Exception):
-    """The engine failed a sequence (not the user's fault)."""
+    """The engine failed a sequence (not the user's fault), or aborted it (`internal` False)."""
+
+    def __init__(self, message: str, request_id: str, internal: bool = True):
+        super().__init__(message)
+        self.request_id, self.internal = request_id, internal
 
 
 @dataclass
@@ -102,7 +108,9 @@ class Run:
             if not mailbox.post(self.queue, (i, events)):
                 self.seqs[i].cancel()  # the event loop is closed: nobody is listening any more
 
-        self.seqs = [Sequence(ids, p, functools.partial(sink, i)) for i, (ids, p) in enumerate(jobs)]
+        self.request_id = new_id("req")
+        self.seqs = [Sequence(ids, p, functools.partial(sink, i), request_id=self.request_id)
+                     for i, (ids, p) in enumerate(jobs)]
         self.texts = [ChoiceText(tokens.tokenizer, ids, stops, base) for (ids, _), base in zip(jobs, bases)]
         self.done = [False] * len(self.seqs)
         engine.submit(self.seqs)
@@ -138,12 +146,13 @@ class Run:
                     elif isinstance(ev, FinishEvent):
                         done[i] = True
                         if ev.reason == "abort":
-                            raise GenerationError("the generation was aborted: the server is shutting down")
+                            raise GenerationError("the generation was aborted: the server is shutting down",
+                                                  self.request_id, internal=False)
                         text, toks, stopped = texts[i].finish()
                         yield Delta(i, text, toks, "stop" if stopped else ev.reason)
                     elif isinstance(ev, ErrorEvent):
                         done[i] = True
-                        raise GenerationError(ev.message)
+                        raise GenerationError(ev.message, self.request_id)
         finally:
             left = sum(not d for d in done)
             self.cancel()  # the other choices too: the request ends here

@@ -4,7 +4,7 @@
 context length), turns a completions or chat request into one engine sequence
 per prompt and choice (`PreparedRequest`, already queued), and follows the
 choices' deltas into OpenAI's answer: one JSON body, or SSE chunks. Embeddings
-run on the engine thread too.
+run on the engine thread too, in short slices between decode steps.
 
 Leaves out: HTTP (nabla.server.app), request schemas (nabla.server.protocol),
 running the sequences (nabla.server.run), the fields of the answer
@@ -14,6 +14,8 @@ running the sequences (nabla.server.run), the fields of the answer
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -41,6 +43,9 @@ from nabla.server.responses import (
 )
 from nabla.server.run import GenerationError, Run
 from nabla.server.text import TokenText
+
+EMBED_SLICE_S = 0.02
+"""The longest an embeddings request holds the engine at a time (but one input always runs whole)."""
 
 
 class ModelNotFoundError(Exception):
@@ -96,23 +101,39 @@ class Serving:
             out.append(ids)
         return out
 
-    def check_length(self, ids: list[int], max_tokens: int | None, param: str, what: str) -> int:
-        """The max_tokens to use (chat's default fills the context); raise if it does not fit."""
+    def check_length(self, ids: list[int], max_tokens: int | None, param: str, what: str,
+                     tokens_param: str | None = None) -> int:
+        """The max_tokens to use (chat's default fills the context); raise if it does not fit.
+
+        The error names the prompt (`param`) when the prompt alone leaves no room, else the
+        max_tokens parameter the client set (`tokens_param`), whose value is then what is too big.
+        """
         limit = self.max_seq_len
         if max_tokens is None:
             max_tokens = limit - len(ids)
         if len(ids) + max_tokens > limit or max_tokens < 1:
+            blame = tokens_param if tokens_param is not None and len(ids) < limit else param
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{len(ids) + max(max_tokens, 1)} tokens ({len(ids)} in {what}, {max(max_tokens, 1)} in the "
-                "completion). Please reduce the length of the prompt or of max_tokens.", param)
+                "completion). Please reduce the length of the prompt or of max_tokens.", blame)
         return max_tokens
 
     # ---------------------------------------------------------- generation
     def _start(self, req, prompts: list[list[int]], texts: list[str], max_tokens: int, logprobs: int | None,
                prompt_logprobs: bool = False) -> PreparedRequest:
-        """Queue n sequences per prompt now (so a full queue is a 429 before any response)."""
+        """Queue n sequences per prompt now (so a full queue is a 429 before any response).
+
+        The queue counts sequences, not requests, so a request that alone would overfill it
+        is refused outright (a 400: retrying cannot help).
+        """
         n = req.n or 1
+        limit = self.engine.max_queue
+        if len(prompts) * n > limit:
+            raise InvalidRequestError(
+                f"This request asks for {len(prompts) * n} sequences ({len(prompts)} prompts x n={n}), but this "
+                f"server queues at most {limit} sequences (--max-queue {limit}); send fewer prompts or a smaller n.",
+                "n" if n > 1 else "prompt")
         jobs, bases = [], []
         for ids, text in zip(prompts, texts):
             for j in range(n):
@@ -139,7 +160,7 @@ class Serving:
             async for choices in chunks:
                 yield chunk(choices)
         except GenerationError as e:  # the run has ended the other choices too
-            yield sse(error_body(str(e), "server_error"))
+            yield sse(error_body(f"{e} (request id {e.request_id})", "server_error"))
         else:
             if chunk.with_usage:
                 yield chunk([], usage(p.prompt_tokens, p.run.generated))
@@ -152,7 +173,8 @@ class Serving:
         prompts = self.encode_prompts(req.prompt, "prompt")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         for ids in prompts:
-            self.check_length(ids, max_tokens, "prompt", "your prompt")
+            self.check_length(ids, max_tokens, "prompt", "your prompt",
+                              None if req.max_tokens is None else "max_tokens")
         texts = [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(req.prompt, prompts)]
         return self._start(req, prompts, texts, max_tokens, req.logprobs,
                            prompt_logprobs=bool(req.echo) and req.logprobs is not None)
@@ -200,8 +222,10 @@ class Serving:
         dialog = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                   for m in req.messages]
         ids = self.llama.encode_chat(dialog)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = self.check_length(ids, max_tokens, "messages", "the messages")
+        tokens_param = ("max_completion_tokens" if req.max_completion_tokens is not None else
+                        "max_tokens" if req.max_tokens is not None else None)
+        max_tokens = None if tokens_param is None else getattr(req, tokens_param)
+        max_tokens = self.check_length(ids, max_tokens, "messages", "the messages", tokens_param)
         k = (req.top_logprobs or 0) if req.logprobs else None
         return self._start(req, [ids], [""], max_tokens, k)
 
@@ -242,13 +266,20 @@ class Serving:
                     f"{len(ids)} tokens in the input. Please reduce your input.", "input")
         model, device = self.llama.model, self.engine.device
 
-        def embed():
-            out = []
-            for ids in prompts:
+        def embed(start: int) -> list[torch.Tensor]:
+            """Vectors of prompts[start:], as many as EMBED_SLICE_S allows (at least one)."""
+            out, t0 = [], time.perf_counter()
+            for ids in prompts[start:]:
                 h = model(torch.tensor([ids], device=device), return_hidden=True)[0].float()  # (T, dim)
                 v = h.mean(0)
-                out.append(v / v.norm().clamp_min(1e-12))
-            return [v.cpu() for v in out]
+                out.append((v / v.norm().clamp_min(1e-12)).cpu())
+                if time.perf_counter() - t0 >= EMBED_SLICE_S:
+                    break
+            return out
 
-        vectors = await asyncio.wrap_future(self.engine.run_job(embed))
+        # One slice per engine iteration, so decoding goes on in between; a client that
+        # leaves cancels this coroutine, and no further slice is queued.
+        vectors: list[torch.Tensor] = []
+        while len(vectors) < len(prompts):
+            vectors += await asyncio.wrap_future(self.engine.run_job(functools.partial(embed, len(vectors))))
         return embedding_list(vectors, req.encoding_format, self.model_name, sum(map(len, prompts)))
