@@ -95,8 +95,10 @@ def test_index_that_is_not_json(tmp_path):
         open_checkpoint(path)
 
 
-@pytest.mark.parametrize("change,name", [({"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
-                                          "mistral"),
+@pytest.mark.parametrize("change,name", [({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]},
+                                          "mixtral.*mixture-of-experts"),
+                                         ({"model_type": "falcon", "architectures": ["FalconForCausalLM"]},
+                                          "falcon.*model types llama, mistral"),
                                          ({"model_type": "llama", "architectures": ["GPT2LMHeadModel"]},
                                           "GPT2LMHeadModel")])
 def test_not_llama(tmp_path, hf_dir, change, name):

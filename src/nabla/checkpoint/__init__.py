@@ -7,7 +7,9 @@ tokenizer file if any:
 
     Meta:          params.json + consolidated.NN.pth (any number of shards)
     Hugging Face:  config.json + model.safetensors, sharded safetensors with
-                   model.safetensors.index.json, or pytorch_model*.bin
+                   model.safetensors.index.json, or pytorch_model*.bin; the
+                   families of nabla.checkpoint.families (Llama, Mistral,
+                   Qwen2/3, Gemma, Gemma 2, Phi-3)
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Checkpoint:
     """The eos_token_id lists of config.json and generation_config.json (nabla.tokenizer.stops.eos_token_ids)."""
     quantization: dict | None = None
     """{"mode": "int8" | "int4", "group_size": n} for a folder `nabla convert --quantize` wrote."""
+    config: dict | None = None
+    """A Hugging Face folder's config.json, as read (kept by `nabla convert --to hf`)."""
 
     @property
     def n_params(self) -> int:
@@ -164,7 +168,7 @@ def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
                       find_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
                       dtype=hf.state_dtype(state), shapes=state.shapes, files=files, num_shards=len(files),
                       context_length=config.get("max_position_embeddings"),
-                      bos_id=bos[0] if bos else None, eos_ids=eos_token_ids(path))
+                      bos_id=bos[0] if bos else None, eos_ids=eos_token_ids(path), config=config)
 
 
 __all__ = ["Checkpoint", "open_checkpoint", "detect_format", "find_tokenizer", "check_folder"]

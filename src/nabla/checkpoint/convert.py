@@ -70,6 +70,13 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
     out = Path(out)
     cast = devices.parse_dtype(dtype)
     args = ckpt.args
+    from nabla.model.rope import rope_kind
+
+    if to in ("meta", "gguf") and (not args.is_llama or rope_kind(args.rope_scaling) not in ("default", "llama3")):
+        what = f"{args.model_type!r} model" if not args.is_llama else \
+            f"model with {rope_kind(args.rope_scaling)!r} rope scaling"
+        raise NablaError(f"{'Meta' if to == 'meta' else 'GGUF'} output cannot express this {what} (nabla writes "
+                         "plain Llama models in that format); convert it with --to hf instead")
     if args.vocab_size == -1:
         args.vocab_size = ckpt.shapes["tok_embeddings.weight"][0]
     state = ckpt.load_state()
@@ -89,8 +96,11 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
     if to == "hf":
         bos = ckpt.bos_id if ckpt.bos_id is not None else (tok.bos_id if tok else None)
         eos = ckpt.eos_ids or (list(tok.stop_ids) if tok else None)
+        # A config.json nabla cannot rewrite (other families, other rope kinds) is kept as it was read.
+        keep = ckpt.config if ckpt.config is not None and (
+            not args.is_llama or rope_kind(args.rope_scaling) not in ("default", "llama3")) else None
         written += hf.save_hf_checkpoint(out, state, args, dtype=cast, bos_id=bos, eos_ids=eos,
-                                         context_length=ckpt.context_length)
+                                         context_length=ckpt.context_length, config=keep)
     else:
         if quantize is not None:
             from dataclasses import replace

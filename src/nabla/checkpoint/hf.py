@@ -1,14 +1,16 @@
-"""Hugging Face Llama folders: config.json + model.safetensors (or shards, or pytorch_model*.bin).
+"""Hugging Face folders: config.json + model.safetensors (or shards, or pytorch_model*.bin).
 
-Reads the config leniently (known keys, clear errors for what nabla cannot
-run) and renames the weights between Hugging Face's and Meta's names through
-one table and one function (`rename_weight`, both ways, with the rotary
-permutation of the q/k projections). Writes the same format back
+Reads the config leniently (nabla.checkpoint.families: known keys, clear
+errors for what nabla cannot run) and renames the weights between Hugging
+Face's and Meta's names through one table and one function (`rename_weight`,
+both ways, with the rotary permutation of the q/k projections, their biases
+and norms). Phi-3's fused qkv_proj and gate_up_proj are split at load and
+joined again on export. Writes the same format back
 (`save_hf_checkpoint`) for `nabla convert --to hf`; nabla.bench.peers uses
 the same renamer to hand nabla's weights to transformers.
 
 Leaves out: the safetensors format itself (nabla.checkpoint.safetensors),
-tokenizers (nabla.tokenizer.hf) and non-Llama architectures.
+tokenizers (nabla.tokenizer.hf).
 """
 
 from __future__ import annotations
@@ -45,7 +47,54 @@ WEIGHT_MAP: dict[str, str | None] = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
 }
+# Present only where a switch of ModelArgs asks for them.
+BIAS_MAP = {f"model.layers.{{}}.self_attn.{x}_proj.bias": f"layers.{{}}.attention.w{x}.bias" for x in "qkv"}
+QK_NORM_MAP = {"model.layers.{}.self_attn.q_norm.weight": "layers.{}.attention.q_norm.weight",
+               "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm.weight"}
+# Gemma 2 names its four norms differently: post_attention_layernorm normalises the attention's output.
+POST_NORM_MAP = {
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_norm.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.post_ffn_norm.weight",
+}
 META_TO_HF = {v: k for k, v in WEIGHT_MAP.items() if v is not None}
+# Phi-3 stores q, k, v as one matrix (rows in that order) and gate, up as another.
+FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                       "self_attn.v_proj.weight"),
+         "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+FUSED_FAMILIES = ("phi3",)
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_map(qkv_bias: bool, qk_norm: bool, post_norms: bool) -> dict[str, str | None]:
+    table = dict(WEIGHT_MAP)
+    if qkv_bias:
+        table.update(BIAS_MAP)
+    if qk_norm:
+        table.update(QK_NORM_MAP)
+    if post_norms:
+        table.update(POST_NORM_MAP)
+    return table
+
+
+def weight_map(args: ModelArgs) -> dict[str, str | None]:
+    """Hugging Face name -> Meta name for a model of these args (WEIGHT_MAP with the family's extras)."""
+    return _weight_map(args.qkv_bias, args.qk_norm, args.post_norms)
+
+
+def fused_parts(hf_name: str, args: ModelArgs) -> list[tuple[str, int, int]] | None:
+    """For a fused Phi-3 weight: [(the unfused HF name, first row, rows)], else None."""
+    if args.model_type not in FUSED_FAMILIES:
+        return None
+    for fused, names in FUSED.items():
+        if hf_name.endswith(fused):
+            prefix = hf_name[: -len(fused)]
+            hd = args.head_dim
+            rows = [args.n_heads * hd, args.n_kv_heads * hd, args.n_kv_heads * hd] if len(names) == 3 \
+                else [args.hidden_dim, args.hidden_dim]
+            starts = [sum(rows[:i]) for i in range(len(rows))]
+            return [(prefix + n, a, r) for n, a, r in zip(names, starts, rows)]
+    return None
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -60,22 +109,24 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 # as (heads, 2, head_dim/2) -- "which half", "which pair" -- and swap the last
 # two axes, giving (heads, head_dim/2, 2). Without this the model still runs
 # but rotates the wrong channels: text goes wrong after a few tokens.
+# Biases of q and k, and Qwen3's per-head q/k norm weights (one head of rows), follow their rows.
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF q_proj/k_proj rows -> Meta rows (the inverse of `permute_qk`)."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    """HF q_proj/k_proj rows (or bias/norm entries) -> Meta rows (the inverse of `permute_qk`)."""
+    rows = w.shape[0]
+    return w.view(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta wq/wk rows -> HF rows."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Meta wq/wk rows (or bias/norm entries) -> HF rows."""
+    rows = w.shape[0]
+    return w.view(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 # ---------------------------------------------------------------- the renamer
 def qk_heads(meta_name: str, args: ModelArgs) -> int | None:
-    """The heads whose rows the rotary permute reorders: n_heads for wq, n_kv_heads for wk, else None."""
-    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(weight_kind(meta_name))
+    """The heads whose rows the rotary permute reorders: n_heads for wq, n_kv_heads for wk, one head for
+    the q/k norms, else None."""
+    return {"wq": args.n_heads, "wk": args.n_kv_heads, "q_norm": 1, "k_norm": 1}.get(weight_kind(meta_name))
 
 
 def rename_weight(key: str, args: ModelArgs,
@@ -86,14 +137,17 @@ def rename_weight(key: str, args: ModelArgs,
     the function is the q/k permute towards `to` for wq/wk, else None. A name
     missing from the table is an error: nabla runs plain Llama models.
     """
-    table = WEIGHT_MAP if to == "meta" else META_TO_HF
+    table = weight_map(args)
+    if to != "meta":
+        table = {v: k for k, v in table.items() if v is not None}
     m = re.search(r"\.(\d+)\.", key)  # the layer number, put back after the lookup
     generic = key[:m.start()] + ".{}." + key[m.end():] if m else key
     if generic not in table:
         if to == "meta":
-            raise CheckpointError(f"unexpected weight {key!r} in the Hugging Face checkpoint; nabla reads plain "
-                                  "Llama models (no biases, adapters or extra heads)")
-        raise CheckpointError(f"weight {key!r} has no Hugging Face name; is this a Llama checkpoint?")
+            raise CheckpointError(f"unexpected weight {key!r} in the Hugging Face checkpoint of a "
+                                  f"{args.model_type!r} model; nabla reads its weights only (no other biases, "
+                                  "adapters or extra heads)")
+        raise CheckpointError(f"weight {key!r} has no Hugging Face name in a {args.model_type!r} model")
     new = table[generic]
     if new is None:
         return None, None
@@ -105,74 +159,19 @@ def rename_weight(key: str, args: ModelArgs,
 
 
 # ------------------------------------------------------------------- config
-def check_llama(config: dict, source: str = "config.json") -> None:
-    """Raise ConfigError unless the config describes a Llama model nabla can run."""
-    model_type = config.get("model_type")
-    archs = config.get("architectures") or []
-    if model_type is not None and model_type != "llama":
-        raise ConfigError(f"{source} describes a {model_type!r} model ({', '.join(archs) or 'no architectures'}); "
-                          "nabla runs Llama models (model_type 'llama') only")
-    not_llama = [a for a in archs if a != "LlamaForCausalLM"]
-    if not_llama:
-        raise ConfigError(f"{source} names the architecture {not_llama[0]!r}; nabla runs "
-                          "LlamaForCausalLM checkpoints only")
-    if model_type is None and not archs:
-        raise ConfigError(f"{source} has neither model_type nor architectures; it does not look like "
-                          "a Hugging Face Llama config")
-    act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{source}: hidden_act {act!r} is not supported; Llama uses 'silu'")
-    for key in ("attention_bias", "mlp_bias"):
-        if config.get(key):
-            raise ConfigError(f"{source}: {key}=true is not supported; Llama has no biases")
-
-
-def _rope(config: dict) -> tuple[float, dict | None]:
-    """rope_theta and Llama 3 scaling, from transformers 4 (`rope_theta`, `rope_scaling`)
-    or 5 (`rope_parameters`, which also holds rope_theta) style configs."""
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or None
-    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
-    if scaling is None and params:
-        scaling = params
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind == "default":
-            scaling = None
-        elif kind != "llama3":
-            raise ConfigError(f"rope scaling of type {kind!r} is not supported; nabla implements "
-                              "Llama 3's ('llama3') only")
-        else:
-            scaling = {k: v for k, v in scaling.items() if k in (
-                "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-    return float(theta), scaling
-
-
 def config_to_args(config: dict, source: str = "config.json") -> ModelArgs:
-    """ModelArgs of a Hugging Face Llama config.json."""
-    check_llama(config, source)
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-               if k not in config]
-    if missing:
-        raise ConfigError(f"{source} lacks {', '.join(missing)}; it is not a complete Llama config")
-    theta, scaling = _rope(config)
-    kw = dict(
-        dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"], n_kv_heads=config.get("num_key_value_heads"),
-        vocab_size=config["vocab_size"], norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta, rope_scaling=scaling, head_dim=config.get("head_dim"),
-        hidden_dim=config.get("intermediate_size"),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-    )
-    try:
-        return ModelArgs(**kw)
-    except TypeError as e:
-        raise ConfigError(f"{source}: invalid model settings: {e}") from None
+    """ModelArgs of a Hugging Face config.json (any family nabla runs; see nabla.checkpoint.families)."""
+    from nabla.checkpoint.families import config_to_args as family_args
+
+    return family_args(config, source)
 
 
 def args_to_config(args: ModelArgs, *, dtype: torch.dtype | None = None, bos_id: int | None = None,
                    eos_ids: list[int] | None = None, context_length: int | None = None) -> dict:
-    """A config.json that transformers (4 and 5) and nabla read back into the same model."""
+    """A config.json that transformers (4 and 5) and nabla read back into the same Llama model."""
+    if not args.is_llama:
+        raise ConfigError(f"nabla writes config.json for Llama models only; this {args.model_type!r} model keeps "
+                          "the config.json it was read from (convert it from its Hugging Face folder)")
     ctx = context_length or DEFAULT_CONTEXT
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -185,7 +184,7 @@ def args_to_config(args: ModelArgs, *, dtype: torch.dtype | None = None, bos_id:
         "attention_bias": False, "mlp_bias": False,
     }
     if args.rope_scaling:
-        config["rope_scaling"] = {"rope_type": "llama3", **args.rope_scaling}
+        config["rope_scaling"] = {"rope_type": "llama3", **args.rope_scaling}  # other kinds: is_llama refused
         config["max_position_embeddings"] = max(ctx, int(args.rope_scaling["original_max_position_embeddings"]))
     if bos_id is not None:
         config["bos_token_id"] = bos_id
@@ -245,6 +244,22 @@ def read_weight_file(path: Path) -> dict[str, Entry]:
     return entries
 
 
+def _unfused(entries: dict[str, Entry], args: ModelArgs):
+    """(HF name, entry) pairs with Phi-3's fused matrices cut into the separate ones (lazy row slices)."""
+    for hf_name, e in entries.items():
+        parts = fused_parts(hf_name, args)
+        if parts is None:
+            yield hf_name, e
+            continue
+        total = sum(r for _, _, r in parts)
+        if len(e.shape) != 2 or e.shape[0] != total:
+            raise CheckpointError(f"{hf_name} has shape {tuple(e.shape)}, config.json implies ({total}, "
+                                  f"{args.dim}); the config does not fit the weights")
+        for name, start, rows in parts:
+            yield name, Entry(lambda make=e.make, a=start, r=rows: make().narrow(0, a, r).clone(),
+                              (rows, *e.shape[1:]), e.dtype, e.sources)
+
+
 def load_hf_state(path: Path, args: ModelArgs, files: list[Path] | None = None) -> LazyState:
     """The weights of an HF Llama folder as a lazy state dict in Meta's naming."""
     files = files if files is not None else weight_files(path)
@@ -254,7 +269,7 @@ def load_hf_state(path: Path, args: ModelArgs, files: list[Path] | None = None) 
     entries: dict[str, Entry] = {}
     seen: dict[str, Path] = {}
     for file in files:
-        for hf_name, e in read_weight_file(file).items():
+        for hf_name, e in _unfused(read_weight_file(file), args):
             name, unpermute = rename_weight(hf_name, args, to="meta")
             if name is None:
                 continue
@@ -263,10 +278,12 @@ def load_hf_state(path: Path, args: ModelArgs, files: list[Path] | None = None) 
             seen[name] = file
             if unpermute is not None:
                 heads = qk_heads(name, args)
-                if len(e.shape) != 2 or e.shape[0] != heads * args.head_dim:
+                rows = heads * args.head_dim
+                want = (rows, args.dim) if hf_name.endswith("proj.weight") else (rows,)
+                if tuple(e.shape) != want:
                     raise CheckpointError(
                         f"{file.name}: {hf_name} has shape {tuple(e.shape)}, config.json implies "
-                        f"({heads * args.head_dim}, {args.dim}); the config does not fit the weights")
+                        f"{want}; the config does not fit the weights")
 
                 def make(make=e.make, unpermute=unpermute, sources=e.sources):
                     w = unpermute(make())  # a copy: the file's pages can go now
@@ -291,10 +308,28 @@ def state_dtype(state: Mapping) -> torch.dtype | None:
 
 
 # ------------------------------------------------------------------- writing
+def _fuse(tensors: dict, shapes: dict, dtypes: dict, args: ModelArgs) -> None:
+    """Join q/k/v and gate/up back into Phi-3's fused matrices (in place, lazily)."""
+    for i in range(args.n_layers):
+        prefix = f"model.layers.{i}."
+        for fused, names in FUSED.items():
+            names = [prefix + n for n in names]
+            makes = [tensors.pop(n) for n in names]
+            rows = sum(shapes[n][0] for n in names)
+            tensors[prefix + fused] = lambda makes=makes: torch.cat([m() for m in makes])
+            shapes[prefix + fused] = (rows, *shapes[names[0]][1:])
+            dtypes[prefix + fused] = dtypes[names[0]]
+            for n in names:
+                del shapes[n], dtypes[n]
+
+
 def save_hf_checkpoint(out: Path, state: Mapping[str, torch.Tensor], args: ModelArgs, *,
                        dtype: torch.dtype | None = None, bos_id: int | None = None,
-                       eos_ids: list[int] | None = None, context_length: int | None = None) -> list[Path]:
-    """Write config.json + model.safetensors from a Meta-named state dict (q/k permuted back)."""
+                       eos_ids: list[int] | None = None, context_length: int | None = None,
+                       config: dict | None = None) -> list[Path]:
+    """Write config.json + model.safetensors from a Meta-named state dict (q/k permuted back, Phi-3's
+    matrices fused again). `config`: the config.json the model was read from, kept as it is (but the
+    dtype); needed for every model args_to_config cannot describe (other families, other rope kinds)."""
     ents = entries_of(state)
     tensors, shapes, dtypes = {}, {}, {}
     for name, e in ents.items():
@@ -307,9 +342,16 @@ def save_hf_checkpoint(out: Path, state: Mapping[str, torch.Tensor], args: Model
                 return permute(make())
         tensors[hf], shapes[hf] = make, e.shape
         dtypes[hf] = dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype
+    if args.model_type in FUSED_FAMILIES:
+        _fuse(tensors, shapes, dtypes, args)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "model.safetensors", tensors, shapes, dtypes)
     main = dtype or state_dtype(state)
-    config = args_to_config(args, dtype=main, bos_id=bos_id, eos_ids=eos_ids, context_length=context_length)
+    if config is None:
+        config = args_to_config(args, dtype=main, bos_id=bos_id, eos_ids=eos_ids, context_length=context_length)
+    else:
+        config = dict(config)
+        if main in DTYPE_NAMES:
+            config["torch_dtype"] = config["dtype"] = DTYPE_NAMES[main]
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     return [out / "model.safetensors", out / "config.json"]

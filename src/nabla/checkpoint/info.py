@@ -30,7 +30,7 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
 
     from nabla import device as devices
     from nabla.checkpoint import open_checkpoint
-    from nabla.model.args import DEFAULT_CONTEXT
+    from nabla.model.args import DEFAULT_CONTEXT, LLAMA_SWITCHES
     from nabla.tokenizer import tokenizer_kind
     from nabla.tokenizer.chat import chat_format_for
 
@@ -53,7 +53,9 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
             "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
             "head_dim": a.head_dim, "hidden_dim": a.hidden_dim, "vocab_size": vocab, "norm_eps": a.norm_eps,
             "rope_theta": a.rope_theta, "rope_scaling": a.rope_scaling,
-            "tie_word_embeddings": a.tie_word_embeddings,
+            "tie_word_embeddings": a.tie_word_embeddings, "model_type": a.model_type,
+            "switches": {k: getattr(a, k) for k, v in LLAMA_SWITCHES.items()
+                         if k != "model_type" and getattr(a, k) != v},
         },
         "parameters": ckpt.n_params,
         "dtype": str(ckpt.dtype).replace("torch.", "") if ckpt.dtype else None,

@@ -23,8 +23,11 @@ def print_info(info: dict, out=None) -> None:
         ("layers", f"{a['n_layers']} x (dim {a['dim']}, {a['n_heads']} heads, {a['n_kv_heads']} kv heads, "
                    f"head_dim {a['head_dim']}, ffn {a['hidden_dim']})"),
         ("vocabulary", f"{a['vocab_size']} rows" + (", tied output" if a["tie_word_embeddings"] else "")),
-        ("rope", f"theta {a['rope_theta']:g}" + (f", llama3 scaling x{a['rope_scaling']['factor']:g}"
-                                                 if a["rope_scaling"] else "")),
+        ("family", a["model_type"] + "".join(f", {k} {v}" for k, v in a["switches"].items())),
+        ("rope", f"theta {a['rope_theta']:g}" + (
+            f", {a['rope_scaling'].get('rope_type', 'llama3')} scaling"
+            + (f" x{a['rope_scaling']['factor']:g}" if "factor" in a["rope_scaling"] else "")
+            if a["rope_scaling"] else "")),
         ("norm_eps", f"{a['norm_eps']:g}"),
         ("parameters", f"{human_count(info['parameters'])} ({info['parameters']:,})"),
         ("dtype", str(info["dtype"])),

@@ -24,9 +24,9 @@ the weights as a lazy view, so a rank copies (and, from memory-mapped files,
 pages in) only its own slice of every weight.
 
 Leaves out: gradients through the collectives (these layers are for
-inference), pipeline parallelism, data-parallel groups (the whole world is
-one model-parallel group), replicating key/value heads when there are fewer
-of them than ranks.
+inference), biases on the split layers (refused: Qwen2), pipeline
+parallelism, data-parallel groups (the whole world is one model-parallel
+group), replicating key/value heads when there are fewer of them than ranks.
 """
 
 from __future__ import annotations
@@ -125,7 +125,11 @@ class VocabParallelEmbedding(nn.Module):
 
 # ------------------------------------------------------------------- the model
 def check_divisible(args, world_size: int) -> None:
-    """ConfigError unless every split dimension divides evenly by `world_size`."""
+    """ConfigError unless every split dimension divides evenly by `world_size` (and the layers can be split)."""
+    if world_size > 1 and getattr(args, "qkv_bias", False):
+        raise ConfigError(f"cannot split this {args.model_type!r} model across {world_size} processes: tensor "
+                          "parallelism does not split the biases of q, k and v yet; run it in one process "
+                          "(model_parallel_size=1)")
     sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "hidden_dim": args.hidden_dim,
              "vocab_size": args.vocab_size}
     bad = {k: v for k, v in sizes.items() if v % world_size}

@@ -5,8 +5,14 @@ ModelArgs is the architecture only. How many sequences and positions a run
 holds (max_batch_size, max_seq_len) are sizes of the key/value cache, given
 to `Transformer.setup_cache` (see nabla.model.prepare), not fields here.
 
+Families other than Llama (Mistral, Qwen, Gemma, Phi-3) are the same model
+with a few switches set (qkv_bias, qk_norm, norm_unit_offset, hidden_act,
+scale_embeddings, sliding_window, soft-capping, post_norms, attn_scale);
+each switch is named for what it changes, and its default is Llama's.
+
 Leaves out: reading files (see nabla.checkpoint: Meta's params.json in
-meta.py, Hugging Face config.json in hf.py, both mapped onto these fields).
+meta.py, Hugging Face config.json in hf.py and families.py, all mapped onto
+these fields) and the rotary frequencies themselves (nabla.model.rope).
 """
 
 from __future__ import annotations
@@ -43,13 +49,38 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    """Llama 3 style frequency scaling (factor, low/high_freq_factor, original_max_position_embeddings)."""
+    """Frequency scaling: Llama 3's (factor, low/high_freq_factor, original_max_position_embeddings; no
+    "rope_type" key) or {"rope_type": "linear" | "dynamic" | "yarn" | "longrope", ...} (nabla.model.rope)."""
     head_dim: int | None = None
     """Per-head width; None means dim // n_heads (Hugging Face configs may set it)."""
     hidden_dim: int | None = None
     """Feed-forward width; None means derived from dim, multiple_of and ffn_dim_multiplier."""
     tie_word_embeddings: bool = False
     """Output head shares the token embedding (some Hugging Face models)."""
+    model_type: str = "llama"
+    """The Hugging Face family the weights are named and exported as (llama, mistral, qwen2, ...)."""
+    qkv_bias: bool = False
+    """q, k and v projections have biases (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each head of q and k before the rotation (Qwen3)."""
+    norm_unit_offset: bool = False
+    """RMSNorm scales by (1 + w), in float32 before casting back (Gemma)."""
+    hidden_act: str = "silu"
+    """Gate activation of the feed-forward: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)."""
+    scale_embeddings: bool = False
+    """Multiply token embeddings by sqrt(dim), rounded to the compute dtype (Gemma)."""
+    sliding_window: int | None = None
+    """Attend to at most this many most recent positions (the query's own included) (Mistral, Gemma 2)."""
+    sliding_layers: list[int] | None = None
+    """The layers that use sliding_window; None means all of them."""
+    attn_logit_softcap: float | None = None
+    """Attention scores become cap * tanh(score / cap) before the mask (Gemma 2)."""
+    final_logit_softcap: float | None = None
+    """Output logits become cap * tanh(logit / cap) (Gemma 2)."""
+    post_norms: bool = False
+    """RMSNorm on the outputs of attention and feed-forward before each residual add (Gemma 2)."""
+    attn_scale: float | None = None
+    """Factor on q.k scores; None means head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar ** -0.5)."""
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "multiple_of"):
@@ -79,7 +110,18 @@ class ModelArgs:
                 isinstance(self.ffn_dim_multiplier, (int, float)) and self.ffn_dim_multiplier > 0):
             raise ConfigError(f"ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier!r}")
         if self.rope_scaling is not None:
-            self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+            from nabla.model.rope import check_rope_scaling
+
+            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.head_dim)
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ConfigError(f"hidden_act must be 'silu' or 'gelu_tanh', got {self.hidden_act!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        for name in ("attn_logit_softcap", "final_logit_softcap", "attn_scale"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"{name} must be a positive number or None, got {value!r}")
         if self.hidden_dim is None:
             self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
@@ -106,8 +148,24 @@ class ModelArgs:
             params["tie_word_embeddings"] = True
         return params
 
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it attends to every earlier position."""
+        if self.sliding_window is None or (self.sliding_layers is not None and layer not in self.sliding_layers):
+            return None
+        return self.sliding_window
+
+    @property
+    def is_llama(self) -> bool:
+        """Whether every family switch is Llama's, so that Meta's params.json can hold the model."""
+        return all(getattr(self, k) == v for k, v in LLAMA_SWITCHES.items())
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+LLAMA_SWITCHES = dict(model_type="llama", qkv_bias=False, qk_norm=False, norm_unit_offset=False,
+                      hidden_act="silu", scale_embeddings=False, sliding_window=None, sliding_layers=None,
+                      attn_logit_softcap=None, final_logit_softcap=None, post_norms=False, attn_scale=None)
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -117,21 +175,6 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
-
-def _check_rope_scaling(scaling: dict) -> dict:
-    if not isinstance(scaling, dict):
-        raise ConfigError(f"rope_scaling must be a mapping, got {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type", "llama3"))
-    if kind != "llama3":
-        raise ConfigError(f"rope_scaling of type {kind!r} is not supported; nabla implements 'llama3'")
-    out = dict(LLAMA3_ROPE_SCALING)
-    for key in out:
-        if key in scaling:
-            out[key] = scaling[key]
-    if not (out["factor"] > 0 and out["high_freq_factor"] > out["low_freq_factor"] > 0
-            and out["original_max_position_embeddings"] > 0):
-        raise ConfigError(f"invalid rope_scaling values: {scaling!r}")
-    return out
 
 
 # The one table of named model shapes. "tiny" is for tests; the rest match
@@ -161,6 +204,8 @@ def param_count(args: ModelArgs) -> int:
     """Number of weights in a model of this shape."""
     d, hd = args.dim, args.head_dim
     attn = d * hd * (2 * args.n_heads + 2 * args.n_kv_heads)
+    if args.qkv_bias:
+        attn += hd * (args.n_heads + 2 * args.n_kv_heads)
     ffn = 3 * d * args.hidden_dim
     per_layer = attn + ffn + 2 * d
     emb = args.vocab_size * d

@@ -1,9 +1,16 @@
 """The Llama transformer as Meta defines it.
 
-RMSNorm, rotary position embeddings (with Llama 3 frequency scaling),
+RMSNorm, rotary position embeddings (frequencies from nabla.model.rope),
 grouped-query attention with a key/value cache, SwiGLU feed-forward, untied
 (or tied) output head. Parameter names are Meta's (`wq`, `w1`,
 `attention_norm`...) so Meta state dicts load as they are.
+
+The other families are this model with switches of ModelArgs set: q/k/v
+biases (Qwen2), per-head q/k norms (Qwen3), (1 + w) norms, GeGLU and scaled
+embeddings (Gemma), sliding-window attention (Mistral, Gemma 2, Phi-3),
+soft-capped scores and logits and norms after attention and feed-forward
+(Gemma 2). A sliding window is a mask over the full cache: exact, not a
+memory saving.
 
 The forward pass returns float32 logits; sampling lives in nabla.generation.
 Each sequence of a batch may sit at its own position in the cache (`start_pos`
@@ -18,8 +25,6 @@ parallelism (nabla.distributed).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +33,10 @@ from nabla.device import complex_ok
 from nabla.model import cpu_kernels
 from nabla.model.args import ModelArgs
 from nabla.model.kv_cache import KVCache
+from nabla.model.rope import LENGTH_DEPENDENT, rope_frequencies, rope_kind, rope_table
+
+__all__ = ["Transformer", "RMSNorm", "Attention", "FeedForward", "TransformerBlock", "Positions",
+           "apply_rotary", "rope_frequencies", "rope_table"]
 
 
 class RMSNorm(nn.Module):
@@ -35,46 +44,19 @@ class RMSNorm(nn.Module):
     """Set by nabla.model.cpu_kernels on models whose layers run its kernels: decode-sized
     calls on the CPU then normalise in one numba call (torch's reductions cost ~30 us each)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:  # Gemma: scale by (1 + w) in float32, then round once
+            return (F.rms_norm(x.float(), self.weight.shape, eps=self.eps) * (1.0 + self.weight.float())).type_as(x)
         if self.row_kernel and self.weight.dtype == torch.float32 and cpu_kernels.usable(x):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the compute dtype, as Meta does (one
         # fused kernel instead of pow, mean, add, rsqrt, mul).
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
-
-
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """Rotation speed of each pair of head channels, (head_dim/2,), float32."""
-    hd = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
-    if args.rope_scaling is None:
-        return inv_freq
-    # Llama 3.1: slow down low frequencies (long wavelengths) by `factor`, keep
-    # high ones, and blend linearly in between.
-    s = args.rope_scaling
-    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - lo) / (hi - lo)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, blended)
-    return torch.where(wavelen < old_len / hi, inv_freq, scaled)
-
-
-def rope_table(args: ModelArgs, max_seq_len: int) -> torch.Tensor:
-    """(cos, sin) of every (position, channel pair) angle, (max_seq_len, head_dim/2, 2) float32.
-
-    The last axis is a complex number's (real, imaginary) parts, so
-    `torch.view_as_complex` reads the table as Meta's `freqs_cis` for free.
-    """
-    t = torch.arange(max_seq_len, dtype=torch.float32)
-    angles = torch.outer(t, rope_frequencies(args))
-    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -93,14 +75,36 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
 
 
+def attend(q, k, v, mask, scale: float | None, softcap: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale [soft-capped] + mask) v for q (B, h, T, hd) and k, v (B, kv_h, L, hd); mask
+    True where a query may attend a key (None: every key). With a soft cap, the scores are computed here
+    (as transformers' eager attention does, softmax in float32); without one, by torch's fused kernel."""
+    gqa = q.shape[1] != k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, window: int | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        bias = args.qkv_bias
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        if args.qk_norm:  # over each head's channels, before the rotation
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        self.qk_norm = args.qk_norm
+        self.window, self.scale, self.softcap = window, args.attn_scale, args.attn_logit_softcap
         self.cache: KVCache | None = None
         self.dropout = 0.0
 
@@ -108,43 +112,70 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = cpu_kernels.project(x, self.wq, self.wk, self.wv)
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
-        gqa = q.shape[1] != k.shape[1]
-        if pos is None:  # training / no cache: plain causal attention
+        if pos is None and self.window is None and self.softcap is None:
+            # training / no cache: plain causal attention
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=gqa,
+                q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1], scale=self.scale,
                 dropout_p=self.dropout if self.training else 0.0)
+        elif pos is None:
+            idx = torch.arange(T, device=x.device)
+            y = attend(q, k, v, visible(idx, T, self.window), self.scale, self.softcap)
         else:
             k, v = self.cache.update(pos, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.mask, enable_gqa=gqa)
+            y = attend(q, k, v, pos.mask_for(self.window), self.scale, self.softcap)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, act: str = "silu"):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = cpu_kernels.project(x, self.w1, self.w3)
-        return self.w2(F.silu(gate) * up)
+        gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
+        return self.w2(gate * up)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, args.window_of(layer))
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, args.hidden_act)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset)
+        if args.post_norms:  # Gemma 2: normalise each sub-layer's output too, before adding it
+            self.post_attention_norm = RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset)
+            self.post_ffn_norm = RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset)
+        self.post_norms = args.post_norms
         self.drop = nn.Dropout(0.0)
 
     def forward(self, x, freqs, pos):
-        h = x + self.drop(self.attention(self.attention_norm(x), freqs, pos))
-        return h + self.drop(self.feed_forward(self.ffn_norm(h)))
+        a = self.attention(self.attention_norm(x), freqs, pos)
+        if self.post_norms:
+            a = self.post_attention_norm(a)
+        h = x + self.drop(a)
+        f = self.feed_forward(self.ffn_norm(h))
+        if self.post_norms:
+            f = self.post_ffn_norm(f)
+        return h + self.drop(f)
+
+
+def visible(idx: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """True where a query at position idx[..., t] may attend key position j < length: j <= idx, and with a
+    sliding window also j > idx - window (the query and the window - 1 positions before it)."""
+    keys = torch.arange(length, device=idx.device)
+    mask = keys <= idx[..., None]
+    if window is not None:
+        mask &= keys > idx[..., None] - window
+    return mask
 
 
 class Positions:
@@ -183,6 +214,17 @@ class Positions:
             if r == list(range(r[0], r[0] + len(r))):
                 self.row_range = (r[0], r[0] + len(r))
         self.shared = self.idx.dim() == 1
+        self._window_masks: dict[int, torch.Tensor] = {}
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        """The mask of a layer attending within `window` positions (None: the causal `mask`), made once
+        per pass and shared by the layers with that window."""
+        if window is None:
+            return self.mask
+        if window not in self._window_masks:
+            m = visible(self.idx, self.length, window)  # (T, L) or (B, T, L)
+            self._window_masks[window] = m if self.shared else m[:, None]
+        return self._window_masks[window]
 
 
 class Transformer(nn.Module):
@@ -192,13 +234,16 @@ class Transformer(nn.Module):
             raise ValueError("ModelArgs.vocab_size must be set (from the tokenizer) before building the model")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_unit_offset)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # (positions, hd/2, 2): empty until setup_cache or a pass without the cache sizes it
         self.register_buffer("rope", torch.empty(0, args.head_dim // 2, 2), persistent=False)
+        # longrope: the table with the long factors, for sequences past the original context
+        self.register_buffer("rope_long", torch.empty(0, args.head_dim // 2, 2), persistent=False)
+        self.rope_kind = rope_kind(args.rope_scaling)
         self.step_graphs = None  # nabla.model.graphs.StepGraphs, made by the first decode()
         self.set_dropout(dropout)
 
@@ -206,7 +251,11 @@ class Transformer(nn.Module):
         """(Re)compute the float32 rotary table for `max_seq_len` positions (None: as many as it has) on the
         model's device, after to_empty / to(dtype)."""
         length = self.rope.shape[0] if max_seq_len is None else max_seq_len
-        self.rope = rope_table(self.args, length).to(self.tok_embeddings.weight.device)
+        device = self.tok_embeddings.weight.device
+        self.rope = rope_table(self.args, length).to(device)
+        if self.rope_kind == "longrope":
+            beyond = self.args.rope_scaling["original_max_position_embeddings"] + 1
+            self.rope_long = rope_table(self.args, length, seq_len=beyond).to(device)
 
     def set_dropout(self, p: float) -> None:
         for layer in self.layers:
@@ -256,19 +305,24 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
+        if self.args.scale_embeddings:  # Gemma: sqrt(dim), rounded to the compute dtype first
+            h = h * torch.tensor(self.args.dim ** 0.5, dtype=h.dtype)
         if self.rope.dtype != torch.float32:  # a .to(dtype) cast the table: rebuild it exact
             self.init_rope()
         if start_pos is None:
             if self.rope.shape[0] < T:  # no cache sized the table: make it as long as this pass
                 self.init_rope(T)
             pos = None
-            table = self.rope[None, :T]  # a view, no copy
         else:
             pos = Positions(start_pos, T, B, tokens.device, rows, cache_len)
-            if isinstance(start_pos, int) and rows is None:
-                table = self.rope[None, start_pos: start_pos + T]
-            else:
-                table = self.rope[pos.idx if not pos.shared else pos.idx[None]]  # (B or 1, T, hd/2, 2)
+        if self.rope_kind in LENGTH_DEPENDENT:
+            table = self.length_dependent_rope(pos, T, tokens.device)
+        elif pos is None:
+            table = self.rope[None, :T]  # a view, no copy
+        elif isinstance(start_pos, int) and rows is None:
+            table = self.rope[None, start_pos: start_pos + T]
+        else:
+            table = self.rope[pos.idx if not pos.shared else pos.idx[None]]  # (B or 1, T, hd/2, 2)
         if complex_ok(tokens.device):
             freqs = torch.view_as_complex(table)[:, :, None]  # (B or 1, T, 1, hd/2)
         else:
@@ -280,4 +334,18 @@ class Transformer(nn.Module):
             return h
         if last_only:
             h = h[:, -1:]
-        return self.output(h).float()
+        logits = self.output(h)
+        if self.args.final_logit_softcap is not None:
+            cap = self.args.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    def length_dependent_rope(self, pos: Positions | None, T: int, device) -> torch.Tensor:
+        """(B or 1, T, hd/2, 2) rotations where they depend on how far each sequence reaches in this pass
+        ("dynamic", "longrope"; see nabla.model.rope): from its furthest position + 1, as transformers."""
+        idx = torch.arange(T, device=device)[None] if pos is None else (pos.idx[None] if pos.shared else pos.idx)
+        seq_len = idx.max(dim=-1).values + 1  # (B or 1,)
+        if self.rope_kind == "dynamic":
+            return rope_table(self.args, idx, seq_len)
+        beyond = seq_len > self.args.rope_scaling["original_max_position_embeddings"]
+        return torch.where(beyond[:, None, None, None], self.rope_long[idx], self.rope[idx])

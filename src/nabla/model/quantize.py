@@ -105,9 +105,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """y = x W^T with W stored as int8 per-channel (buffers `weight`, `scales`)."""
 
-    def __init__(self, weight: torch.Tensor, kernel: str = "dequant"):
+    def __init__(self, weight: torch.Tensor, kernel: str = "dequant", bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         q, scales = quantize_int8(weight)
         self.register_buffer("weight", q.to(weight.device))
         self.register_buffer("scales", scales.to(weight.device))
@@ -118,6 +119,10 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.weight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._product(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # biases stay in float (Qwen2's q/k/v)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
         if kernel == "numba":
             if cpu_kernels.usable(x) and self.weight.numel() >= cpu_kernels.MIN_WEIGHTS:
@@ -152,9 +157,11 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x W^T with W stored as 4-bit groups (buffers `weight` packed (N, K/2), `scales`, `mins`)."""
 
-    def __init__(self, weight: torch.Tensor, kernel: str = "dequant", group_size: int = GROUP_SIZE):
+    def __init__(self, weight: torch.Tensor, kernel: str = "dequant", group_size: int = GROUP_SIZE,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.group_size = group_size
         q, scales, mins = quantize_int4(weight, group_size)
         self.register_buffer("weight", pack_int4(q).to(weight.device))
@@ -167,6 +174,10 @@ class Int4Linear(nn.Module):
         return dequantize_int4(unpack_int4(self.weight), self.scales, self.mins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._product(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "numba" and cpu_kernels.usable(x):  # small layers too: int4 has no other fast path
             return cpu_kernels.rows_i4(x, self.weight, self.scales, self.mins)
         if self.kernel == "int4pack" and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
@@ -225,9 +236,9 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
                 continue  # already quantized, or a layer type this module does not know
             w = lin.weight
             if mode == "int4" and w.shape[1] % group_size == 0:
-                new = Int4Linear(w, k4, group_size)
+                new = Int4Linear(w, k4, group_size, bias=lin.bias)
             else:
-                new = Int8Linear(w, k8)
+                new = Int8Linear(w, k8, bias=lin.bias)
             setattr(parent, name, new)
             del lin, w
         if type(model.output) in PLAIN:
