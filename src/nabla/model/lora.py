@@ -146,6 +146,24 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
 
 
+class QuantizedPassThrough(nn.Module):
+    """A frozen int8/int4 layer the gradient must cross (the output head, untargeted projections): the fast
+    kernels have no backward, so with gradients on it computes with the dequantized weight."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return F.linear(x, self.base.dequantize().to(x.dtype))
+        return self.base(x)
+
+
 def target_layers(model: nn.Module, settings: LoraSettings):
     """(block index, Meta name, parent module) of each layer the settings adapt."""
     for i, block in enumerate(model.layers):
@@ -164,6 +182,11 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         if isinstance(layer, LoRALinear):
             raise ConfigError("the model already holds a LoRA adapter; merge it (merge_and_unload) first")
         setattr(parent, name, LoRALinear(layer, settings.r, settings.scaling, settings.dropout))
+    # Gradients reach the adapters through every later layer, the head included.
+    for name, m in list(model.named_modules()):
+        if is_quantized(m) and not name.endswith(".base"):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, QuantizedPassThrough(m))
     model.lora = settings
     return model
 
@@ -220,6 +243,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         m.merge()
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, m.base)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantizedPassThrough):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, m.base)
     if hasattr(model, "lora"):
         del model.lora
     return model

@@ -16,7 +16,7 @@ A conversation is encoded as the prompt its last assistant turn answers,
 then that answer: the tokens the model sees and writes at inference time.
 The earlier answers sit inside that prompt; each is located after the prompt
 it answers (the longest common prefix) and marked as targets for as many
-tokens as the answer encodes to, plus the one closing it.
+tokens as the answer encodes to, up to and with the token closing it.
 
 Examples are held out whole for validation (seeded); when none is (a single
 short text), the last `val_fraction` of the tokens is. Batches are random
@@ -120,8 +120,10 @@ def encode_conversation(fmt, tokenizer, messages: list[dict], where: str) -> Exa
         if m["role"] != "assistant":
             continue
         start = len(prompt) if j == len(messages) - 1 else _common_prefix(ids, fmt.encode_dialog(messages[:j]))
-        n = len(_answer_ids(tokenizer, m["content"])) + 1
-        for i in range(start, min(start + n, len(ids))):
+        end = start + len(_answer_ids(tokenizer, m["content"]))
+        # up to the token that closes the answer (Llama 2 puts a space piece before its EOS)
+        end = next((k + 1 for k in range(end, min(end + 4, len(ids))) if ids[k] == closing), end + 1)
+        for i in range(start, min(end, len(ids))):
             targets[i] = ids[i]
     return Example(ids, targets)
 
