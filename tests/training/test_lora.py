@@ -227,3 +227,30 @@ def test_finetune_lowers_held_out_loss_of_the_builtin_model(tmp_path):
                             fd.byte_counter(base.tokenizer))["loss"]
     # 30 steps lower the held-out loss by at least 1 nat per token (measured on CPU: 5.49 -> 3.63).
     assert r["val_loss"] < before - 1.0, (before, r["val_loss"])
+
+
+# ----------------------------------------------------------------- commands
+def test_commands_finetune_generate_convert(make_checkpoint, chats, tmp_path, capsys):
+    from nabla.cli import main
+
+    ckpt = str(make_checkpoint(TINY_MHA))
+    assert main(["finetune", "--model", ckpt, "--data", str(chats), "--out", str(tmp_path / "a"), "--steps", "4",
+                 "--seq-len", "16", "--batch-size", "4", "--eval-every", "2", "--eval-tokens", "64",
+                 "--val-fraction", "0.2", "--rank", "2", "--targets", "q_proj", "w2", "--lr", "1e-2",
+                 "--no-progress"]) == 0
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["target_modules"] == ["down_proj", "q_proj"]
+    assert main(["convert", "--model", ckpt, "--out", str(tmp_path / "m"), "--to", "hf",
+                 "--merge-adapter", str(tmp_path / "a")]) == 0
+    merged = Llama.build(tmp_path / "m", max_seq_len=64, max_batch_size=1)
+    adapted = Llama.build(ckpt, max_seq_len=64, max_batch_size=1, adapter=tmp_path / "a", merge_adapter=False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(TOKENS), adapted.model(TOKENS), atol=1e-4, rtol=0)
+    capsys.readouterr()
+    for extra in ([], ["--adapter-unmerged"]):
+        assert main(["generate", "Once", "--model", ckpt, "--adapter", str(tmp_path / "a"), "--temperature", "0",
+                     "--max-gen-len", "8", "--max-seq-len", "64", "--json"] + extra) == 0
+    a, b = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert a["tokens"] == b["tokens"]
+    assert main(["generate", "Once", "--model", ckpt, "--adapter", str(tmp_path / "nowhere")]) == 1
+    assert "adapter folder" in capsys.readouterr().err

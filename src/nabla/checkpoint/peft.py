@@ -222,3 +222,27 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
             a, b = adapter.tensors[f"{name}.lora_A"], adapter.tensors[f"{name}.lora_B"]
             delta = (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)) * scaling
             w.copy_((w.float() + delta).to(w.dtype))
+
+
+def merged_state(state, adapter: Adapter):
+    """`state` (Meta names) with the adapter merged into its weights, each tensor made when read."""
+    from nabla.checkpoint.shards import Entry, LazyState
+
+    lazy = state if isinstance(state, LazyState) else LazyState.of(state)
+    shapes, dtypes = lazy.shapes, lazy.dtypes
+    scaling = adapter.settings.scaling
+    modules = {k.rsplit(".", 1)[0] for k in adapter.tensors}
+    missing = sorted(f"{m}.weight" for m in modules if f"{m}.weight" not in shapes)
+    if missing:
+        raise ConfigError(f"the adapter adapts {missing[0]}, which the checkpoint does not hold")
+
+    def make(key: str) -> torch.Tensor:
+        w = lazy[key]
+        module = key[:-len(".weight")]
+        if module not in modules:
+            return w
+        a, b = adapter.tensors[f"{module}.lora_A"], adapter.tensors[f"{module}.lora_B"]
+        return (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
+
+    return LazyState({k: Entry(lambda k=k: make(k), tuple(shapes[k]), dtypes[k]) for k in lazy},
+                     file_backed=lazy.file_backed)
