@@ -69,6 +69,8 @@ class Llama:
         dtype: str | torch.dtype | None = None,
         verbose: bool = False,
         quantize: str | None = None,
+        adapter: str | Path | None = None,
+        merge_adapter: bool = True,
     ) -> Llama:
         """Load a checkpoint folder and its tokenizer, ready to generate.
 
@@ -77,7 +79,9 @@ class Llama:
         device's compute dtype (fp32 on CPU, bf16 on CUDA, fp16 on MPS); "auto"
         keeps the checkpoint's dtype where the device supports it. `quantize`
         "int8" or "int4" stores the linear layers' weights in fewer bits
-        (nabla.model.quantize).
+        (nabla.model.quantize). `adapter` is a LoRA adapter folder in PEFT's
+        layout (nabla.checkpoint.peft): merged into the weights as they load
+        (`merge_adapter`, before any quantization), or applied at run time.
         """
         start = time.time()
         from nabla.distributed import model_parallel_world, shard_model
@@ -111,6 +115,15 @@ class Llama:
                 f"the tokenizer {tok_path} has {tokenizer.n_words} ids but the model's embedding has only "
                 f"{args.vocab_size} rows; this tokenizer does not belong to this checkpoint")
 
+        lora = None
+        if adapter is not None:
+            from nabla.checkpoint.peft import read_adapter
+
+            if mp > 1:
+                raise ConfigError(f"adapter= is not supported with model_parallel_size={mp} yet; merge it first "
+                                  "(nabla convert --merge-adapter) and split the merged model")
+            lora = read_adapter(adapter, args)
+            merge_adapter = merge_adapter and saved is None  # stored int8/int4 weights: apply at run time
         dev = devices.choose_device(device)
         dt = devices.resolve_dtype(dtype, dev, ckpt.dtype)  # "auto": keep the checkpoint's dtype
         with torch.device("meta"):
@@ -122,9 +135,17 @@ class Llama:
             nonlocal state
             load_into(m, state, source=str(ckpt.path), progress=verbose or ckpt.show_progress)
             state = None  # drop the checkpoint's tensors before the layers are swapped
+            if lora is not None and merge_adapter:
+                from nabla.checkpoint.peft import merge_adapter as merge_into
+
+                merge_into(m, lora)  # before quantization and kernel swaps, in the weights' dtype
 
         model = prepare_model(model, dev, dt, load_weights, max_batch_size=max_batch_size,
                               max_seq_len=max_seq_len, quantize=quantize, quantized=saved, sharded=mp > 1)
+        if lora is not None and not merge_adapter:
+            from nabla.checkpoint.peft import apply_adapter
+
+            apply_adapter(model, lora).eval()
         if ckpt.context_length and max_seq_len > ckpt.context_length:
             warnings.warn(f"max_seq_len={max_seq_len} is longer than the {ckpt.context_length} tokens "
                           f"{ckpt.path.name} was trained for; text past that may degrade", stacklevel=2)

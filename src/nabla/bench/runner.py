@@ -55,6 +55,9 @@ class Setup:
     device: str | None = None
     """None: the one nabla.device picks (CUDA, MPS, CPU)."""
     graphs: bool = True
+    adapter: str | None = None
+    """A LoRA adapter folder for --model (merged at load unless adapter_unmerged)."""
+    adapter_unmerged: bool = False
     """Replay recorded decode steps where the device records graphs (nabla.model.graphs)."""
 
 
@@ -106,6 +109,8 @@ def run(setup: Setup, progress: bool = True) -> dict:
     for name in ("batch_size", "prompt_len", "repeats"):
         if getattr(setup, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if setup.adapter and not setup.model:
+        raise ConfigError("--adapter needs --model DIR, the base the adapter was trained on")
     if setup.gen_len < 0:
         raise ConfigError("--gen-len must be at least 0")
     if setup.threads is not None:
@@ -138,7 +143,7 @@ def run(setup: Setup, progress: bool = True) -> dict:
 
         # Prepared as for generation, but quantized only once the peer has copied the weights.
         llama = Llama.build(setup.model, max_seq_len=context, max_batch_size=setup.batch_size, device=dev,
-                            dtype=setup.dtype)
+                            dtype=setup.dtype, adapter=setup.adapter, merge_adapter=not setup.adapter_unmerged)
         model, args, tokenizer = llama.model, llama.model.args, llama.tokenizer
         check_fits(args, dtype, setup, dev)
         make_peer(model, tokenizer)

@@ -40,12 +40,13 @@ def _prepare_out(src: Path, out: Path, force: bool) -> None:
 def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str | None = None, shards: int = 1,
                        force: bool = False, tokenizer: str | Path | None = None,
                        vocab_parallel_embedding: bool = False, progress: bool = False,
-                       quantize: str | None = None) -> list[Path]:
+                       quantize: str | None = None, merge_adapter: str | Path | None = None) -> list[Path]:
     """Write the checkpoint in `src` to `out` in format `to` ("meta", "hf" or "gguf"); returns the files written.
 
     `quantize` ("int8" / "int4") saves the linear layers quantized: for Meta output as
     nabla.model.quantize does at load, with a quantization.json that Llama.build reads back;
-    for GGUF (llama.cpp) as q8_0 / q4_0.
+    for GGUF (llama.cpp) as q8_0 / q4_0. `merge_adapter` is a LoRA adapter folder (PEFT's
+    layout) whose update is added into the weights first (nabla.checkpoint.peft).
     """
     from nabla import device as devices
     from nabla.checkpoint import hf, open_checkpoint
@@ -80,6 +81,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
     if args.vocab_size == -1:
         args.vocab_size = ckpt.shapes["tok_embeddings.weight"][0]
     state = ckpt.load_state()
+    if merge_adapter is not None:
+        from nabla.checkpoint.peft import merged_state, read_adapter
+
+        state = merged_state(state, read_adapter(merge_adapter, args))
     tok_path = Path(tokenizer) if tokenizer else ckpt.tokenizer_path
     tok, _ = try_tokenizer(tok_path)
     _prepare_out(ckpt.path, out, force)

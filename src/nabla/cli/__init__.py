@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "nabla.cli.explain",
     "nabla.cli.serve",
     "nabla.cli.train",
+    "nabla.cli.finetune",
     "nabla.cli.info",
     "nabla.cli.convert",
     "nabla.cli.bench",

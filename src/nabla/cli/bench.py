@@ -16,7 +16,8 @@ def run_bench(args: argparse.Namespace) -> int:
     setup = Setup(shape=None if args.model else (args.shape or "110m"), model=args.model, dtype=args.dtype,
                   quantize=args.quantize, batch_size=args.batch_size, prompt_len=args.prompt_len,
                   gen_len=args.gen_len, vs=args.vs, repeats=args.repeats, seed=args.seed,
-                  threads=args.threads, device=args.device, graphs=not args.no_graphs)
+                  threads=args.threads, device=args.device, graphs=not args.no_graphs, adapter=args.adapter,
+                  adapter_unmerged=args.adapter_unmerged)
     result = run(setup, progress=not args.json)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
@@ -34,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="weights and compute dtype (default: %(default)s)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the linear layers")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter for --model (PEFT's layout), merged at load")
+    p.add_argument("--adapter-unmerged", action="store_true", help="apply --adapter at run time (time its cost)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence (default: %(default)s)")
     p.add_argument("--gen-len", type=int, default=128, help="new tokens per sequence (default: %(default)s)")

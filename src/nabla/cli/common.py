@@ -1,6 +1,6 @@
 """The flags every command that takes a model shares, and loading that model.
 
-`add_model_args` (--model, --tokenizer, --device, --dtype, --quantize, the
+`add_model_args` (--model, --tokenizer, --device, --dtype, --quantize, --adapter, the
 context and batch sizes, --model-parallel-size) and `add_sampling_args`
 (--max-gen-len, --temperature, --top-p, --seed) are defined here once;
 `load_model` turns them into a `Llama`.
@@ -27,6 +27,10 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batc
                    help="compute dtype (default: per device; auto: the checkpoint's own)")
     g.add_argument("--quantize", choices=["int8", "int4"],
                    help="store the linear layers' weights in 8 or 4 bits (faster decode, less memory)")
+    g.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter in PEFT's layout (what `nabla finetune` writes), merged as the model loads")
+    g.add_argument("--adapter-unmerged", action="store_true",
+                   help="apply --adapter at run time (base weights untouched) instead of merging it")
     g.add_argument("--max-seq-len", type=int, default=max_seq_len, help="context length (default: %(default)s)")
     g.add_argument("--max-batch-size", type=int, default=max_batch_size, help=batch_help)
     g.add_argument("--model-parallel-size", type=int, metavar="N",
@@ -67,7 +71,8 @@ def load_model(args: argparse.Namespace, rank_0_only: bool = False):
     llama = Llama.build(model_dir(args), args.tokenizer, max_seq_len=args.max_seq_len,
                         max_batch_size=args.max_batch_size, seed=getattr(args, "seed", 1),
                         device=args.device, dtype=args.dtype, verbose=False,
-                        quantize=getattr(args, "quantize", None),
+                        quantize=getattr(args, "quantize", None), adapter=getattr(args, "adapter", None),
+                        merge_adapter=not getattr(args, "adapter_unmerged", False),
                         model_parallel_size=getattr(args, "model_parallel_size", None))
     from nabla.distributed import is_main_process, only_rank_0_runs
 

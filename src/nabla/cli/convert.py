@@ -14,10 +14,11 @@ def run_convert(args: argparse.Namespace) -> int:
     written = convert_checkpoint(args.model, args.out, args.to, dtype=args.dtype, shards=args.shards,
                                  force=args.force, tokenizer=args.tokenizer,
                                  vocab_parallel_embedding=args.vocab_parallel_embedding, progress=True,
-                                 quantize=args.quantize)
+                                 quantize=args.quantize, merge_adapter=args.merge_adapter)
     total = sum(p.stat().st_size for p in written)
     print(f"wrote {len(written)} files ({human_bytes(total)}) to {args.out} in "
-          f"{FORMAT_NAMES[args.to]} format{', ' + args.quantize if args.quantize else ''}: "
+          f"{FORMAT_NAMES[args.to]} format{', ' + args.quantize if args.quantize else ''}"
+          f"{', adapter merged' if args.merge_adapter else ''}: "
           + ", ".join(p.name for p in written))
     return 0
 
@@ -35,6 +36,8 @@ def register(sub) -> None:
     p.add_argument("--shards", type=int, default=1, help="model-parallel shards of Meta output (default: 1)")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="save the linear layers quantized (Meta: loads back as it is; GGUF: q8_0 / q4_0)")
+    p.add_argument("--merge-adapter", metavar="DIR",
+                   help="add a LoRA adapter (PEFT's layout, what `nabla finetune` writes) into the weights")
     p.add_argument("--vocab-parallel-embedding", action="store_true",
                    help="split the embedding by vocabulary (Llama 3 style) instead of by width (Llama 2)")
     p.add_argument("--force", action="store_true", help="overwrite checkpoint files in --out")

@@ -18,8 +18,9 @@ float summation order).
 
 Leaves out: the settings and their checks (config.py), the output folder,
 token files and saved state (rundir.py), logs and plot (report.py), the
-process group (nabla.distributed.data_parallel); fine-tuning tricks (LoRA,
-frozen layers), mixed-precision loss scaling for fp16-only GPUs (those
+process group (nabla.distributed.data_parallel); fine-tuning with LoRA
+(nabla.training.finetune, which runs this loop through the `Run` hooks
+`draw_batch`, `evaluate` and `save`), mixed-precision loss scaling for fp16-only GPUs (those
 train in fp32 here), pipeline/tensor parallel.
 """
 
@@ -32,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +73,10 @@ class Run:
     step: int = 0
     history: list[dict] = field(default_factory=list)  # one dict per step and per validation run
     t_start: float = 0.0
+    # Hooks for runs on other data (fine-tuning); None: the token files, estimate_loss, the Meta folder.
+    draw_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
+    evaluate: Callable[[Run, list], dict] | None = None
+    save: Callable[[Run], None] | None = None
 
 
 def train(**given) -> dict:
@@ -95,11 +101,11 @@ def _train(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
         report.print_start(param_count(run.args), run.args, run.data, tokens_per_step, world, device, run.step,
                            cfg.steps)
-    stopped = _loop(run, windows)
+    stopped = train_steps(run, windows)
     result = {"step": run.step, "steps": cfg.steps, "params": param_count(run.args), "stopped": stopped}
     if rank == 0:
         if not stopped:
-            m = _validate(run, eval_windows(run.data.meta, len(run.data.val), cfg.seq_len, 8 * cfg.eval_tokens))
+            m = validate(run, eval_windows(run.data.meta, len(run.data.val), cfg.seq_len, 8 * cfg.eval_tokens))
             result.update(val_loss=m["loss"], val_bpb=m["bpb"], val_tokens=m["tokens"], val_sources=m["sources"])
             report.print_final_validation(run.step, m)
         save_checkpoint(run, final=True)
@@ -167,7 +173,7 @@ def _setup(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world
                save_dtype=devices.parse_dtype(cfg.save_dtype), step=step, history=history)
 
 
-def _loop(run: Run, windows: list[tuple[int, str]]) -> bool:
+def train_steps(run: Run, windows: list) -> bool:
     """Step until the last step or a stop (signal, --stop-at, --time-limit); True when stopped early."""
     from tqdm import tqdm
 
@@ -181,12 +187,13 @@ def _loop(run: Run, windows: list[tuple[int, str]]) -> bool:
     with _StopFlag() as stop:
         while run.step < cfg.steps:
             if master and run.step > 0 and run.step % cfg.eval_every == 0 and not _evaluated(run.history, run.step):
-                bar.write(report.val_line(run.step, _validate(run, windows)))
+                bar.write(report.val_line(run.step, validate(run, windows)))
             lr = get_lr(run.step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             # The whole global batch is drawn on every process; each takes its share.
-            batches = [get_batch(run.data.train, cfg.batch_size, cfg.seq_len, run.gen, torch.device("cpu"))
+            batches = [run.draw_batch(run.gen) if run.draw_batch else
+                       get_batch(run.data.train, cfg.batch_size, cfg.seq_len, run.gen, torch.device("cpu"))
                        for _ in range(cfg.grad_accum)]
             train_loss = _forward_backward(run, batches[run.rank::run.world])
             if cfg.grad_clip > 0:
@@ -254,19 +261,25 @@ def save_checkpoint(run: Run, final: bool = False) -> None:
     """Process 0 writes the Meta folder, train_state.pt and log.csv (and, at the end, loss.png)."""
     if run.rank:
         return
-    payload = rundir.state_payload(run.raw, run.optimizer, run.gen, run.step, run.history, run.cfg, run.args,
-                                   run.device)
-    rundir.save_state(run.out, payload, run.raw, run.args, run.save_dtype)
+    if run.save is not None:
+        run.save(run)
+    else:
+        payload = rundir.state_payload(run.raw, run.optimizer, run.gen, run.step, run.history, run.cfg, run.args,
+                                       run.device)
+        rundir.save_state(run.out, payload, run.raw, run.args, run.save_dtype)
     report.write_log(run.out, run.history)
     if final:
         report.plot(run.out, run.history)
 
 
-def _validate(run: Run, windows: list[tuple[int, str]]) -> dict:
+def validate(run: Run, windows: list) -> dict:
     """estimate_loss on `windows`, logged at the current step."""
     cfg = run.cfg
-    m = estimate_loss(run.raw, run.data, windows, run.token_bytes, cfg.seq_len, run.device, run.ctx,
-                      cfg.batch_size)
+    if run.evaluate is not None:
+        m = run.evaluate(run, windows)
+    else:
+        m = estimate_loss(run.raw, run.data, windows, run.token_bytes, cfg.seq_len, run.device, run.ctx,
+                          cfg.batch_size)
     run.history.append({"step": run.step, "val_loss": m["loss"], "val_bpb": m["bpb"],
                         "time": time.time() - run.t_start})
     return m

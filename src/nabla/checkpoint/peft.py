@@ -1,0 +1,248 @@
+"""LoRA adapters in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+PEFT names each tensor after the Hugging Face module it adapts, under the
+wrapper's prefix, without the adapter's name:
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   (r, in)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   (out, r)
+
+(huggingface/peft src/peft/utils/save_and_load.py). nabla keeps Meta's names
+and rotary channel order, so the module names go through nabla.checkpoint.hf's
+one renamer, and so does the q/k row permutation: B's rows are the adapted
+weight's rows, so lora_B of q_proj / k_proj is permuted exactly as q_proj's
+weight is, while lora_A (which acts on the input) is not.
+
+`read_adapter(dir, args)` checks the config and every tensor against the
+model's shape and returns an `Adapter` (settings + tensors under Meta names);
+`write_adapter` writes one that `peft.PeftModel.from_pretrained` loads onto
+the same base; `apply_adapter` wraps a model's layers with it (run-time
+LoRA), `merge_adapter` adds it into the weights once.
+
+Leaves out: DoRA, per-module rank/alpha patterns, biases and
+`modules_to_save` (refused with a message), adapters of other PEFT types.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nabla.checkpoint.hf import rename_weight
+from nabla.checkpoint.io import atomic_write_text
+from nabla.checkpoint.safetensors import read_safetensors, write_safetensors
+from nabla.errors import CheckpointError, ConfigError
+from nabla.model.args import ModelArgs
+from nabla.model.lora import TARGETS, LoraSettings, add_lora, load_lora_state, lora_state
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter in nabla's terms: its settings and tensors named as nabla.model.lora.lora_state names them."""
+
+    settings: LoraSettings
+    tensors: dict[str, torch.Tensor]
+    path: Path | None = None
+
+
+def layer_shape(args: ModelArgs, name: str) -> tuple[int, int]:
+    """(out, in) of a target layer of the model `args` describes."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    return {"wq": (q, args.dim), "wk": (kv, args.dim), "wv": (kv, args.dim), "wo": (args.dim, q),
+            "w1": (args.hidden_dim, args.dim), "w3": (args.hidden_dim, args.dim),
+            "w2": (args.dim, args.hidden_dim)}[name]
+
+
+# ------------------------------------------------------------------- reading
+def read_adapter_config(path: Path) -> dict:
+    """adapter_config.json of a PEFT LoRA folder, checked for what nabla supports."""
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"adapter folder {path} not found; pass the folder holding {CONFIG_NAME} "
+                              f"and {WEIGHTS_NAME} (what `nabla finetune` or PEFT's save_pretrained writes)")
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
+    if missing:
+        hint = " (adapter_model.bin, PEFT's old format, is not read: re-save with safetensors)" \
+            if (path / "adapter_model.bin").is_file() else ""
+        raise CheckpointError(f"{path} is not a PEFT adapter folder: {', '.join(missing)} missing{hint}")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file} must hold a JSON object")
+    kind = cfg.get("peft_type", "LORA")
+    if str(kind).upper() != "LORA":
+        raise ConfigError(f"{cfg_file}: peft_type {kind!r} is not supported; nabla reads LoRA adapters only")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"{cfg_file}: rank r={r!r}; a LoRA adapter needs a rank of 1 or more")
+    refused = {"use_dora": cfg.get("use_dora"), "fan_in_fan_out": cfg.get("fan_in_fan_out"),
+               "modules_to_save": cfg.get("modules_to_save"), "rank_pattern": cfg.get("rank_pattern"),
+               "alpha_pattern": cfg.get("alpha_pattern")}
+    refused = {k: v for k, v in refused.items() if v}
+    if cfg.get("bias", "none") != "none":
+        refused["bias"] = cfg["bias"]
+    if refused:
+        raise ConfigError(f"{cfg_file} uses PEFT features nabla does not apply: {refused}; "
+                          "merge the adapter with peft (merge_and_unload) and load the merged model instead")
+    return cfg
+
+
+def read_adapter(path: str | Path, args: ModelArgs) -> Adapter:
+    """The PEFT LoRA adapter in `path`, checked against the model `args` describes."""
+    path = Path(path)
+    cfg = read_adapter_config(path)
+    try:
+        raw = read_safetensors(path / WEIGHTS_NAME)
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways: say which file
+        raise CheckpointError(f"cannot read {path / WEIGHTS_NAME} ({str(e).splitlines()[0]}); "
+                              "re-save the adapter") from None
+    tensors: dict[str, torch.Tensor] = {}
+    targets, layers = set(), set()
+    for key, t in raw.items():
+        hf_module, ab = _split_key(key, path)
+        try:
+            meta_weight, reorder = rename_weight(hf_module + ".weight", args, to="meta")
+        except CheckpointError:
+            meta_weight, reorder = None, None
+        kind = meta_weight.split(".")[-2] if meta_weight else None
+        if kind not in TARGETS:
+            raise ConfigError(f"{path}: the adapter adapts {hf_module!r}, which nabla does not adapt; nabla "
+                              "applies LoRA to q/k/v/o_proj and gate/up/down_proj only")
+        layer = int(meta_weight.split(".")[1])
+        if layer >= args.n_layers:
+            raise ConfigError(f"{path}: the adapter has weights for layer {layer}, the model has only "
+                              f"{args.n_layers} layers; it was made for another base model")
+        out_f, in_f = layer_shape(args, kind)
+        want = (cfg["r"], in_f) if ab == "lora_A" else (out_f, cfg["r"])
+        if tuple(t.shape) != want:
+            raise ConfigError(f"{path}: {key} has shape {tuple(t.shape)}, this model needs {want} (rank "
+                              f"{cfg['r']}); the adapter was made for another base model or rank")
+        t = t.float()
+        if ab == "lora_B" and reorder is not None:
+            t = reorder(t)  # B's rows are q/k rows: into Meta's rotary order
+        tensors[f"{meta_weight[:-len('.weight')]}.{ab}"] = t
+        targets.add(kind)
+        layers.add(layer)
+    if not tensors:
+        raise CheckpointError(f"{path / WEIGHTS_NAME} holds no LoRA tensors")
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    unpaired = sorted(n for n in names if f"{n}.lora_A" not in tensors or f"{n}.lora_B" not in tensors)
+    if unpaired:
+        raise CheckpointError(f"{path}: {unpaired[0]} has lora_A or lora_B but not both; the file is incomplete")
+    settings = LoraSettings(r=cfg["r"], alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get(
+        "lora_dropout", 0.0) or 0.0), targets=tuple(t for t in TARGETS if t in targets),
+        rslora=bool(cfg.get("use_rslora", False)),
+        layers=None if len(layers) == args.n_layers else tuple(sorted(layers)))
+    expected = {f"layers.{i}.{TARGETS[k][0]}.{k}" for i in sorted(layers) for k in settings.targets}
+    if expected != names:
+        raise ConfigError(f"{path}: the adapter adapts different modules in different layers "
+                          f"(e.g. {sorted(expected ^ names)[0]}); nabla needs the same targets in each layer")
+    return Adapter(settings, tensors, path)
+
+
+def _split_key(key: str, path: Path) -> tuple[str, str]:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0...q_proj', 'lora_A')."""
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-1] == "weight" and parts[-2] not in ("lora_A", "lora_B"):
+        parts = parts[:-2] + parts[-1:]  # 'lora_A.default.weight': an adapter name left in
+    if len(parts) < 3 or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
+        raise ConfigError(f"{path}: tensor {key!r} is not a LoRA weight (lora_A / lora_B); nabla reads plain "
+                          "LoRA adapters only (no DoRA magnitudes, embeddings or saved modules)")
+    return ".".join(parts[:-2]), parts[-2]
+
+
+# ------------------------------------------------------------------- writing
+def write_adapter(out: str | Path, adapter: Adapter, args: ModelArgs, base_model: str | None = None) -> list[Path]:
+    """Write `adapter` in PEFT's layout into `out`; returns the two files."""
+    out = Path(out)
+    s = adapter.settings
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(adapter.tensors, key=_layer_order):
+        module, ab = name.rsplit(".", 1)
+        hf_weight, reorder = rename_weight(module + ".weight", args, to="hf")
+        t = adapter.tensors[name].detach().float().cpu()
+        if ab == "lora_B" and reorder is not None:
+            t = reorder(t)  # Meta's rotary order -> Hugging Face's
+        tensors[f"{PREFIX}{hf_weight[:-len('.weight')]}.{ab}.weight"] = t.contiguous()
+    write_safetensors(out / WEIGHTS_NAME, tensors, {k: tuple(v.shape) for k, v in tensors.items()},
+                      {k: torch.float32 for k in tensors})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": s.r, "lora_alpha": s.alpha, "lora_dropout": s.dropout,
+        "target_modules": sorted(TARGETS[t][1] for t in s.targets), "bias": "none",
+        "use_rslora": s.rslora, "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+        "layers_to_transform": list(s.layers) if s.layers is not None else None,
+        "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return [out / CONFIG_NAME, out / WEIGHTS_NAME]
+
+
+def _layer_order(name: str):
+    parts = name.split(".")
+    return (int(parts[1]), name) if len(parts) > 1 and parts[1].isdigit() else (-1, name)
+
+
+def adapter_of(model: nn.Module) -> Adapter:
+    """The LoRA adapter a model holds (after nabla.model.lora.add_lora)."""
+    return Adapter(model.lora, {k: v.detach().clone() for k, v in lora_state(model).items()})
+
+
+# ------------------------------------------------------------------ applying
+def apply_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
+    """Wrap the model's target layers with the adapter (run-time LoRA, unmerged)."""
+    settings = LoraSettings(adapter.settings.r, adapter.settings.alpha, 0.0, adapter.settings.targets,
+                            adapter.settings.rslora, adapter.settings.layers)
+    add_lora(model, settings)
+    load_lora_state(model, adapter.tensors)
+    return model
+
+
+def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
+    """Add scaling * B A into the weights of a model whose layers are plain float linears."""
+    scaling = adapter.settings.scaling
+    with torch.no_grad():
+        for name in {k.rsplit(".", 1)[0] for k in adapter.tensors}:
+            lin = model.get_submodule(name)
+            w = getattr(lin, "weight", None)
+            if w is None or not w.is_floating_point():
+                raise ConfigError(f"cannot merge the adapter into {name}: its weight is not a float tensor "
+                                  "(quantized?); merge before quantizing")
+            a, b = adapter.tensors[f"{name}.lora_A"], adapter.tensors[f"{name}.lora_B"]
+            delta = (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)) * scaling
+            w.copy_((w.float() + delta).to(w.dtype))
+
+
+def merged_state(state, adapter: Adapter):
+    """`state` (Meta names) with the adapter merged into its weights, each tensor made when read."""
+    from nabla.checkpoint.shards import Entry, LazyState
+
+    lazy = state if isinstance(state, LazyState) else LazyState.of(state)
+    shapes, dtypes = lazy.shapes, lazy.dtypes
+    scaling = adapter.settings.scaling
+    modules = {k.rsplit(".", 1)[0] for k in adapter.tensors}
+    missing = sorted(f"{m}.weight" for m in modules if f"{m}.weight" not in shapes)
+    if missing:
+        raise ConfigError(f"the adapter adapts {missing[0]}, which the checkpoint does not hold")
+
+    def make(key: str) -> torch.Tensor:
+        w = lazy[key]
+        module = key[:-len(".weight")]
+        if module not in modules:
+            return w
+        a, b = adapter.tensors[f"{module}.lora_A"], adapter.tensors[f"{module}.lora_B"]
+        return (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
+
+    return LazyState({k: Entry(lambda k=k: make(k), tuple(shapes[k]), dtypes[k]) for k in lazy},
+                     file_backed=lazy.file_backed)
