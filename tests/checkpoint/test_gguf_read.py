@@ -263,3 +263,15 @@ def test_folder_with_two_gguf_files(tmp_path):
     write_gguf(tmp_path / "b.gguf", state, args, None, "f32")
     with pytest.raises(CheckpointError, match="2 GGUF files.*pass the one"):
         open_checkpoint(tmp_path)
+
+
+def test_info_reports_tensor_types(tmp_path):
+    from nabla.checkpoint.info import checkpoint_info
+
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "q8_0")
+    info = checkpoint_info(path)
+    assert info["format"] == "gguf" and info["gguf"]["load_quantize"] == "int8"
+    assert info["gguf"]["tensor_types"] == {"Q8_0": 3 + 7 * args.n_layers, "F32": 1 + 2 * args.n_layers}
+    assert "int8 per output channel" in info["gguf"]["loads_as"]["Q8_0"]
+    assert info["tokenizer"]["kind"] == "gguf llama" and info["tokenizer"]["n_words"] == 32000
