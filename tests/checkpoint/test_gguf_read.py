@@ -272,6 +272,6 @@ def test_info_reports_tensor_types(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "q8_0")
     info = checkpoint_info(path)
     assert info["format"] == "gguf" and info["gguf"]["load_quantize"] == "int8"
-    assert info["gguf"]["tensor_types"] == {"Q8_0": 3 + 7 * args.n_layers, "F32": 1 + 2 * args.n_layers}
+    assert info["gguf"]["tensor_types"] == {"Q8_0": 2 + 7 * args.n_layers, "F32": 1 + 2 * args.n_layers}
     assert "int8 per output channel" in info["gguf"]["loads_as"]["Q8_0"]
     assert info["tokenizer"]["kind"] == "gguf llama" and info["tokenizer"]["n_words"] == 32000
