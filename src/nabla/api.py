@@ -100,11 +100,17 @@ class Llama:
                 raise ConfigError(f"{ckpt.path} is quantized ({saved['mode']}), which is not supported with "
                                   f"model_parallel_size={mp} yet; split the original checkpoint instead")
             quantize = None
+        if ckpt.format == "gguf" and quantize is None and mp == 1:
+            quantize = ckpt.load_quantize  # a Q8_0 / Q4_* file's layers: nabla's int8 / int4 (checkpoint.gguf_read)
         tok_path = tokenizer_path if tokenizer_path is not None else ckpt.tokenizer_path
-        if tok_path is None:
+        if tok_path is None and ckpt.format == "gguf":
+            tokenizer = ckpt.tokenizer()  # from the file's metadata
+            tok_path = ckpt.path
+        elif tok_path is None:
             raise TokenizerError(f"{ckpt.path} holds no tokenizer.model; pass tokenizer_path "
                                  "(--tokenizer FILE) pointing to the model's tokenizer")
-        tokenizer = load_tokenizer(tok_path, model_dir=ckpt.path)  # stop ids: also the model's eos_token_id lists
+        else:
+            tokenizer = load_tokenizer(tok_path, model_dir=ckpt.path)  # stop ids: also the config's eos ids
         args = ckpt.args
         state = ckpt.load_state()
         emb = ckpt.shapes.get("tok_embeddings.weight")  # the shape only: reading it would join MP shards

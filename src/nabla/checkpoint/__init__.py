@@ -10,6 +10,8 @@ tokenizer file if any:
                    model.safetensors.index.json, or pytorch_model*.bin; the
                    families of nabla.checkpoint.families (Llama, Mistral,
                    Qwen2/3, Gemma, Gemma 2, Phi-3)
+    GGUF:          one .gguf file (llama.cpp), passed itself or in a folder of
+                   its own (nabla.checkpoint.gguf_read)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ PROGRESS_BYTES = 1 << 30  # checkpoints from 1 GiB load with a progress bar
 @dataclass
 class Checkpoint:
     path: Path
-    format: str  # "meta" or "hf"
+    format: str  # "meta", "hf" or "gguf"
     args: ModelArgs  # vocab_size may be -1 (take it from the tokenizer)
     load_state: Callable[[], Mapping[str, torch.Tensor]]
     tokenizer_path: Path | None
@@ -99,7 +101,7 @@ def find_tokenizer(path: Path, prefer: tuple[str, ...] = TOKENIZER_FILES) -> Pat
 
 
 def detect_format(path: Path) -> str:
-    """'meta' or 'hf', from which files the folder holds."""
+    """'meta', 'hf' or 'gguf', from which files the folder holds."""
     has_meta = (path / "params.json").is_file() and bool(meta.shard_paths(path))
     hf_files = hf.weight_files(path) if (path / "config.json").is_file() else []
     has_hf = bool(hf_files)
@@ -111,6 +113,10 @@ def detect_format(path: Path) -> str:
         return "meta"
     if has_hf:
         return "hf"
+    from nabla.checkpoint.gguf_read import find_gguf
+
+    if find_gguf(path) is not None:
+        return "gguf"
     if (path / "params.json").is_file():
         raise CheckpointError(f"{path} has params.json but no consolidated.*.pth weight file; "
                               "download the weights into the same folder")
@@ -149,8 +155,14 @@ def read_quantization(path: Path) -> dict | None:
 
 
 def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
+    from nabla.checkpoint import gguf_read
+
+    if Path(ckpt_dir).is_file() and gguf_read.is_gguf(Path(ckpt_dir)):
+        return gguf_read.open_gguf(ckpt_dir)
     path = check_folder(ckpt_dir)
     fmt = detect_format(path)
+    if fmt == "gguf":
+        return gguf_read.open_gguf(gguf_read.find_gguf(path))
     if fmt == "meta":
         params = read_params(path / "params.json")
         args = args_from_params(params)

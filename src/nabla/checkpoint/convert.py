@@ -87,6 +87,9 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
         state = merged_state(state, read_adapter(merge_adapter, args))
     tok_path = Path(tokenizer) if tokenizer else ckpt.tokenizer_path
     tok, _ = try_tokenizer(tok_path)
+    from_gguf = ckpt.format == "gguf" and tok_path is None  # the tokenizer is the file's metadata
+    if from_gguf:
+        tok = ckpt.tokenizer()
     _prepare_out(ckpt.path, out, force)
     written: list[Path] = []
     if to == "gguf":
@@ -96,7 +99,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
 
         qtype = {"int8": "q8_0", "int4": "q4_0"}.get(quantize) or \
             {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(cast or ckpt.dtype, "f32")
-        name = ckpt.path.resolve().name
+        name = ckpt.path.resolve().stem if ckpt.format == "gguf" else ckpt.path.resolve().name
         return [write_gguf(out / f"{name}-{qtype}.gguf", state, args, tok, qtype, name=name)]
     if to == "hf":
         bos = ckpt.bos_id if ckpt.bos_id is not None else (tok.bos_id if tok else None)
@@ -140,6 +143,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
             del tensors
         atomic_write_text(out / "params.json", json.dumps(args.to_params(), indent=2) + "\n")
         written.append(out / "params.json")
+    if from_gguf:
+        from nabla.checkpoint.gguf_read import save_tokenizer
+
+        written += save_tokenizer(tok, ckpt.metadata, out)
     copied = set()
     for folder_file in ([tok_path.parent / n for n in TOKENIZER_FILES] if tok_path else []):
         if folder_file.is_file() and folder_file.name not in copied:

@@ -38,7 +38,15 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
     a = ckpt.args
     vocab = ckpt.shapes.get("tok_embeddings.weight", (a.vocab_size,))[0]
     tok_path = Path(tokenizer) if tokenizer else ckpt.tokenizer_path
-    tok, tok_error = try_tokenizer(tok_path)
+    from_gguf = ckpt.format == "gguf" and tok_path is None  # the tokenizer is the file's metadata
+    if from_gguf:
+        tok_path = ckpt.path
+        try:
+            tok, tok_error = ckpt.tokenizer(), None
+        except NablaError as e:
+            tok, tok_error = None, str(e)
+    else:
+        tok, tok_error = try_tokenizer(tok_path)
     ctx = context or ckpt.context_length or DEFAULT_CONTEXT
     if not isinstance(batch, int) or batch < 1 or not isinstance(ctx, int) or ctx < 1:
         raise NablaError(f"--context and --batch must be positive integers, got {ctx} and {batch}")
@@ -65,9 +73,15 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
         "memory": {"context": ctx, "batch": batch, "dtype": str(run_dtype).replace("torch.", ""),
                    "weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv},
     }
+    if ckpt.format == "gguf":
+        from nabla.checkpoint.gguf_read import LOADS_AS
+
+        info["gguf"] = {"tensor_types": ckpt.tensor_types, "load_quantize": ckpt.load_quantize,
+                        "loads_as": {t: LOADS_AS[t] for t in ckpt.tensor_types}}
     if tok is not None:
+        kind = f"gguf {ckpt.metadata.get('tokenizer.ggml.model')}" if from_gguf else tokenizer_kind(tok_path)
         info["tokenizer"] = {
-            "path": str(tok_path), "kind": tokenizer_kind(tok_path), "n_words": tok.n_words, "bos_id": tok.bos_id,
+            "path": str(tok_path), "kind": kind, "n_words": tok.n_words, "bos_id": tok.bos_id,
             "eos_id": tok.eos_id, "stop_ids": list(tok.stop_ids), "chat_format": chat_format_for(tok).name,
             "fits": tok.n_words <= vocab,
         }

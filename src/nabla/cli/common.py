@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batc
                    batch_help: str = argparse.SUPPRESS) -> None:
     """--model, --tokenizer, --device, --dtype, --max-seq-len, --max-batch-size."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR", help="checkpoint folder (default: the built-in story model)")
+    g.add_argument("--model", metavar="DIR", help="checkpoint folder or .gguf file (default: the built-in story model)")
     g.add_argument("--tokenizer", metavar="FILE", help="tokenizer file, when the folder holds none")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "auto"],

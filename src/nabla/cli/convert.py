@@ -27,7 +27,7 @@ def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between Meta and Hugging Face formats (or to GGUF)",
                        description="Write a checkpoint in the other format (or re-shard a Meta one); "
                                    "the converted model gives identical logits.")
-    p.add_argument("--model", metavar="DIR", required=True, help="source checkpoint folder")
+    p.add_argument("--model", metavar="DIR", required=True, help="source checkpoint folder or .gguf file")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer file, when the folder holds none")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write")
     p.add_argument("--to", choices=["meta", "hf", "gguf"], required=True,

@@ -10,6 +10,8 @@ from nabla.checkpoint.info import checkpoint_info, verify_checklist
 from nabla.cli.common import human_bytes, human_count, model_dir
 from nabla.errors import CheckpointError
 
+FORMAT_NAMES = {"meta": "Meta", "hf": "Hugging Face", "gguf": "GGUF (llama.cpp)"}
+
 
 def print_info(info: dict, out=None) -> None:
     out = out or sys.stdout
@@ -17,7 +19,7 @@ def print_info(info: dict, out=None) -> None:
     files = f"{len(info['files'])} file{'s' if len(info['files']) != 1 else ''}"
     rows = [
         ("checkpoint", f"{info['path']}"),
-        ("format", f"{'Meta' if info['format'] == 'meta' else 'Hugging Face'} ({files}"
+        ("format", f"{FORMAT_NAMES.get(info['format'], info['format'])} ({files}"
                    + (f", model-parallel {info['shards']}" if info["format"] == "meta" and info["shards"] > 1 else "")
                    + ")"),
         ("layers", f"{a['n_layers']} x (dim {a['dim']}, {a['n_heads']} heads, {a['n_kv_heads']} kv heads, "
@@ -33,6 +35,12 @@ def print_info(info: dict, out=None) -> None:
         ("dtype", str(info["dtype"])),
         ("size on disk", human_bytes(info["size_bytes"])),
     ]
+    if info.get("gguf"):  # what each of the file's tensor types becomes in nabla
+        g = info["gguf"]
+        rows.append(("tensor types", "; ".join(f"{t} x{n} -> {g['loads_as'][t]}"
+                                               for t, n in g["tensor_types"].items())))
+        if g["load_quantize"]:
+            rows.append(("runs as", f"linear layers {g['load_quantize']} (pass --quantize to choose)"))
     if info["context_length"]:
         rows.append(("trained context", str(info["context_length"])))
     if t and "error" not in t:
@@ -77,9 +85,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="what a checkpoint holds and the memory it needs",
-                       description="Describe a checkpoint folder (Meta or Hugging Face): architecture, "
+                       description="Describe a checkpoint folder (Meta or Hugging Face) or GGUF file: architecture, "
                                    "parameters, dtype, size, tokenizer, and the memory to run it.")
-    p.add_argument("--model", metavar="DIR", help="checkpoint folder (default: the built-in story model)")
+    p.add_argument("--model", metavar="DIR", help="checkpoint folder or .gguf file (default: the built-in story model)")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer file, when the folder holds none")
     p.add_argument("--context", type=int, help="context length for the memory estimate "
                                                "(default: the model's trained context, else 2048)")

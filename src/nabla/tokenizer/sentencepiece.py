@@ -1,4 +1,5 @@
-"""SentencePiece `tokenizer.model` files (Llama 1 and 2, and models nabla trains)."""
+"""SentencePiece `tokenizer.model` files (Llama 1 and 2, and models nabla trains), or the same
+model given as bytes (`from_proto`: a GGUF file's vocabulary, rebuilt by nabla.tokenizer.gguf)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ class SentencePieceTokenizer:
             raise TokenizerError(f"{path} is not a SentencePiece model ({e})") from None
         if not ok:  # pragma: no cover - Load raises on failure in current releases
             raise TokenizerError(f"{path} is not a SentencePiece model")
+        self._init_ids(path)
+
+    @classmethod
+    def from_proto(cls, proto: bytes, source: str) -> SentencePieceTokenizer:
+        """A tokenizer from a serialized ModelProto; `source` names where it came from in messages."""
+        self = cls.__new__(cls)
+        self.sp = SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(proto)
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{source}: its vocabulary is not a valid SentencePiece model ({e})") from None
+        self._init_ids(Path(source))
+        return self
+
+    def _init_ids(self, path: Path) -> None:
         self.path = path
         self.n_words: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()

@@ -1,0 +1,277 @@
+"""GGUF in (nabla.checkpoint.gguf_read, nabla.tokenizer.gguf): tensors equal the gguf package's
+dequantization, a tiny model round-trips nabla -> GGUF -> nabla, tokenizers read from metadata
+encode like their original files, and bad files are one clear error."""
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from conftest import LLAMA2_TOKENIZER, LLAMA3_TOKENIZER, TINY_GQA, random_state  # noqa: E402
+
+from nabla import Llama  # noqa: E402
+from nabla.checkpoint import open_checkpoint  # noqa: E402
+from nabla.checkpoint.gguf import write_gguf  # noqa: E402
+from nabla.checkpoint.gguf_read import LOADS_AS  # noqa: E402
+from nabla.checkpoint.meta import args_from_params  # noqa: E402
+from nabla.errors import CheckpointError, ConfigError, TokenizerError  # noqa: E402
+from nabla.tokenizer import load_tokenizer  # noqa: E402
+from nabla.tokenizer.gguf import gguf_tokenizer  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+PARAMS = dict(TINY_GQA)
+PROMPT = [1, 15043, 3186, 29892, 920, 526]
+TEXTS = ["Hello world, how are you?", "  spaces   and\nnewlines\t", "émoji 🦙 中文 1234567", "<s> [INST] hi"]
+
+
+def tiny():
+    args = args_from_params(dict(PARAMS))
+    return args, random_state(args, 3)
+
+
+def meta_folder(tmp_path, state, args, name="meta"):
+    """A Meta folder holding `state` (e.g. the weights a GGUF file dequantizes to)."""
+    from conftest import write_meta_checkpoint
+
+    return write_meta_checkpoint(tmp_path / name, args.to_params(), state, None)
+
+
+def logits(llama, prompt=PROMPT):
+    with torch.no_grad():
+        return llama.model(torch.tensor([prompt]))[0]
+
+
+# ------------------------------------------------------------------ dequantization
+def one_tensor_file(path, data, qtype):
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tensor("blk.0.attn_q.weight", data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def raw_blocks(qtype, rows, seed=0):
+    """Random blocks of a type gguf's quantizer lacks (k-quants), with finite f16 scales."""
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, nbytes), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.01, size=(rows, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:  # ql, qh, scales (int8), then d
+        raw[:, -2:] = scales[:, :2]
+    else:  # d, dmin first
+        raw[:, :4] = scales
+    return raw, block
+
+
+@pytest.mark.parametrize("name", list(LOADS_AS))
+def test_dequantization_equals_gguf_package(tmp_path, name):
+    from nabla.checkpoint.gguf_read import _reader, _tensor
+
+    qtype = Q[name]
+    x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # gguf.quants has no quantizer for k-quants: random raw blocks
+        data, _ = raw_blocks(qtype, 4)
+    elif qtype == Q.F32:
+        data = x
+    elif qtype == Q.F16:
+        data = x.astype(np.float16)
+    else:
+        data = gguf.quants.quantize(x, qtype)
+    path = one_tensor_file(tmp_path / "t.gguf", data, qtype)
+    t = _reader(path).tensors[0]
+    ours = _tensor(t, path).float().numpy()
+    theirs = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours.shape == (4, 256) and np.isfinite(ours).all()
+
+
+# ------------------------------------------------------------------ model round trip
+def test_names_args_and_f32_logits(tmp_path):
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "f32")
+    ckpt = open_checkpoint(path)
+    assert ckpt.format == "gguf" and ckpt.load_quantize is None and ckpt.dtype == torch.float32
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "norm_eps", "rope_theta"):
+        assert getattr(ckpt.args, k) == pytest.approx(getattr(args, k)), k
+    got = ckpt.load_state()
+    assert set(got) == {k for k in state if k != "rope.freqs"}
+    for k in got:
+        assert torch.equal(got[k], state[k]), k  # f32: the very weights (attn_q/attn_k rows unpermuted)
+    a = Llama.build(path, max_seq_len=32, max_batch_size=1)
+    b = Llama.build(meta_folder(tmp_path, state, args), LLAMA2_TOKENIZER, max_seq_len=32, max_batch_size=1)
+    torch.testing.assert_close(logits(a), logits(b), atol=1e-5, rtol=0)
+    # a folder holding the one file opens too
+    assert open_checkpoint(tmp_path).path == path
+
+
+@pytest.mark.parametrize("qtype,mode", [("f16", None), ("q8_0", "int8"), ("q4_0", "int4")])
+def test_block_formats_give_the_dequantized_weights_logits(tmp_path, qtype, mode):
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), qtype)
+    ckpt = open_checkpoint(path)
+    assert ckpt.load_quantize == mode
+    deq = {k: v.float() for k, v in ckpt.load_state().items()}
+    r = gguf.GGUFReader(path)
+    t = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
+    want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(deq["layers.1.feed_forward.w2.weight"].shape)
+    np.testing.assert_array_equal(deq["layers.1.feed_forward.w2.weight"].numpy(), want)
+    a = Llama.build(path, max_seq_len=32, max_batch_size=1)
+    b = Llama.build(meta_folder(tmp_path, deq, args), LLAMA2_TOKENIZER, max_seq_len=32, max_batch_size=1,
+                    quantize=mode)
+    torch.testing.assert_close(logits(a), logits(b), atol=1e-5, rtol=0)
+
+
+def test_generate_equals_original_folder(tmp_path, make_checkpoint):
+    folder = make_checkpoint(PARAMS, seed=3)
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "f32")
+    kw = dict(max_seq_len=32, max_batch_size=1)
+    a, b = Llama.build(path, **kw), Llama.build(folder, **kw)
+    prompt = [b.tokenizer.encode("Once upon a time", bos=True, eos=False)]
+    assert a.tokenizer.encode("Once upon a time", bos=True, eos=False) == prompt[0]
+    ta, _ = a.generate(prompt, max_gen_len=12, temperature=0.0)
+    tb, _ = b.generate(prompt, max_gen_len=12, temperature=0.0)
+    assert ta == tb
+
+
+def test_convert_gguf_to_meta_and_hf(tmp_path):
+    from nabla.checkpoint.convert import convert_checkpoint
+
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "q8_0")
+    want = logits(Llama.build(path, max_seq_len=32, max_batch_size=1, quantize="int8"))
+    for to in ("meta", "hf"):
+        convert_checkpoint(path, tmp_path / to, to)
+        got = Llama.build(tmp_path / to, max_seq_len=32, max_batch_size=1, quantize="int8")
+        torch.testing.assert_close(logits(got), want, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ tokenizers
+def test_sentencepiece_vocabulary_encodes_like_its_file(tmp_path):
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "f32")
+    ours, orig = open_checkpoint(path).tokenizer(), load_tokenizer(LLAMA2_TOKENIZER)
+    assert (ours.bos_id, ours.eos_id, ours.n_words, ours.stop_ids) == (1, 2, 32000, (2,))
+    for s in TEXTS:
+        assert ours.encode(s, bos=True, eos=False) == orig.encode(s, bos=True, eos=False), s
+        ids = orig.encode(s, bos=True, eos=True)
+        assert ours.decode(ids) == orig.decode(ids)
+
+
+def _llama3_metadata():
+    """Llama 3's tiktoken vocabulary as llama.cpp stores it: byte-level strings and merges."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    from nabla.tokenizer.tiktoken import LLAMA3_SPECIAL
+
+    ranks = load_tiktoken_bpe(str(LLAMA3_TOKENIZER))
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    rest = [b for b in range(256) if b not in bs]  # GPT-2's bytes_to_unicode
+    table = dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
+
+    def text(b):
+        return "".join(table[c] for c in b)
+
+    tokens = [text(t) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
+    merges = []  # every split of a token into two tokens, by the token's rank (as transformers converts tiktoken)
+    for t, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+        pairs = [(t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks]
+        merges += [f"{text(a)} {text(b)}" for a, b in sorted(pairs, key=lambda p: (ranks[p[0]], ranks[p[1]]))]
+    n = len(tokens)
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+            "tokenizer.ggml.tokens": tokens + LLAMA3_SPECIAL,
+            "tokenizer.ggml.token_type": [1] * n + [3] * len(LLAMA3_SPECIAL),
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": n,
+            "tokenizer.ggml.eos_token_id": n + 1, "tokenizer.ggml.eot_token_id": n + 9}
+
+
+def test_bpe_vocabulary_encodes_like_tiktoken():
+    orig = load_tokenizer(LLAMA3_TOKENIZER)
+    ours = gguf_tokenizer(_llama3_metadata(), "llama3.gguf")
+    assert ours.stop_ids == orig.stop_ids and ours.bos_id == orig.bos_id and ours.n_words == orig.n_words
+    for s in TEXTS + ["<|eot_id|> is text here", "don't  stop\n\n\nbelieving 2024!!"]:
+        assert ours.encode(s, bos=True, eos=False) == orig.encode(s, bos=True, eos=False), s
+        assert ours.decode(orig.encode(s, bos=False, eos=False)) == s
+    dialog = [{"role": "user", "content": "Hi there"}]
+    from nabla.tokenizer.chat import chat_format_for
+
+    assert chat_format_for(ours).encode_dialog(dialog) == chat_format_for(orig).encode_dialog(dialog)
+
+
+def test_chat_template_and_stops_from_metadata(tmp_path):
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "f32")
+    meta = dict(open_checkpoint(path).metadata)
+    meta["tokenizer.chat_template"] = "{% for m in messages %}{{ bos_token }}[{{ m['content'] }}]{% endfor %}"
+    meta["tokenizer.ggml.eot_token_id"] = 5
+    tok = gguf_tokenizer(meta, "m.gguf")
+    from nabla.tokenizer.chat import chat_format_for
+
+    fmt = chat_format_for(tok)
+    assert fmt.name == "template" and tok.stop_ids == (2, 5)
+    assert fmt.encode_dialog([{"role": "user", "content": "hi"}]) == [1] + tok.encode("[hi]", False, False)
+
+
+# ------------------------------------------------------------------ bad input
+def test_truncated_file_is_one_clear_error(tmp_path):
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, None, "q8_0")
+    data = path.read_bytes()
+    for keep in (len(data) - 100, len(data) // 2, 2000, 30):
+        cut = tmp_path / f"cut{keep}.gguf"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(CheckpointError, match=f"cut{keep}.gguf.*(truncated|not a GGUF)"):
+            open_checkpoint(cut)
+
+
+def test_unsupported_type_architecture_and_vocabulary(tmp_path):
+    raw, _ = raw_blocks(Q.Q2_K, 8)
+    path = one_tensor_file(tmp_path / "q2.gguf", raw, Q.Q2_K)
+    with pytest.raises(CheckpointError, match="q2.gguf.*Q2_K.*does not read"):
+        from nabla.checkpoint.gguf_read import _reader, open_gguf
+
+        _reader(path)
+        open_gguf(path)
+    data = bytearray(path.read_bytes())  # the same file with a type id no GGUF reader knows
+    kind = int(Q.Q2_K).to_bytes(4, "little")
+    at = data.rfind(kind, 0, 200)
+    data[at:at + 4] = (250).to_bytes(4, "little")
+    (tmp_path / "x.gguf").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="x.gguf.*unknown tensor type"):
+        open_checkpoint(tmp_path / "x.gguf")
+    w = gguf.GGUFWriter(tmp_path / "qwen.gguf", "qwen2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ConfigError, match="qwen.gguf.*'qwen2'.*llama"):
+        open_checkpoint(tmp_path / "qwen.gguf")
+    with pytest.raises(TokenizerError, match="m.gguf.*'bert'"):
+        gguf_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}, "m.gguf")
+    with pytest.raises(TokenizerError, match="m.gguf.*'qwen2'.*pre-tokenizer"):
+        gguf_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+                        "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.pre": "qwen2"}, "m.gguf")
+
+
+def test_folder_with_two_gguf_files(tmp_path):
+    args, state = tiny()
+    write_gguf(tmp_path / "a.gguf", state, args, None, "f32")
+    write_gguf(tmp_path / "b.gguf", state, args, None, "f32")
+    with pytest.raises(CheckpointError, match="2 GGUF files.*pass the one"):
+        open_checkpoint(tmp_path)
+
+
+def test_info_reports_tensor_types(tmp_path):
+    from nabla.checkpoint.info import checkpoint_info
+
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "q8_0")
+    info = checkpoint_info(path)
+    assert info["format"] == "gguf" and info["gguf"]["load_quantize"] == "int8"
+    assert info["gguf"]["tensor_types"] == {"Q8_0": 2 + 7 * args.n_layers, "F32": 1 + 2 * args.n_layers}
+    assert "int8 per output channel" in info["gguf"]["loads_as"]["Q8_0"]
+    assert info["tokenizer"]["kind"] == "gguf llama" and info["tokenizer"]["n_words"] == 32000
