@@ -127,7 +127,7 @@ class Matcher:
         import xgrammar as xgr
 
         self.vocab_size = grammar.vocab_size
-        self.m = xgr.GrammarMatcher(grammar.compiled, max_rollback_tokens=0)
+        self.m = xgr.GrammarMatcher(grammar.compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, grammar.vocab_size)
 
     @property
