@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from nabla.generation.sampling import greedy, is_greedy, sample
+from nabla.generation.sampling import apply_mask, greedy, is_greedy, sample
 
 log = logging.getLogger("nabla.server")
 
@@ -365,7 +365,7 @@ class Engine:
                 scores = logits.clone()
                 scores[ids] -= n * p.frequency_penalty + p.presence_penalty
             allowed = s.matcher.allowed()[None].to(logits.device) if s.matcher is not None else None
-            token = int(sample(scores[None], p.temperature, p.top_p, s.generator, allowed)[0])
+            token = int(sample(apply_mask(scores[None], allowed), p.temperature, p.top_p, s.generator)[0])
         if s.matcher is not None:
             s.matcher.accept(token)
         self.generated_tokens += 1
