@@ -180,3 +180,60 @@ def test_tool_bad_input(oai, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model="tiny", max_tokens=8, **kw)
     assert e.value.body["param"] == param, e.value.body
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<sys>Tools:{% for t in tools %} {{ t | tojson }}{% endfor %}\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' and m.tool_calls %}<assistant>{% for c in m.tool_calls %}<tool_call>"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>{% endfor %}\n"
+    "{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>\n"
+    "{% else %}<{{ m.role }}>{{ m.content }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_tool_round_trip_through_a_template_with_tools():
+    from nabla.tokenizer.chat import JinjaChatFormat
+
+    llama = nabla.Llama.build(STORIES, max_seq_len=768, max_batch_size=2)
+    llama.chat_format = JinjaChatFormat(llama.tokenizer, TOOLS_TEMPLATE, "<s>", "</s>")
+    rendered = []
+    encode = llama.chat_format.encode_dialog
+
+    def spy(dialog, tools=None):
+        rendered.append(llama.tokenizer.decode(encode(dialog, tools)))
+        return encode(dialog, tools)
+
+    llama.chat_format.encode_dialog = spy
+    s = LiveServer(llama, api_key=None)
+    try:
+        c = s.client()
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        r = c.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], tool_choice="required",
+                                      temperature=0, max_tokens=128, parallel_tool_calls=False)
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        assert '"get_weather"' in rendered[-1] and "<sys>Tools:" in rendered[-1]
+        messages += [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+        r = c.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], temperature=0,
+                                      max_tokens=32)
+        assert "<tool_response>sunny, 21 C</tool_response>" in rendered[-1]
+        assert "<tool_call>" in rendered[-1] and json.loads(call.function.arguments)["city"] in rendered[-1]
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("text, calls, content", [
+    ('<tool_call>\n{"name": "get_time", "arguments": {"zone": 2}}\n</tool_call>', [("get_time", {"zone": 2})], None),
+    ('{"name": "get_time", "parameters": {"zone": 1}}', [("get_time", {"zone": 1})], None),
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {"zone": 3}}]', [("get_time", {"zone": 3})], None),
+    ('{"name": "unknown", "parameters": {}}', [], '{"name": "unknown", "parameters": {}}'),
+    ("Once upon a time", [], "Once upon a time"),
+])
+def test_auto_tool_call_syntax(text, calls, content):
+    from nabla.server.tools import parse_calls
+
+    got_content, got = parse_calls(text, [WEATHER["function"], TIME["function"]])
+    assert [(c["name"], c["arguments"]) for c in got] == calls and got_content == content
