@@ -26,6 +26,7 @@ from nabla.checkpoint import open_checkpoint
 from nabla.checkpoint.meta import load_into
 from nabla.errors import ConfigError, InvalidRequestError, TokenizerError
 from nabla.generation.checks import check_prompts, check_sampling
+from nabla.generation.constraints import Grammar
 from nabla.generation.loop import collect, decode_steps, new_batch
 from nabla.model.llama import Transformer
 from nabla.model.prepare import prepare_model
@@ -193,14 +194,29 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        json_schema: dict | bool | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
-        """Generate continuations of token-id prompts, exactly as Meta's `generate`."""
+        """Generate continuations of token-id prompts, exactly as Meta's `generate`.
+
+        With `json_schema` (a JSON Schema dict, or True for any JSON object) every
+        continuation is decoded under that grammar (nabla.generation.constraints).
+        """
         prompts = self.check_prompts(prompt_tokens)
         check_sampling(temperature, top_p, max_gen_len)
         batch = new_batch(prompts, max_gen_len, self.max_seq_len, self.tokenizer.pad_id, logprobs, self.device)
-        for _ in decode_steps(self.model, batch, temperature, top_p, self.stop_ids, self.tokenizer.pad_id):
+        matchers = self._matchers(json_schema, len(prompts))
+        for _ in decode_steps(self.model, batch, temperature, top_p, self.stop_ids, self.tokenizer.pad_id,
+                              matchers=matchers):
             pass
         return collect(batch, max_gen_len, echo, set(self.stop_ids))
+
+    def _matchers(self, json_schema: dict | bool | None, n: int) -> list | None:
+        """One grammar matcher per row for `json_schema` (compiled once), or None."""
+        if json_schema is None or json_schema is False:
+            return None
+        grammar = Grammar.json(self.tokenizer, None if json_schema is True else json_schema,
+                               self.model.args.vocab_size)
+        return [grammar.matcher() for _ in range(n)]
 
     def text_completion(
         self,
@@ -210,6 +226,7 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         echo: bool = False,
+        json_schema: dict | bool | None = None,
     ) -> list[CompletionPrediction]:
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
@@ -219,7 +236,7 @@ class Llama:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise InvalidRequestError("prompts must be a list of strings", "prompt")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, json_schema)
         if logprobs:
             return [{"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t],
                      "logprobs": lp} for t, lp in zip(tokens, lps)]
@@ -232,6 +249,7 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: int | None = None,
         logprobs: bool = False,
+        json_schema: dict | bool | None = None,
     ) -> list[ChatPrediction]:
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
@@ -241,7 +259,8 @@ class Llama:
             check_dialog(dialog, i)
         unsafe = [has_special_tags(d) for d in dialogs]
         prompt_tokens = [self.chat_format.encode_dialog(d) for d in dialogs]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                    json_schema=json_schema)
 
         def message(t, bad):
             return {"role": "assistant", "content": UNSAFE_ERROR if bad else self.tokenizer.decode(t)}
@@ -261,6 +280,7 @@ class Llama:
         logprobs: bool = False,
         *,
         in_context: bool = False,
+        json_schema: dict | bool | None = None,
     ) -> Iterator[StreamPiece]:
         """Yield each new token of one prompt (text, or token ids) as it is produced.
 
@@ -275,13 +295,16 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - len(ids)
         check_sampling(temperature, top_p, max_gen_len)
-        return self._stream(ids, max_gen_len, temperature, top_p, logprobs, in_context)
+        matchers = self._matchers(json_schema, 1)
+        return self._stream(ids, max_gen_len, temperature, top_p, logprobs, in_context, matchers)
 
-    def _stream(self, ids, max_gen_len, temperature, top_p, logprobs, in_context) -> Iterator[StreamPiece]:
+    def _stream(self, ids, max_gen_len, temperature, top_p, logprobs, in_context,
+                matchers=None) -> Iterator[StreamPiece]:
         batch = new_batch([ids], max_gen_len, self.max_seq_len, self.tokenizer.pad_id, logprobs, self.device)
         text = IncrementalDecoder(self.tokenizer, ids if in_context else ())
         pending = None  # a token whose text is held back (an unfinished UTF-8 character)
-        for pos in decode_steps(self.model, batch, temperature, top_p, self.stop_ids, self.tokenizer.pad_id):
+        for pos in decode_steps(self.model, batch, temperature, top_p, self.stop_ids, self.tokenizer.pad_id,
+                                matchers=matchers):
             if pos - len(ids) >= max_gen_len:
                 break
             token = int(batch.tokens[0, pos])

@@ -45,9 +45,10 @@ def test_completion_invalid_values(client, kw, param):
 
 
 @pytest.mark.parametrize("kw, param", [
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]),
+     "tools[0].function.parameters.not"),
     (dict(tool_choice="auto"), "tool_choice"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(response_format={"type": "xml"}), "response_format"),
     (dict(top_logprobs=2), "top_logprobs"),
     (dict(top_logprobs=21, logprobs=True), "top_logprobs"),
     (dict(extra_body={"functions": [{"name": "f"}]}), "functions"),

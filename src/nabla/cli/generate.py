@@ -7,6 +7,8 @@ import json
 import sys
 
 from nabla.cli.common import add_model_args, add_sampling_args, load_model
+from nabla.errors import ConfigError
+from nabla.jsonfile import read_json_object
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -15,8 +17,9 @@ def run_generate(args: argparse.Namespace) -> int:
     ids = llama.tokenizer.encode(prompt, bos=True, eos=False)
     max_gen_len = args.max_gen_len if args.max_gen_len is not None else llama.max_seq_len - len(ids)
     max_gen_len = max(0, min(max_gen_len, llama.max_seq_len - len(ids)))
+    schema = read_json_object(args.json_schema, error=ConfigError) if args.json_schema else None
     pieces = llama.stream(ids, max_gen_len, args.temperature, args.top_p, logprobs=args.logprobs or args.json,
-                          in_context=not args.json)
+                          in_context=not args.json, json_schema=schema)
     if args.json:
         pieces = list(pieces)
         out = {"prompt": prompt, "generation": "".join(p.text for p in pieces),
@@ -53,4 +56,6 @@ def register(sub) -> None:
     add_sampling_args(p)
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="constrain the generation to JSON valid against the JSON Schema in FILE")
     p.set_defaults(func=run_generate)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nabla.generation.constraints import masks
 from nabla.generation.sampling import sample
 
 
@@ -55,8 +56,13 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) ->
 
 @torch.inference_mode()
 def decode_steps(model, batch: Batch, temperature: float, top_p: float, stop_ids: Sequence[int],
-                 pad_id: int, generator: torch.Generator | None = None) -> Iterator[int]:
-    """Fill `batch` in place, yielding each position just written."""
+                 pad_id: int, generator: torch.Generator | None = None,
+                 matchers: Sequence | None = None) -> Iterator[int]:
+    """Fill `batch` in place, yielding each position just written.
+
+    `matchers`: per row, a nabla.generation.constraints.Matcher (or None) whose
+    mask the row's generated tokens are sampled under.
+    """
     tokens, logprobs = batch.tokens, batch.token_logprobs
     device = tokens.device
     stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
@@ -77,9 +83,14 @@ def decode_steps(model, batch: Batch, temperature: float, top_p: float, stop_ids
             logits = model.decode(tokens[:, prev_pos:cur_pos], prev_pos)
         else:
             logits = model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=logprobs is None)
-        next_token = sample(logits[:, -1], temperature, top_p, generator)
+        generating = [not bool(in_prompt[i, cur_pos]) for i in range(tokens.shape[0])] if matchers else []
+        allowed = masks([m if g else None for m, g in zip(matchers, generating)], device) if matchers else None
+        next_token = sample(logits[:, -1], temperature, top_p, generator, allowed)
         next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
         tokens[:, cur_pos] = next_token
+        for m, g, t in zip(matchers or [], generating, next_token.tolist()):
+            if m is not None and g and not m.done:
+                m.accept(t)
         if logprobs is not None:
             logprobs[:, prev_pos + 1: cur_pos + 1] = target_logprobs(
                 logits, tokens[:, prev_pos + 1: cur_pos + 1], pad_id)

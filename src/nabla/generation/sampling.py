@@ -11,6 +11,10 @@ As the temperature tends to 0 sampling tends to the argmax; below
 MIN_TEMPERATURE `logits / temperature` would overflow float32 (and a
 temperature of 1e-300 rounds to 0 in it), so there it *is* the argmax; above
 it, a row whose logits still overflow is shifted first (see temperature_probs).
+
+Constrained decoding hands `sample` a mask of the tokens the grammar allows
+(nabla.generation.constraints); the others' logits become -inf before
+anything else, greedy included, and the rest of the sampler is unchanged.
 """
 
 from __future__ import annotations
@@ -67,9 +71,17 @@ def top_p_filter(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Ten
     return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort), size
 
 
+def apply_mask(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """logits (B, V) with the tokens `allowed` (bool, B x V) forbids set to -inf (a copy; as is when None)."""
+    if allowed is None:
+        return logits
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V)."""
+           generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V), only among `allowed` tokens when given."""
+    logits = apply_mask(logits, allowed)
     if is_greedy(temperature):
         return greedy(logits).reshape(-1)
     return sample_top_p(temperature_probs(logits, temperature), top_p, generator).reshape(-1)

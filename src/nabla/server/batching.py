@@ -25,10 +25,11 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from nabla.generation.sampling import greedy, is_greedy, sample
+from nabla.generation.sampling import apply_mask, greedy, is_greedy, sample
 
 log = logging.getLogger("nabla.server")
 
@@ -59,6 +60,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     ignore_eos: bool = False
     """Generate max_tokens whatever comes (benchmarks)."""
+    grammar: Any = None
+    """A nabla.generation.constraints.Grammar the output must follow (JSON output, forced tool calls)."""
 
 
 @dataclass
@@ -105,6 +108,8 @@ class Sequence:
     arrived: float = field(default_factory=time.monotonic)
     request_id: str = ""
     """The request's id, in the log when this sequence fails."""
+    matcher: Any = None
+    """Where this sequence is in its grammar (SamplingParams.grammar), if it has one."""
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence (takes effect before the next step)."""
@@ -180,6 +185,8 @@ class Engine:
                     s.generator.seed()
                 else:
                     s.generator.manual_seed(s.params.seed)
+                if s.params.grammar is not None:
+                    s.matcher = s.params.grammar.matcher()
                 self._waiting.append(s)
             self._cv.notify_all()
 
@@ -338,7 +345,8 @@ class Engine:
                            device=self.device)
         rows = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
         logits = self.model(last, pos, rows=rows)[:, -1]  # (B, V)
-        argmax_rows = [i for i, s in enumerate(seqs) if is_greedy(s.params.temperature) and not _penalised(s)]
+        argmax_rows = [i for i, s in enumerate(seqs)
+                       if is_greedy(s.params.temperature) and not _penalised(s) and s.matcher is None]
         picks = greedy(logits[argmax_rows]).tolist() if argmax_rows else []
         chosen = dict(zip(argmax_rows, picks))
         for i, s in enumerate(seqs):
@@ -356,7 +364,10 @@ class Engine:
                 n = torch.tensor(list(s.counts.values()), dtype=logits.dtype, device=logits.device)
                 scores = logits.clone()
                 scores[ids] -= n * p.frequency_penalty + p.presence_penalty
-            token = int(sample(scores[None], p.temperature, p.top_p, s.generator)[0])
+            allowed = s.matcher.allowed()[None].to(logits.device) if s.matcher is not None else None
+            token = int(sample(apply_mask(scores[None], allowed), p.temperature, p.top_p, s.generator)[0])
+        if s.matcher is not None:
+            s.matcher.accept(token)
         self.generated_tokens += 1
         if token in self.stop_ids and not p.ignore_eos:
             self._release(s)

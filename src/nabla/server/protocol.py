@@ -97,6 +97,36 @@ class _Sampling(Strict):
             raise InvalidRequestError("stream_options is only allowed when 'stream' is true", "stream_options")
 
 
+def json_format(fmt) -> tuple[bool, dict | None]:
+    """response_format as (constrained, schema): text is (False, None), json_object (True, None)."""
+    if fmt is None or fmt == {"type": "text"}:
+        return False, None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidRequestError("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                  "{\"type\": \"json_schema\", \"json_schema\": {...}}", "response_format")
+    extra = sorted(set(fmt) - {"type", "json_schema"})
+    if extra:
+        raise InvalidRequestError(f"Unrecognized argument: response_format.{extra[0]}", f"response_format.{extra[0]}")
+    if fmt["type"] != "json_schema":
+        return True, None
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidRequestError("response_format.json_schema must be an object with 'name' and 'schema'",
+                                  "response_format.json_schema")
+    extra = sorted(set(spec) - {"name", "schema", "strict", "description"})
+    if extra:
+        raise InvalidRequestError(f"Unrecognized argument: response_format.json_schema.{extra[0]}",
+                                  f"response_format.json_schema.{extra[0]}")
+    if not isinstance(spec.get("name"), str):
+        raise InvalidRequestError("response_format.json_schema.name is required (a string)",
+                                  "response_format.json_schema.name")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("response_format.json_schema.schema must be a JSON object",
+                                  "response_format.json_schema.schema")
+    return True, schema
+
+
 class CompletionRequest(_Sampling):
     prompt: Any  # required: the validator below runs only on a value that was sent
     max_tokens: int | None = Field(None, ge=1)
@@ -104,6 +134,8 @@ class CompletionRequest(_Sampling):
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: Any = None
+    response_format: Any = None
+    """An extension (as in vLLM): JSON output on completions too."""
 
     UNSUPPORTED = ("logit_bias", "suffix")
 
@@ -125,10 +157,37 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str
+    """JSON text, as OpenAI sends it."""
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -144,25 +203,21 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: Any = None
+    tools: list[Tool] | None = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
 
-    UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-                    "logit_bias", "audio", "modalities", "prediction")
+    UNSUPPORTED = ("functions", "function_call", "logit_bias", "audio", "modalities", "prediction")
 
     def check(self) -> None:
         super().check()
-        fmt = self.response_format
-        if fmt is not None and fmt != {"type": "text"}:
-            raise InvalidRequestError("nabla does not support the parameter 'response_format' "
-                                      "(only {\"type\": \"text\"}); remove it", "response_format")
+        json_format(self.response_format)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs 'logprobs' set to true", "top_logprobs")
 

@@ -75,9 +75,13 @@ def completion_choice(index: int, text: str, logprobs: dict | None, finish_reaso
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, content: str, logprobs: list[dict] | None, finish_reason: str | None) -> dict:
+def chat_choice(index: int, content: str | None, logprobs: list[dict] | None, finish_reason: str | None,
+                tool_calls: list[dict] | None = None) -> dict:
     """A chat choice; logprobs: the entries of its tokens, or None when not asked for."""
-    return {"index": index, "message": {"role": "assistant", "content": content, "refusal": None},
+    message = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message,
             "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
             "finish_reason": finish_reason}
 

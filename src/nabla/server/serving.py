@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from nabla.errors import ContextLengthError, InvalidRequestError
+from nabla.generation.constraints import Grammar
 from nabla.server.batching import Engine, SamplingParams
 from nabla.server.metrics import Metrics
-from nabla.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from nabla.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, json_format
 from nabla.server.responses import (
     DONE,
     Chunker,
@@ -43,6 +44,8 @@ from nabla.server.responses import (
 )
 from nabla.server.run import GenerationError, Run
 from nabla.server.text import TokenText
+from nabla.server.tools import ToolPlan, forced_calls, may_be_call, openai_calls, parse_calls, plan
+from nabla.server.tools import dialog as tool_dialog
 
 EMBED_SLICE_S = 0.02
 """The longest an embeddings request holds the engine at a time (but one input always runs whole)."""
@@ -64,6 +67,8 @@ class PreparedRequest:
     n: int
     """Choices per prompt: choice i answers prompt i // n."""
     run: Run
+    tools: ToolPlan | None = None
+    """Chat: how tool calls are made and read (nabla.server.tools)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -120,8 +125,16 @@ class Serving:
         return max_tokens
 
     # ---------------------------------------------------------- generation
+    def grammar(self, schema: dict | None, param: str) -> Grammar:
+        return Grammar.json(self.tokenizer, schema, self.llama.model.args.vocab_size, param)
+
+    def response_grammar(self, req) -> Grammar | None:
+        """The grammar response_format asks for, compiled once for all the request's choices."""
+        constrained, schema = json_format(req.response_format)
+        return self.grammar(schema, "response_format.json_schema.schema") if constrained else None
+
     def _start(self, req, prompts: list[list[int]], texts: list[str], max_tokens: int, logprobs: int | None,
-               prompt_logprobs: bool = False) -> PreparedRequest:
+               prompt_logprobs: bool = False, grammar: Grammar | None = None) -> PreparedRequest:
         """Queue n sequences per prompt now (so a full queue is a 429 before any response).
 
         The queue counts sequences, not requests, so a request that alone would overfill it
@@ -137,7 +150,9 @@ class Serving:
         jobs, bases = [], []
         for ids, text in zip(prompts, texts):
             for j in range(n):
-                jobs.append((ids, self._params(req, max_tokens, j, logprobs, prompt_logprobs)))
+                params = self._params(req, max_tokens, j, logprobs, prompt_logprobs)
+                params.grammar = grammar
+                jobs.append((ids, params))
                 bases.append(len(text))  # OpenAI's text_offset counts from the prompt's start
         run = Run(self.engine, self.metrics, self.tokens, jobs, req.stop or [], bases)
         return PreparedRequest(prompts, texts, n, run)
@@ -177,7 +192,8 @@ class Serving:
                               None if req.max_tokens is None else "max_tokens")
         texts = [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(req.prompt, prompts)]
         return self._start(req, prompts, texts, max_tokens, req.logprobs,
-                           prompt_logprobs=bool(req.echo) and req.logprobs is not None)
+                           prompt_logprobs=bool(req.echo) and req.logprobs is not None,
+                           grammar=self.response_grammar(req))
 
     async def completion_choices(self, req: CompletionRequest, p: PreparedRequest) -> AsyncIterator[dict]:
         """Partial choices as text arrives: echo first, then generated text, then the end."""
@@ -219,15 +235,33 @@ class Serving:
     def prepare_chat(self, req: ChatCompletionRequest) -> PreparedRequest:
         req.check()
         self.check_model(req.model)
-        dialog = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                  for m in req.messages]
-        ids = self.llama.encode_chat(dialog)
+        tools = plan(req)
+        fmt = self.llama.chat_format
+        knows_tools = bool(getattr(fmt, "knows_tools", False))
+        dialog = tool_dialog(req.messages, tools.tools if tools.mode != "none" else [], knows_tools)
+        ids = fmt.encode_dialog(dialog, tools.tools) if knows_tools and tools.tools else self.llama.encode_chat(dialog)
         tokens_param = ("max_completion_tokens" if req.max_completion_tokens is not None else
                         "max_tokens" if req.max_tokens is not None else None)
         max_tokens = None if tokens_param is None else getattr(req, tokens_param)
         max_tokens = self.check_length(ids, max_tokens, "messages", "the messages", tokens_param)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        return self._start(req, [ids], [""], max_tokens, k)
+        if tools.mode == "forced":
+            grammar = self.grammar(tools.schema, "tools")
+        else:
+            grammar = self.response_grammar(req)
+        p = self._start(req, [ids], [""], max_tokens, k, grammar=grammar)
+        p.tools = tools
+        return p
+
+    def _reply(self, p: PreparedRequest, text: str, reason: str | None) -> tuple[str | None, list[dict], str | None]:
+        """A choice's (content, tool_calls, finish_reason) from its whole text."""
+        tools = p.tools
+        if tools is None or tools.mode == "none" or reason == "length":
+            return text, [], reason
+        if tools.mode == "forced":
+            return None, openai_calls(forced_calls(text)), "tool_calls"
+        content, calls = parse_calls(text, tools.tools)
+        return (content, openai_calls(calls), "tool_calls") if calls else (text, [], reason)
 
     async def chat(self, req: ChatCompletionRequest) -> dict:
         p = self.prepare_chat(req)
@@ -237,7 +271,10 @@ class Serving:
             if req.logprobs:
                 lps[d.index] += chat_logprobs(d.toks)["content"]
             reasons[d.index] = d.finish_reason or reasons[d.index]
-        choices = [chat_choice(i, texts[i], lps[i] if req.logprobs else None, reasons[i]) for i in range(p.choices)]
+        choices = []
+        for i in range(p.choices):
+            content, calls, reason = self._reply(p, texts[i], reasons[i])
+            choices.append(chat_choice(i, content, lps[i] if req.logprobs else None, reason, calls))
         return response("chatcmpl", "chat.completion", self.model_name, choices,
                         usage(p.prompt_tokens, p.run.generated))
 
@@ -247,12 +284,30 @@ class Serving:
     async def _chat_chunks(self, req: ChatCompletionRequest, p: PreparedRequest) -> AsyncIterator[list[dict]]:
         for i in range(p.choices):
             yield [chat_chunk_choice(i, {"role": "assistant", "content": ""})]
+        # With tools, text that may be a call is held back until it is known (held[i] is None once
+        # a choice's text is plain text and streams as it comes).
+        calling = p.tools is not None and p.tools.mode != "none"
+        held: list[str | None] = ["" if calling else None for _ in range(p.choices)]
         async for d in p.run.deltas():
             lp = chat_logprobs(d.toks) if req.logprobs else None
-            if d.text or lp:  # with logprobs, every delta sends its (maybe empty) list
-                yield [chat_chunk_choice(d.index, {"content": d.text}, lp)]
+            text = d.text
+            if held[d.index] is not None:
+                held[d.index] += text
+                text = ""
+                if p.tools.mode == "auto" and not may_be_call(held[d.index]):
+                    text, held[d.index] = held[d.index], None
+            if text or lp:  # with logprobs, every delta sends its (maybe empty) list
+                yield [chat_chunk_choice(d.index, {"content": text}, lp)]
             if d.finish_reason:
-                yield [chat_chunk_choice(d.index, {}, finish_reason=d.finish_reason)]
+                reason = d.finish_reason
+                if held[d.index] is not None:
+                    content, calls, reason = self._reply(p, held[d.index], reason)
+                    if calls:
+                        yield [chat_chunk_choice(d.index, {"tool_calls": [
+                            {"index": k, **c} for k, c in enumerate(calls)]})]
+                    elif content:
+                        yield [chat_chunk_choice(d.index, {"content": content})]
+                yield [chat_chunk_choice(d.index, {}, finish_reason=reason)]
 
     # ------------------------------------------------------------ embeddings
     async def embeddings(self, req: EmbeddingRequest) -> dict:

@@ -146,6 +146,8 @@ class JinjaChatFormat:
 
         self.tokenizer = tokenizer
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.knows_tools = "tools" in template  # renders `tools` and tool-call turns itself
+        self.tools: list[dict] | None = None
         # The special-token strings the rendered text is cut at, with their ids: all of them
         # for tokenizers that parse special tokens, else BOS and EOS (SentencePiece).
         if getattr(tokenizer, "encode_with_special", None) is not None:
@@ -167,11 +169,20 @@ class JinjaChatFormat:
 
         try:
             return self.template.render(messages=[dict(m) for m in dialog], bos_token=self.bos_token,
-                                        eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
+                                        eos_token=self.eos_token, add_generation_prompt=add_generation_prompt,
+                                        **({"tools": self.tools} if self.tools else {}))
         except TemplateError as e:
             raise InvalidRequestError(f"the model's chat template failed on this dialog: {e}", "messages") from None
 
-    def encode_dialog(self, dialog: Dialog) -> list[int]:
+    def encode_dialog(self, dialog: Dialog, tools: list[dict] | None = None) -> list[int]:
+        """The dialog's prompt ids; `tools` (OpenAI function definitions) go to templates that render them."""
+        self.tools = [{"type": "function", "function": t} for t in tools] if tools else None
+        try:
+            return self._encode_dialog(dialog)
+        finally:
+            self.tools = None
+
+    def _encode_dialog(self, dialog: Dialog) -> list[int]:
         text = self.render(dialog)
         if not any(self.special_pattern.search(m["content"]) for m in dialog):
             return self._encode_rendered(text, [])
