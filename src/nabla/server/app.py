@@ -40,10 +40,14 @@ from nabla.server.protocol import ChatCompletionRequest, CompletionRequest, Embe
 from nabla.server.responses import DONE, error_body, model_card, new_id, sse
 from nabla.server.run import GenerationError
 from nabla.server.serving import ModelNotFoundError, Serving
+from nabla.server.tokenize import DetokenizeRequest, Tokenization, TokenizeRequest
 
 log = logging.getLogger("nabla.server")
 MAX_BODY = 1 << 20  # 1 MB
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
+          "/tokenize", "/detokenize", "/tokenizer_info", "/")
+KEYED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")
+"""Paths that need the API key when one is set (the chat page at / asks for it in a field)."""
 
 
 class APIError(Exception):
@@ -91,7 +95,7 @@ class Gate:
             return error_response(503, "The server is shutting down; retry on another instance or later.",
                                   "server_error", code="service_unavailable")
         key = self.state.api_key
-        if key is None or not path.startswith("/v1") or scope["method"] == "OPTIONS":
+        if key is None or not path.startswith(KEYED) or scope["method"] == "OPTIONS":
             return None
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -316,6 +320,20 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
     async def model(name: str):
         serving.check_model(name)
         return model_card(model_name, serving.created)
+
+    tokenization = Tokenization(llama, serving)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return tokenization.tokenize(await read_request(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return tokenization.detokenize(await read_request(request, DetokenizeRequest))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenization.info()
 
     @app.get("/health")
     async def health():
