@@ -213,7 +213,9 @@ async def guarded(stream: AsyncIterator[str]) -> AsyncIterator[str]:
 def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origins: list[str] | None = None,
                max_queue: int = 64) -> FastAPI:
     """The FastAPI app serving `llama` (a nabla Llama, its cache sized for the batch)."""
-    engine = Engine(llama.model, llama.tokenizer.stop_ids, max_queue=max_queue)
+    # The engine shares the Llama's prefix cache (Llama.build(prefix_cache_mb=...)); both use the model's cache.
+    engine = Engine(llama.model, llama.tokenizer.stop_ids, max_queue=max_queue,
+                    prefix_cache=getattr(llama, "prefix_cache", None))
     serving = Serving(llama, engine, model_name, Metrics())
     state = ServerState(serving, api_key)
 
