@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -48,6 +48,12 @@ ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/mode
           "/tokenize", "/detokenize", "/tokenizer_info", "/")
 KEYED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")
 """Paths that need the API key when one is set (the chat page at / asks for it in a field)."""
+
+
+def chat_html() -> str:
+    from importlib.resources import files
+
+    return files("nabla.server").joinpath("chat.html").read_text(encoding="utf-8")
 
 
 class APIError(Exception):
@@ -336,6 +342,11 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
     @app.get("/tokenizer_info")
     async def tokenizer_info():
         return tokenization.info()
+
+    @app.get("/")
+    async def chat_page():
+        """The chat page (chat.html, shipped in the package); it calls /v1 with the key typed into it."""
+        return HTMLResponse(chat_html())
 
     @app.get("/health")
     async def health():
