@@ -4,6 +4,9 @@
 no process group, no CUDA needed); `generate`, `text_completion` and
 `chat_completion` take the reference's arguments and return what it returns.
 `stream` yields a single prompt's tokens and text as they are produced.
+With `prefix_cache_mb`, prompts that start as an earlier one did (a system
+prompt, the earlier turns of a chat) reuse its keys and values
+(nabla.model.prefix_cache): the same logits, bit for bit, sooner.
 
 Leaves out: the model's preparation for its device (nabla.model.prepare), the
 decode loop and sampling (nabla.generation), prompt formats
@@ -29,6 +32,7 @@ from nabla.generation.checks import check_prompts, check_sampling
 from nabla.generation.constraints import Grammar
 from nabla.generation.loop import collect, decode_steps, new_batch
 from nabla.model.llama import Transformer
+from nabla.model.prefix_cache import MIN_PASS, PrefixCache
 from nabla.model.prepare import prepare_model
 from nabla.tokenizer import Tokenizer, load_tokenizer
 from nabla.tokenizer.base import IncrementalDecoder
@@ -72,6 +76,7 @@ class Llama:
         quantize: str | None = None,
         adapter: str | Path | None = None,
         merge_adapter: bool = True,
+        prefix_cache_mb: float = 0,
     ) -> Llama:
         """Load a checkpoint folder and its tokenizer, ready to generate.
 
@@ -83,6 +88,8 @@ class Llama:
         (nabla.model.quantize). `adapter` is a LoRA adapter folder in PEFT's
         layout (nabla.checkpoint.peft): merged into the weights as they load
         (`merge_adapter`, before any quantization), or applied at run time.
+        `prefix_cache_mb` > 0 keeps the keys and values of that many megabytes of
+        prompt prefixes for later prompts that start the same way (`Llama.prefix_cache`).
         """
         start = time.time()
         from nabla.distributed import model_parallel_world, shard_model
@@ -162,10 +169,19 @@ class Llama:
         if verbose:
             dt = model.tok_embeddings.weight.dtype  # the compute dtype (fp32 under bf16 weights)
             print(f"Loaded {ckpt.path} ({ckpt.format}) on {dev} in {dt} in {time.time() - start:.2f} seconds")
-        return Llama(model, tokenizer)
+        try:
+            prefix_cache = PrefixCache.of_megabytes(prefix_cache_mb)
+        except ValueError as e:
+            raise ConfigError(f"prefix_cache_mb: {e}") from None
+        if prefix_cache is not None and mp > 1:  # other ranks follow rank 0's passes, not its cache copies
+            warnings.warn("the prefix cache is off under tensor parallelism", stacklevel=2)
+            prefix_cache = None
+        return Llama(model, tokenizer, prefix_cache=prefix_cache)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, prefix_cache: PrefixCache | None = None):
         self.model = model
+        self.prefix_cache = prefix_cache
+        """Keys and values of earlier prompts' prefixes, reused by generate and stream (None: off)."""
         self.tokenizer = tokenizer
         self.chat_format = chat_format_for(tokenizer)
         self.device = next(model.parameters()).device
@@ -205,9 +221,11 @@ class Llama:
         check_sampling(temperature, top_p, max_gen_len)
         batch = new_batch(prompts, max_gen_len, self.max_seq_len, self.tokenizer.pad_id, logprobs, self.device)
         matchers = self._matchers(json_schema, len(prompts))
-        for _ in decode_steps(self.model, batch, temperature, top_p, self.stop_ids, self.tokenizer.pad_id,
-                              matchers=matchers):
-            pass
+        cached = self._reuse_prefix(batch, logprobs)
+        for i, _ in enumerate(decode_steps(self.model, batch, temperature, top_p, self.stop_ids,
+                                           self.tokenizer.pad_id, matchers=matchers, cached=cached)):
+            if i == 0:
+                self._keep_prefix(batch, cached)
         return collect(batch, max_gen_len, echo, set(self.stop_ids))
 
     def _matchers(self, json_schema: dict | bool | None, n: int) -> list | None:
@@ -217,6 +235,29 @@ class Llama:
         grammar = Grammar.json(self.tokenizer, None if json_schema is True else json_schema,
                                self.model.args.vocab_size)
         return [grammar.matcher() for _ in range(n)]
+
+    def _reuse_prefix(self, batch, logprobs: bool = False) -> int:
+        """Copy each row's longest cached prefix into its cache row; the positions the prefill may skip
+        (the same for every row, as decoding starts at one position for all). Not with logprobs: Meta's
+        logprobs take a log-softmax across the prefill's positions, whose rounding depends on their number."""
+        cache, lens = self.prefix_cache, batch.prompt_lens
+        min_len = min(lens)
+        if cache is None or logprobs or min_len >= batch.total_len:
+            return 0
+        rows = batch.tokens[:, :min_len].tolist()
+        found = [cache.match(r) for r in rows]
+        n = min(map(len, found))
+        for i, keys in enumerate(found):
+            cache.load(self.model, i, keys[:n])
+        return n * cache.block_size
+
+    def _keep_prefix(self, batch, cached: int) -> None:
+        """After the prefill: keep the rows' prompt blocks that the prefill computed in one pass."""
+        min_len = min(batch.prompt_lens)
+        if self.prefix_cache is None or min_len - cached < MIN_PASS or min_len >= batch.total_len:
+            return
+        for i, row in enumerate(batch.tokens[:, :min_len].tolist()):
+            self.prefix_cache.store(self.model, i, row, min_len)
 
     def text_completion(
         self,
@@ -303,8 +344,12 @@ class Llama:
         batch = new_batch([ids], max_gen_len, self.max_seq_len, self.tokenizer.pad_id, logprobs, self.device)
         text = IncrementalDecoder(self.tokenizer, ids if in_context else ())
         pending = None  # a token whose text is held back (an unfinished UTF-8 character)
-        for pos in decode_steps(self.model, batch, temperature, top_p, self.stop_ids, self.tokenizer.pad_id,
-                                matchers=matchers):
+        cached = self._reuse_prefix(batch, logprobs)
+        steps = decode_steps(self.model, batch, temperature, top_p, self.stop_ids, self.tokenizer.pad_id,
+                             matchers=matchers, cached=cached)
+        for pos in steps:
+            if pos == len(ids):
+                self._keep_prefix(batch, cached)
             if pos - len(ids) >= max_gen_len:
                 break
             token = int(batch.tokens[0, pos])

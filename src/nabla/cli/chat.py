@@ -1,11 +1,14 @@
-"""`nabla chat`: a multi-turn conversation in the terminal, in the model's chat format."""
+"""`nabla chat`: a multi-turn conversation in the terminal, in the model's chat format.
+
+Each turn encodes the whole dialog again; the prefix cache (`--prefix-cache-mb`) hands back the keys and
+values of the earlier turns' prompts, so only the newest exchange goes through the model."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from nabla.cli.common import add_model_args, add_sampling_args, load_model
+from nabla.cli.common import add_model_args, add_prefix_cache_arg, add_sampling_args, load_model
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -54,4 +57,5 @@ def register(sub) -> None:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--system", help="system prompt")
+    add_prefix_cache_arg(p)
     p.set_defaults(func=run_chat)

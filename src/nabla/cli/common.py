@@ -73,7 +73,8 @@ def load_model(args: argparse.Namespace, rank_0_only: bool = False):
                         device=args.device, dtype=args.dtype, verbose=False,
                         quantize=getattr(args, "quantize", None), adapter=getattr(args, "adapter", None),
                         merge_adapter=not getattr(args, "adapter_unmerged", False),
-                        model_parallel_size=getattr(args, "model_parallel_size", None))
+                        model_parallel_size=getattr(args, "model_parallel_size", None),
+                        prefix_cache_mb=getattr(args, "prefix_cache_mb", 0))
     from nabla.distributed import is_main_process, only_rank_0_runs
 
     if rank_0_only:
@@ -81,6 +82,16 @@ def load_model(args: argparse.Namespace, rank_0_only: bool = False):
     if not is_main_process():  # under torchrun every rank runs the same loop; only rank 0 prints
         sys.stdout = open(os.devnull, "w")
     return llama
+
+
+PREFIX_CACHE_MB = 512
+"""`--prefix-cache-mb`'s default (serve, chat): some thousand tokens of a 7B model's keys and values."""
+
+
+def add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-cache-mb", type=float, default=PREFIX_CACHE_MB, metavar="MB",
+                   help="keep this many MB of prompt prefixes' keys and values for prompts that start the same "
+                        "way (a system prompt, earlier turns); 0: off (default: %(default)s)")
 
 
 def human_bytes(n: float) -> str:

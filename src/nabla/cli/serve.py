@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from nabla.cli.common import add_model_args
+from nabla.cli.common import add_model_args, add_prefix_cache_arg
 from nabla.errors import ConfigError
 
 
@@ -31,6 +31,8 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1:  # the cache sizes are checked where the model is prepared (nabla.model.prepare)
         raise ConfigError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.prefix_cache_mb < 0:
+        raise ConfigError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("NABLA_API_KEY") or None
@@ -97,6 +99,7 @@ def register(sub) -> None:
                    help="sequences waiting for a slot before new requests get 429 (default: %(default)s)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
+    add_prefix_cache_arg(g)
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=run_serve)

@@ -57,11 +57,14 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) ->
 @torch.inference_mode()
 def decode_steps(model, batch: Batch, temperature: float, top_p: float, stop_ids: Sequence[int],
                  pad_id: int, generator: torch.Generator | None = None,
-                 matchers: Sequence | None = None) -> Iterator[int]:
+                 matchers: Sequence | None = None, cached: int = 0) -> Iterator[int]:
     """Fill `batch` in place, yielding each position just written.
 
     `matchers`: per row, a nabla.generation.constraints.Matcher (or None) whose
-    mask the row's generated tokens are sampled under.
+    mask the row's generated tokens are sampled under. `cached`: positions
+    0..cached-1 of every row are already in the model's key/value cache (a
+    prefix cache put them there), so the prefill starts after them; their
+    logprobs are left at 0.
     """
     tokens, logprobs = batch.tokens, batch.token_logprobs
     device = tokens.device
@@ -76,8 +79,9 @@ def decode_steps(model, batch: Batch, temperature: float, top_p: float, stop_ids
             logits = model(tokens, 0)
             logprobs[:, 1:] = target_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
         return
+    assert cached == 0 or cached < min_len - 1, "a cached prefix leaves the prefill at least two tokens"
     eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
-    prev_pos = 0
+    prev_pos = cached
     for cur_pos in range(min_len, batch.total_len):
         if cur_pos - prev_pos == 1:  # one new token each: a step that may replay a recorded graph
             logits = model.decode(tokens[:, prev_pos:cur_pos], prev_pos)

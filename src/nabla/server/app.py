@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -40,10 +40,20 @@ from nabla.server.protocol import ChatCompletionRequest, CompletionRequest, Embe
 from nabla.server.responses import DONE, error_body, model_card, new_id, sse
 from nabla.server.run import GenerationError
 from nabla.server.serving import ModelNotFoundError, Serving
+from nabla.server.tokenize import DetokenizeRequest, Tokenization, TokenizeRequest
 
 log = logging.getLogger("nabla.server")
 MAX_BODY = 1 << 20  # 1 MB
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
+          "/tokenize", "/detokenize", "/tokenizer_info", "/")
+KEYED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")
+"""Paths that need the API key when one is set (the chat page at / asks for it in a field)."""
+
+
+def chat_html() -> str:
+    from importlib.resources import files
+
+    return files("nabla.server").joinpath("chat.html").read_text(encoding="utf-8")
 
 
 class APIError(Exception):
@@ -91,7 +101,7 @@ class Gate:
             return error_response(503, "The server is shutting down; retry on another instance or later.",
                                   "server_error", code="service_unavailable")
         key = self.state.api_key
-        if key is None or not path.startswith("/v1") or scope["method"] == "OPTIONS":
+        if key is None or not path.startswith(KEYED) or scope["method"] == "OPTIONS":
             return None
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -209,7 +219,9 @@ async def guarded(stream: AsyncIterator[str]) -> AsyncIterator[str]:
 def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origins: list[str] | None = None,
                max_queue: int = 64) -> FastAPI:
     """The FastAPI app serving `llama` (a nabla Llama, its cache sized for the batch)."""
-    engine = Engine(llama.model, llama.tokenizer.stop_ids, max_queue=max_queue)
+    # The engine shares the Llama's prefix cache (Llama.build(prefix_cache_mb=...)); both use the model's cache.
+    engine = Engine(llama.model, llama.tokenizer.stop_ids, max_queue=max_queue,
+                    prefix_cache=getattr(llama, "prefix_cache", None))
     serving = Serving(llama, engine, model_name, Metrics())
     state = ServerState(serving, api_key)
 
@@ -316,6 +328,25 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
     async def model(name: str):
         serving.check_model(name)
         return model_card(model_name, serving.created)
+
+    tokenization = Tokenization(llama, serving)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return tokenization.tokenize(await read_request(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return tokenization.detokenize(await read_request(request, DetokenizeRequest))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenization.info()
+
+    @app.get("/")
+    async def chat_page():
+        """The chat page (chat.html, shipped in the package); it calls /v1 with the key typed into it."""
+        return HTMLResponse(chat_html())
 
     @app.get("/health")
     async def health():

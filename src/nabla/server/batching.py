@@ -11,8 +11,12 @@ torch.Generator), so a greedy sequence yields exactly `Llama.generate`'s
 tokens for its prompt alone. A step that fails is run again one sequence at
 a time, so that a failure ends only the sequence that causes it.
 
+With a prefix cache (nabla.model.prefix_cache), a prompt whose start was
+prefilled before has those keys and values copied into its row, and only the
+rest goes through the model; every prefill keeps its prompt's full blocks.
+
 Leaves out: a request's text and stop strings (nabla.server.run), HTTP
-(nabla.server.app), sharing the prompt cache between sequences, chunked prefill.
+(nabla.server.app), sharing cache rows between sequences without a copy, chunked prefill.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 
 from nabla.generation.sampling import apply_mask, greedy, is_greedy, sample
+from nabla.model.prefix_cache import MIN_PASS, PrefixCache
 
 log = logging.getLogger("nabla.server")
 
@@ -110,6 +115,8 @@ class Sequence:
     """The request's id, in the log when this sequence fails."""
     matcher: Any = None
     """Where this sequence is in its grammar (SamplingParams.grammar), if it has one."""
+    cached: list = field(default_factory=list)
+    """Keys of the prefix-cache blocks its prefill starts from."""
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence (takes effect before the next step)."""
@@ -117,8 +124,10 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, stop_ids, max_queue: int = 64, idle_wait: float = 0.05):
+    def __init__(self, model, stop_ids, max_queue: int = 64, idle_wait: float = 0.05,
+                 prefix_cache: PrefixCache | None = None):
         self.model = model
+        self.prefix_cache = prefix_cache
         self.args = model.args
         self.device = next(model.parameters()).device
         self.n_slots = model.layers[0].attention.cache.k.shape[0]
@@ -314,20 +323,27 @@ class Engine:
         Prompts of the same length (and the same need for prompt logprobs) go
         through the model together.
         """
-        groups: dict[tuple[int, bool], list[Sequence]] = {}
+        groups: dict[tuple[int, int, bool], list[Sequence]] = {}
         for s in seqs:
-            groups.setdefault((len(s.prompt), s.params.prompt_logprobs), []).append(s)
+            if self.prefix_cache is not None and not s.params.prompt_logprobs:
+                s.cached = self.prefix_cache.match(s.prompt)
+            groups.setdefault((len(s.prompt), len(s.cached), s.params.prompt_logprobs), []).append(s)
         for group in groups.values():
             self._guarded(self._prefill_group, group)
 
     def _prefill_group(self, group: list[Sequence]) -> None:
         t0 = time.perf_counter()
         all_logits = group[0].params.prompt_logprobs
+        cache = self.prefix_cache
+        n = max(cache.load(self.model, s.slot, s.cached) for s in group) if cache is not None else 0
         tokens = torch.tensor([s.prompt for s in group], dtype=torch.long, device=self.device)
-        start = torch.zeros(len(group), dtype=torch.long, device=self.device)
+        start = torch.full((len(group),), n, dtype=torch.long, device=self.device)
         rows = torch.tensor([s.slot for s in group], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, start, rows=rows, last_only=not all_logits)  # (G, T or 1, V)
+        logits = self.model(tokens[:, n:], start, rows=rows, last_only=not all_logits)  # (G, T - n or 1, V)
         self.prompt_tokens += tokens.numel()
+        if cache is not None and tokens.shape[1] - n >= MIN_PASS:  # a prefill's own kernels computed them
+            for s in group:
+                cache.store(self.model, s.slot, s.prompt, len(s.prompt))
         for i, s in enumerate(group):
             try:
                 events = [_prompt_event(logits[i, :-1], tokens[i, 1:], s.params.logprobs)] if all_logits else []

@@ -1,7 +1,8 @@
 """Counters for `GET /metrics`, in Prometheus' text exposition format.
 
 Requests by endpoint and status, request latency and time to first token
-(histograms), tokens, and the engine's queue depth and busy slots.
+(histograms), tokens, the engine's queue depth and busy slots, and the prefix
+cache's hits, misses, tokens saved and size.
 """
 
 from __future__ import annotations
@@ -84,6 +85,21 @@ class Metrics:
             ("nabla_slots_in_use", "gauge", "Key/value cache rows in use.", engine.slots_in_use),
             ("nabla_slots_total", "gauge", "Key/value cache rows (max batch size).", engine.n_slots),
             ("nabla_decode_steps_total", "counter", "Batched decode steps run.", engine.steps),
+        ]
+        pc = engine.prefix_cache
+        gauges += [
+            ("nabla_prefix_cache_hits_total", "counter", "Prompts that started from cached keys and values.",
+             pc.hits if pc else 0),
+            ("nabla_prefix_cache_misses_total", "counter", "Prompts that found no cached prefix.",
+             pc.misses if pc else 0),
+            ("nabla_prefix_cache_tokens_saved_total", "counter", "Prompt tokens copied from the prefix cache "
+             "instead of computed.", pc.tokens_saved if pc else 0),
+            ("nabla_prefix_cache_evictions_total", "counter", "Blocks dropped to stay within the budget.",
+             pc.evicted if pc else 0),
+            ("nabla_prefix_cache_bytes", "gauge", "Bytes of keys and values the prefix cache holds.",
+             pc.bytes if pc else 0),
+            ("nabla_prefix_cache_budget_bytes", "gauge", "The prefix cache's budget (--prefix-cache-mb).",
+             pc.budget if pc else 0),
         ]
         for name, kind, help_, value in gauges:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
