@@ -1,7 +1,10 @@
 """Write a checkpoint in another format: Meta (any number of model-parallel shards), Hugging Face, GGUF.
 
 The converted folder gives the same logits; `quantize` saves the linear
-layers in int8/int4 (Meta: loads back as it is; GGUF: q8_0/q4_0).
+layers in int8/int4 (Meta: loads back as it is; GGUF: q8_0/q4_0). A Hugging
+Face folder also gets the tokenizer.json, tokenizer_config.json and
+generation_config.json that transformers needs to open it as it is
+(nabla.tokenizer.hf_export makes their contents).
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
             {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(cast or ckpt.dtype, "f32")
         name = ckpt.path.resolve().stem if ckpt.format == "gguf" else ckpt.path.resolve().name
         return [write_gguf(out / f"{name}-{qtype}.gguf", state, args, tok, qtype, name=name)]
+    bos = eos = None
     if to == "hf":
         bos = ckpt.bos_id if ckpt.bos_id is not None else (tok.bos_id if tok else None)
         eos = ckpt.eos_ids or (list(tok.stop_ids) if tok else None)
@@ -157,4 +161,33 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
         name = "tokenizer.json" if tok_path.read_bytes()[:1] == b"{" else "tokenizer.model"
         shutil.copyfile(tok_path, out / name)
         written.append(out / name)
+    if to == "hf" and tok is not None:
+        written += write_hf_tokenizer(out, tok, bos_id=bos, eos_ids=eos)
+    return written
+
+
+def write_hf_tokenizer(out: Path, tok, *, bos_id: int | None = None, eos_ids: list[int] | None = None) -> list[Path]:
+    """Add the tokenizer files transformers needs to open a Hugging Face folder as it is: tokenizer.json,
+    tokenizer_config.json and generation_config.json, each unless the folder already has it (files
+    copied from the source are kept as they are). Returns the files written."""
+    from nabla.checkpoint.io import atomic_write_text
+    from nabla.tokenizer import hf_export
+
+    def dump(obj) -> str:
+        return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+    written = []
+    if not (out / "tokenizer.json").is_file():
+        atomic_write_text(out / "tokenizer.json", hf_export.tokenizer_json(tok))
+        written.append(out / "tokenizer.json")
+    if not (out / "tokenizer_config.json").is_file():
+        config = json.loads((out / "config.json").read_text(encoding="utf-8")) \
+            if (out / "config.json").is_file() else {}
+        atomic_write_text(out / "tokenizer_config.json", dump(hf_export.tokenizer_config(
+            tok, model_max_length=config.get("max_position_embeddings"))))
+        written.append(out / "tokenizer_config.json")
+    if not (out / "generation_config.json").is_file():
+        atomic_write_text(out / "generation_config.json",
+                          dump(hf_export.generation_config(tok, bos_id=bos_id, eos_ids=eos_ids)))
+        written.append(out / "generation_config.json")
     return written
