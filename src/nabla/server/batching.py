@@ -9,7 +9,9 @@ sequences join between steps; a finished or cancelled one frees its slot at
 once. Sampling is per sequence (own temperature, top_p, penalties and
 torch.Generator), so a greedy sequence yields exactly `Llama.generate`'s
 tokens for its prompt alone. A step that fails is run again one sequence at
-a time, so that a failure ends only the sequence that causes it.
+a time, so that a failure ends only the sequence that causes it. On a model
+holding several LoRA adapters, each sequence names its own (or none), and
+rows of different adapters share each pass (nabla.model.multi_lora).
 
 Leaves out: a request's text and stop strings (nabla.server.run), HTTP
 (nabla.server.app), sharing the prompt cache between sequences, chunked prefill.
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nabla.generation.sampling import greedy, is_greedy, sample
+from nabla.model.multi_lora import use_adapters
 
 log = logging.getLogger("nabla.server")
 
@@ -105,6 +108,8 @@ class Sequence:
     arrived: float = field(default_factory=time.monotonic)
     request_id: str = ""
     """The request's id, in the log when this sequence fails."""
+    adapter: int | None = None
+    """The LoRA adapter this sequence runs with (an index into the model's adapters), None for the base."""
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence (takes effect before the next step)."""
@@ -319,7 +324,8 @@ class Engine:
         tokens = torch.tensor([s.prompt for s in group], dtype=torch.long, device=self.device)
         start = torch.zeros(len(group), dtype=torch.long, device=self.device)
         rows = torch.tensor([s.slot for s in group], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, start, rows=rows, last_only=not all_logits)  # (G, T or 1, V)
+        with use_adapters(self.model, [s.adapter for s in group]):
+            logits = self.model(tokens, start, rows=rows, last_only=not all_logits)  # (G, T or 1, V)
         self.prompt_tokens += tokens.numel()
         for i, s in enumerate(group):
             try:
@@ -337,7 +343,8 @@ class Engine:
         pos = torch.tensor([len(s.prompt) + len(s.output) - 1 for s in seqs], dtype=torch.long,
                            device=self.device)
         rows = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
-        logits = self.model(last, pos, rows=rows)[:, -1]  # (B, V)
+        with use_adapters(self.model, [s.adapter for s in seqs]):
+            logits = self.model(last, pos, rows=rows)[:, -1]  # (B, V)
         argmax_rows = [i for i, s in enumerate(seqs) if is_greedy(s.params.temperature) and not _penalised(s)]
         picks = greedy(logits[argmax_rows]).tolist() if argmax_rows else []
         chosen = dict(zip(argmax_rows, picks))
