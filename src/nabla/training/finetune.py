@@ -89,12 +89,13 @@ def finetune(**given) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = devices.choose_device(cfg.device)
-    if world > 1:
-        with data_parallel.process_group(device):
-            return _finetune(cfg, given, device, rank, world)
-    if device.type == "cpu":
-        devices.use_all_cores()
-    return _finetune(cfg, given, device, rank, world)
+    with report.speaking_as("finetune"):
+        if world > 1:
+            with data_parallel.process_group(device):
+                return _finetune(cfg, given, device, rank, world)
+        if device.type == "cpu":
+            devices.use_all_cores()
+        return _finetune(cfg, given, device, rank, world)
 
 
 def _finetune(cfg: FinetuneConfig, given: dict, device: torch.device, rank: int, world: int) -> dict:
