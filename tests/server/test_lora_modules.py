@@ -156,6 +156,48 @@ def test_engine_rows_with_no_adapter_add_nothing(adapters):
         torch.testing.assert_close(multi.model(tokens), plain.model(tokens), atol=0, rtol=0)
 
 
+def multi_model(ckpt, paths, batch, quantize=None):
+    from nabla.checkpoint.peft import read_adapter
+    from nabla.model.multi_lora import add_adapters
+
+    llama = Llama.build(ckpt, max_seq_len=32, max_batch_size=batch, quantize=quantize)
+    return add_adapters(llama.model, [read_adapter(p, llama.model.args) for p in paths])
+
+
+def test_mixed_rows_equal_each_adapter_alone(adapters):
+    """One pass with rows on adapter a, the base and adapter b gives each row's single-adapter logits."""
+    from nabla.model.multi_lora import use_adapters
+
+    ckpt, a, b = adapters
+    multi = multi_model(ckpt, (a, b), 3)
+    tokens = torch.tensor([PROMPT, PROMPT[::-1], PROMPT])
+    with torch.no_grad(), use_adapters(multi, [0, None, 1]):
+        got = multi(tokens)
+    for row, adapter in enumerate([a, None, b]):
+        one = Llama.build(ckpt, max_seq_len=32, max_batch_size=1, adapter=adapter, merge_adapter=False)
+        with torch.no_grad():
+            torch.testing.assert_close(got[row], one.model(tokens[row:row + 1])[0], atol=1e-5, rtol=0)
+
+
+def test_adapters_on_an_int8_base(adapters):
+    """The base stays quantized under the adapters. (Row by row: an int8 layer's dynamically quantized
+    input is scaled over the whole batch, so on the CPU a row depends a little on its neighbours.)"""
+    from nabla.model.multi_lora import use_adapters
+    from nabla.model.quantize import Int8Linear
+
+    ckpt, a, b = adapters
+    multi = multi_model(ckpt, (a, b), 1, quantize="int8")
+    assert isinstance(multi.layers[0].attention.wq.base, Int8Linear)
+    tokens = torch.tensor([PROMPT])
+    for k, adapter in ((0, a), (None, None), (1, b)):
+        with torch.no_grad(), use_adapters(multi, [k]):
+            got = multi(tokens)
+        one = Llama.build(ckpt, max_seq_len=32, max_batch_size=1, quantize="int8", adapter=adapter,
+                          merge_adapter=False)
+        with torch.no_grad():
+            torch.testing.assert_close(got, one.model(tokens), atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------- bad input
 def serve_error(capsys, *argv) -> str:
     assert main(["serve", *argv]) == 1
