@@ -238,6 +238,8 @@ def test_commands_finetune_generate_convert(make_checkpoint, chats, tmp_path, ca
                  "--seq-len", "16", "--batch-size", "4", "--eval-every", "2", "--eval-tokens", "64",
                  "--val-fraction", "0.2", "--rank", "2", "--targets", "q_proj", "w2", "--lr", "1e-2",
                  "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "nabla finetune: LoRA rank 2" in err and "nabla train:" not in err  # the lines name the command
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and cfg["target_modules"] == ["down_proj", "q_proj"]
     assert main(["convert", "--model", ckpt, "--out", str(tmp_path / "m"), "--to", "hf",

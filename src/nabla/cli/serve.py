@@ -37,6 +37,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("NABLA_API_KEY") or None
     check_exposure(args.host, api_key, args.insecure)
+    lora_modules = check_lora_modules(args)  # before the base model loads: a typo fails fast
 
     import uvicorn
 
@@ -47,15 +48,32 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"nabla serve: loading {path} ...", file=sys.stderr, flush=True)
     llama = load_model(args, rank_0_only=True)  # under torchrun: ranks > 0 follow rank 0's passes
     name = args.model_name or path.resolve().name
-    app = create_app(llama, name, api_key=api_key, cors_origins=args.cors_origin, max_queue=args.max_queue)
+    app = create_app(llama, name, api_key=api_key, cors_origins=args.cors_origin, max_queue=args.max_queue,
+                     lora_modules=lora_modules)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.access_log)
     server = draining_server(config, app.state.nabla)
     print(f"nabla serve: model '{name}' at http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch_size}, context {args.max_seq_len}"
           f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    for m in lora_modules:
+        print(f"nabla serve: adapter '{m.name}' ({m.path}) on '{name}'", file=sys.stderr, flush=True)
     server.run()
     return 0
+
+
+def check_lora_modules(args: argparse.Namespace) -> list:
+    """--lora-modules, parsed and checked as far as can be without the base model."""
+    if not args.lora_modules:
+        return []
+    from nabla.cli.common import model_dir
+    from nabla.distributed import model_parallel_world
+    from nabla.server.lora_modules import parse_lora_modules
+
+    if model_parallel_world(args.model_parallel_size) > 1:
+        raise ConfigError("--lora-modules is not supported with a model split across processes yet; "
+                          "serve the adapters from one process, or merge one (nabla convert --merge-adapter)")
+    return parse_lora_modules(args.lora_modules, args.model_name or model_dir(args).resolve().name)
 
 
 def draining_server(config, state):
@@ -87,6 +105,10 @@ def register(sub) -> None:
     add_model_args(p, max_batch_size=8, batch_help="sequences decoded together, one key/value cache row "
                                                      "each (default: %(default)s)")
     p.add_argument("--model-name", metavar="NAME", help="the name clients pass as `model` (default: folder name)")
+    p.add_argument("--lora-modules", metavar="NAME=DIR", nargs="+", action="extend",
+                   help="LoRA adapters (PEFT folders) served next to the base model, each under its own model "
+                        "name, as vLLM's --lora-modules (also its JSON form '{\"name\": ..., \"path\": ...}'); "
+                        "requests for different adapters share the decode batch")
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")

@@ -46,12 +46,15 @@ def env_world_size() -> int | None:
 def model_parallel_world(model_parallel_size: int | None) -> int:
     """How many processes share the model: checks `model_parallel_size` against torchrun's world.
 
-    None means WORLD_SIZE under torchrun, else 1 (one process holds the model).
+    None means WORLD_SIZE under torchrun, else 1 (one process holds the model). 1 means each process
+    holds the whole model, under torchrun too (data-parallel training: nabla.training.finetune).
     """
     if model_parallel_size is not None and (
             isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int)
             or model_parallel_size < 1):
         raise ConfigError(f"model_parallel_size must be a positive integer or None, got {model_parallel_size!r}")
+    if model_parallel_size == 1:
+        return 1
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else env_world_size()
     if model_parallel_size is None:
         return world or 1

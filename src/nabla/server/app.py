@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from nabla.errors import ContextLengthError, InvalidRequestError
 from nabla.server.batching import Engine, EngineStoppedError, QueueFullError
+from nabla.server.lora_modules import LoraModule, load_lora_modules
 from nabla.server.metrics import Metrics
 from nabla.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, param_of
 from nabla.server.responses import DONE, error_body, model_card, new_id, sse
@@ -217,12 +218,16 @@ async def guarded(stream: AsyncIterator[str]) -> AsyncIterator[str]:
 
 
 def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origins: list[str] | None = None,
-               max_queue: int = 64) -> FastAPI:
-    """The FastAPI app serving `llama` (a nabla Llama, its cache sized for the batch)."""
+               max_queue: int = 64, lora_modules: list[LoraModule] | None = None) -> FastAPI:
+    """The FastAPI app serving `llama` (a nabla Llama, its cache sized for the batch).
+
+    `lora_modules` are put on llama's model (its base weights untouched) and served under their own names.
+    """
+    lora_modules = load_lora_modules(llama.model, lora_modules, model_name) if lora_modules else []
     # The engine shares the Llama's prefix cache (Llama.build(prefix_cache_mb=...)); both use the model's cache.
     engine = Engine(llama.model, llama.tokenizer.stop_ids, max_queue=max_queue,
                     prefix_cache=getattr(llama, "prefix_cache", None))
-    serving = Serving(llama, engine, model_name, Metrics())
+    serving = Serving(llama, engine, model_name, Metrics(), lora_modules=lora_modules)
     state = ServerState(serving, api_key)
 
     @asynccontextmanager
@@ -320,14 +325,18 @@ def create_app(llama, model_name: str, *, api_key: str | None = None, cors_origi
         req = await read_request(request, EmbeddingRequest)
         return reply(await until_disconnected(request, serving.embeddings(req)))
 
+    cards = {model_name: model_card(model_name, serving.created)}
+    cards.update({m.name: model_card(m.name, serving.created, m.path, m.base_model_name or model_name)
+                  for m in lora_modules})
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card(model_name, serving.created)]}
+        return {"object": "list", "data": list(cards.values())}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
         serving.check_model(name)
-        return model_card(model_name, serving.created)
+        return cards[name]
 
     tokenization = Tokenization(llama, serving)
 

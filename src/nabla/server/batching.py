@@ -9,7 +9,9 @@ sequences join between steps; a finished or cancelled one frees its slot at
 once. Sampling is per sequence (own temperature, top_p, penalties and
 torch.Generator), so a greedy sequence yields exactly `Llama.generate`'s
 tokens for its prompt alone. A step that fails is run again one sequence at
-a time, so that a failure ends only the sequence that causes it.
+a time, so that a failure ends only the sequence that causes it. On a model
+holding several LoRA adapters, each sequence names its own (or none), and
+rows of different adapters share each pass (nabla.model.multi_lora).
 
 With a prefix cache (nabla.model.prefix_cache), a prompt whose start was
 prefilled before has those keys and values copied into its row, and only the
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from nabla.generation.sampling import apply_mask, greedy, is_greedy, sample
+from nabla.model.multi_lora import use_adapters
 from nabla.model.prefix_cache import MIN_PASS, PrefixCache
 
 log = logging.getLogger("nabla.server")
@@ -117,6 +120,8 @@ class Sequence:
     """Where this sequence is in its grammar (SamplingParams.grammar), if it has one."""
     cached: list = field(default_factory=list)
     """Keys of the prefix-cache blocks its prefill starts from."""
+    adapter: int | None = None
+    """The LoRA adapter this sequence runs with (an index into the model's adapters), None for the base."""
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence (takes effect before the next step)."""
@@ -325,7 +330,8 @@ class Engine:
         """
         groups: dict[tuple[int, int, bool], list[Sequence]] = {}
         for s in seqs:
-            if self.prefix_cache is not None and not s.params.prompt_logprobs:
+            # Keys and values depend on the adapter: the cache holds the base model's only.
+            if self.prefix_cache is not None and not s.params.prompt_logprobs and s.adapter is None:
                 s.cached = self.prefix_cache.match(s.prompt)
             groups.setdefault((len(s.prompt), len(s.cached), s.params.prompt_logprobs), []).append(s)
         for group in groups.values():
@@ -339,11 +345,13 @@ class Engine:
         tokens = torch.tensor([s.prompt for s in group], dtype=torch.long, device=self.device)
         start = torch.full((len(group),), n, dtype=torch.long, device=self.device)
         rows = torch.tensor([s.slot for s in group], dtype=torch.long, device=self.device)
-        logits = self.model(tokens[:, n:], start, rows=rows, last_only=not all_logits)  # (G, T - n or 1, V)
+        with use_adapters(self.model, [s.adapter for s in group]):
+            logits = self.model(tokens[:, n:], start, rows=rows, last_only=not all_logits)  # (G, T - n or 1, V)
         self.prompt_tokens += tokens.numel()
         if cache is not None and tokens.shape[1] - n >= MIN_PASS:  # a prefill's own kernels computed them
             for s in group:
-                cache.store(self.model, s.slot, s.prompt, len(s.prompt))
+                if s.adapter is None:
+                    cache.store(self.model, s.slot, s.prompt, len(s.prompt))
         for i, s in enumerate(group):
             try:
                 events = [_prompt_event(logits[i, :-1], tokens[i, 1:], s.params.logprobs)] if all_logits else []
@@ -360,7 +368,8 @@ class Engine:
         pos = torch.tensor([len(s.prompt) + len(s.output) - 1 for s in seqs], dtype=torch.long,
                            device=self.device)
         rows = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
-        logits = self.model(last, pos, rows=rows)[:, -1]  # (B, V)
+        with use_adapters(self.model, [s.adapter for s in seqs]):
+            logits = self.model(last, pos, rows=rows)[:, -1]  # (B, V)
         argmax_rows = [i for i, s in enumerate(seqs)
                        if is_greedy(s.params.temperature) and not _penalised(s) and s.matcher is None]
         picks = greedy(logits[argmax_rows]).tolist() if argmax_rows else []

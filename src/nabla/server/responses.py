@@ -42,8 +42,11 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "nabla"}
+def model_card(name: str, created: int, root: str | None = None, parent: str | None = None) -> dict:
+    """A /v1/models entry; as vLLM, `root` is what the model was loaded from (the base: its own name) and
+    `parent` the base model a LoRA adapter runs on (None for the base)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "nabla", "root": root or name,
+            "parent": parent}
 
 
 # ------------------------------------------------------- bodies and chunks

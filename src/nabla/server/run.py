@@ -8,6 +8,7 @@ held back while it could still begin a stop string: nabla.server.text). It
 counts the generated tokens (usage) and times the first one (/metrics). A
 failed or aborted choice raises GenerationError and ends the other choices;
 the request id it carries is the one the engine's log names the failure under.
+Every sequence of a request runs with the request's LoRA adapter (or none).
 
 Leaves out: what the request asks for (nabla.server.serving), the response
 fields (nabla.server.responses), the decode loop itself (nabla.server.batching).
@@ -96,7 +97,8 @@ class Run:
     """The sequences of one request, on the engine, and their deltas as they come."""
 
     def __init__(self, engine: Engine, metrics: Metrics, tokens: TokenText,
-                 jobs: list[tuple[list[int], SamplingParams]], stops: list[str], bases: list[int]):
+                 jobs: list[tuple[list[int], SamplingParams]], stops: list[str], bases: list[int],
+                 adapter: int | None = None):
         self.metrics = metrics
         self.tokens = tokens
         self.started = time.perf_counter()
@@ -109,7 +111,7 @@ class Run:
                 self.seqs[i].cancel()  # the event loop is closed: nobody is listening any more
 
         self.request_id = new_id("req")
-        self.seqs = [Sequence(ids, p, functools.partial(sink, i), request_id=self.request_id)
+        self.seqs = [Sequence(ids, p, functools.partial(sink, i), request_id=self.request_id, adapter=adapter)
                      for i, (ids, p) in enumerate(jobs)]
         self.texts = [ChoiceText(tokens.tokenizer, ids, stops, base) for (ids, _), base in zip(jobs, bases)]
         self.done = [False] * len(self.seqs)

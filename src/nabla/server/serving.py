@@ -4,7 +4,9 @@
 context length), turns a completions or chat request into one engine sequence
 per prompt and choice (`PreparedRequest`, already queued), and follows the
 choices' deltas into OpenAI's answer: one JSON body, or SSE chunks. Embeddings
-run on the engine thread too, in short slices between decode steps.
+run on the engine thread too, in short slices between decode steps. With
+--lora-modules, the `model` name picks the base or one of its LoRA adapters,
+and the answer names the model asked for.
 
 Leaves out: HTTP (nabla.server.app), request schemas (nabla.server.protocol),
 running the sequences (nabla.server.run), the fields of the answer
@@ -23,7 +25,9 @@ import torch
 
 from nabla.errors import ContextLengthError, InvalidRequestError
 from nabla.generation.constraints import Grammar
+from nabla.model.multi_lora import use_adapters
 from nabla.server.batching import Engine, SamplingParams
+from nabla.server.lora_modules import LoraModule
 from nabla.server.metrics import Metrics
 from nabla.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, json_format
 from nabla.server.responses import (
@@ -53,7 +57,7 @@ EMBED_SLICE_S = 0.02
 
 class ModelNotFoundError(Exception):
     def __init__(self, name: str):
-        super().__init__(f"The model '{name}' does not exist; this server serves one model, see GET /v1/models")
+        super().__init__(f"The model '{name}' does not exist; see GET /v1/models for the models this server serves")
 
 
 @dataclass
@@ -80,7 +84,8 @@ class PreparedRequest:
 
 
 class Serving:
-    def __init__(self, llama, engine: Engine, model_name: str, metrics: Metrics | None = None):
+    def __init__(self, llama, engine: Engine, model_name: str, metrics: Metrics | None = None,
+                 lora_modules: list[LoraModule] | None = None):
         self.llama = llama
         self.tokenizer = llama.tokenizer
         self.tokens = TokenText(self.tokenizer)
@@ -90,10 +95,15 @@ class Serving:
         self.created = now()
         self.max_seq_len = engine.max_seq_len
         self.vocab_size = min(llama.model.args.vocab_size, self.tokenizer.n_words)
+        self.lora_modules = list(lora_modules or [])
+        """The adapters on the model, adapter i under lora_modules[i].name."""
+        self.adapters = {m.name: i for i, m in enumerate(self.lora_modules)}
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
+    def check_model(self, name: str) -> int | None:
+        """The adapter a `model` name asks for (None: the base); ModelNotFoundError for an unknown name."""
+        if name != self.model_name and name not in self.adapters:
             raise ModelNotFoundError(name)
+        return self.adapters.get(name)
 
     def encode_prompts(self, items: list, param: str) -> list[list[int]]:
         out = []
@@ -154,7 +164,8 @@ class Serving:
                 params.grammar = grammar
                 jobs.append((ids, params))
                 bases.append(len(text))  # OpenAI's text_offset counts from the prompt's start
-        run = Run(self.engine, self.metrics, self.tokens, jobs, req.stop or [], bases)
+        run = Run(self.engine, self.metrics, self.tokens, jobs, req.stop or [], bases,
+                  adapter=self.check_model(req.model))
         return PreparedRequest(prompts, texts, n, run)
 
     def _params(self, req, max_tokens, j, logprobs, prompt_logprobs=False) -> SamplingParams:
@@ -170,7 +181,7 @@ class Serving:
     async def _stream(self, req, p: PreparedRequest, prefix: str, obj: str,
                       chunks: AsyncIterator[list[dict]]) -> AsyncIterator[str]:
         """The SSE stream of chunks' choices; a failed generation ends it with an error event."""
-        chunk = Chunker(prefix, obj, self.model_name, bool(req.stream_options and req.stream_options.include_usage))
+        chunk = Chunker(prefix, obj, req.model, bool(req.stream_options and req.stream_options.include_usage))
         try:
             async for choices in chunks:
                 yield chunk(choices)
@@ -221,7 +232,7 @@ class Serving:
         if req.logprobs is not None:
             for c, lp in zip(choices, lps):
                 c["logprobs"] = lp or completion_logprobs([])
-        return response("cmpl", "text_completion", self.model_name, choices,
+        return response("cmpl", "text_completion", req.model, choices,
                         usage(p.prompt_tokens, p.run.generated))
 
     def completion_stream(self, req: CompletionRequest, p: PreparedRequest) -> AsyncIterator[str]:
@@ -275,7 +286,7 @@ class Serving:
         for i in range(p.choices):
             content, calls, reason = self._reply(p, texts[i], reasons[i])
             choices.append(chat_choice(i, content, lps[i] if req.logprobs else None, reason, calls))
-        return response("chatcmpl", "chat.completion", self.model_name, choices,
+        return response("chatcmpl", "chat.completion", req.model, choices,
                         usage(p.prompt_tokens, p.run.generated))
 
     def chat_stream(self, req: ChatCompletionRequest, p: PreparedRequest) -> AsyncIterator[str]:
@@ -312,7 +323,7 @@ class Serving:
     # ------------------------------------------------------------ embeddings
     async def embeddings(self, req: EmbeddingRequest) -> dict:
         req.check_supported()
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
         prompts = self.encode_prompts(req.input, "input")
         for ids in prompts:
             if len(ids) > self.max_seq_len:
@@ -325,7 +336,8 @@ class Serving:
             """Vectors of prompts[start:], as many as EMBED_SLICE_S allows (at least one)."""
             out, t0 = [], time.perf_counter()
             for ids in prompts[start:]:
-                h = model(torch.tensor([ids], device=device), return_hidden=True)[0].float()  # (T, dim)
+                with use_adapters(model, [adapter]):
+                    h = model(torch.tensor([ids], device=device), return_hidden=True)[0].float()  # (T, dim)
                 v = h.mean(0)
                 out.append((v / v.norm().clamp_min(1e-12)).cpu())
                 if time.perf_counter() - t0 >= EMBED_SLICE_S:
@@ -337,4 +349,4 @@ class Serving:
         vectors: list[torch.Tensor] = []
         while len(vectors) < len(prompts):
             vectors += await asyncio.wrap_future(self.engine.run_job(functools.partial(embed, len(vectors))))
-        return embedding_list(vectors, req.encoding_format, self.model_name, sum(map(len, prompts)))
+        return embedding_list(vectors, req.encoding_format, req.model, sum(map(len, prompts)))

@@ -89,12 +89,13 @@ def finetune(**given) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = devices.choose_device(cfg.device)
-    if world > 1:
-        with data_parallel.process_group(device):
-            return _finetune(cfg, given, device, rank, world)
-    if device.type == "cpu":
-        devices.use_all_cores()
-    return _finetune(cfg, given, device, rank, world)
+    with report.speaking_as("finetune"):
+        if world > 1:
+            with data_parallel.process_group(device):
+                return _finetune(cfg, given, device, rank, world)
+        if device.type == "cpu":
+            devices.use_all_cores()
+        return _finetune(cfg, given, device, rank, world)
 
 
 def _finetune(cfg: FinetuneConfig, given: dict, device: torch.device, rank: int, world: int) -> dict:
@@ -152,8 +153,9 @@ def _setup(cfg: FinetuneConfig, given: dict, device: torch.device, rank: int, wo
     data = fd.split_examples(examples, cfg.val_fraction, cfg.seed)
     data.check(cfg.seq_len)
 
+    # Data parallel: every process holds the whole model (not torchrun's default, a model split across them).
     llama = Llama.build(cfg.model, cfg.tokenizer, max_seq_len=cfg.seq_len, max_batch_size=1, device=device,
-                        dtype=cfg.dtype, quantize=cfg.quantize)
+                        dtype=cfg.dtype, quantize=cfg.quantize, model_parallel_size=1)
     raw = llama.model
     torch.manual_seed(cfg.seed)
     add_lora(raw, settings)

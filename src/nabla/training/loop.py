@@ -354,8 +354,8 @@ class _StopFlag:
         if self.set and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.set = True
-        print(f"\nnabla train: {signal.Signals(signum).name}, saving a checkpoint after this step "
-              "(Ctrl-C again to abort)", file=sys.stderr)
+        report.say(f"{signal.Signals(signum).name}, saving a checkpoint after this step (Ctrl-C again to abort)",
+                   lead="\n")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

@@ -2,8 +2,9 @@
 
 The loop keeps its log as a list of dicts (one per step, plus one per
 validation run); `write_log` writes it as log.csv and `plot` as loss.png.
-Console lines go to stderr with the `nabla train:` prefix, so stdout stays
-free; files are written atomically.
+Console lines go to stderr with the command's prefix (`nabla train:`, or
+`nabla finetune:` inside `speaking_as("finetune")`), so stdout stays free;
+files are written atomically.
 
 Leaves out: the progress bar (the loop owns it), train_state.pt and the
 Meta checkpoint (rundir.py).
@@ -11,6 +12,7 @@ Meta checkpoint (rundir.py).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,8 +31,22 @@ from nabla.training.data import TokenData
 LOG_COLUMNS = ["step", "lr", "train_loss", "val_loss", "val_bpb", "time"]
 
 
-def say(line: str) -> None:
-    print(f"nabla train: {line}", file=sys.stderr)
+COMMAND = ["train"]
+"""The command whose run this is, named at the start of each console line."""
+
+
+@contextlib.contextmanager
+def speaking_as(command: str):
+    """Console lines inside the block start with `nabla <command>:`."""
+    COMMAND.append(command)
+    try:
+        yield
+    finally:
+        COMMAND.pop()
+
+
+def say(line: str, lead: str = "") -> None:
+    print(f"{lead}nabla {COMMAND[-1]}: {line}", file=sys.stderr)
 
 
 def print_start(n_params: int, args: ModelArgs, data: TokenData, tokens_per_step: int, world: int,
