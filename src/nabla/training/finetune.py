@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from nabla.distributed import data_parallel
 from nabla.errors import CheckpointError, ConfigError
 from nabla.model.lora import LoraSettings, add_lora, load_lora_state, lora_parameters, lora_state
 from nabla.training import finetune_data as fd
-from nabla.training import report
+from nabla.training import report, rundir
 from nabla.training.config import TrainConfig, check_config
 from nabla.training.loop import Run, configure_optimizer, save_checkpoint, train_steps, validate
 
@@ -131,11 +130,11 @@ def _setup(cfg: FinetuneConfig, given: dict, device: torch.device, rank: int, wo
     from nabla.tokenizer.chat import chat_format_for
 
     out = Path(cfg.out)
-    state = _prepare_out(cfg, out) if rank == 0 else None
+    state = rundir.prepare_out(cfg, out, STATE_FILE, OWNED, "fine-tune") if rank == 0 else None
     if world > 1:
         data_parallel.barrier()
     if rank and cfg.resume:
-        state = _load_state(out)
+        state = rundir.load_state(out, STATE_FILE)
     if state is not None:
         cfg = _merge_resumed(cfg, state, given)
     if not cfg.model:
@@ -199,37 +198,6 @@ def _save(run: Run) -> None:
     if devices.rng_state(run.device) is not None:
         payload["cuda_rng"] = devices.rng_state(run.device)
     atomic_torch_save(payload, run.out / STATE_FILE)
-
-
-def _load_state(out: Path) -> dict:
-    try:
-        return torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways: say so, never a traceback
-        raise CheckpointError(f"cannot read {out / STATE_FILE} ({str(e).splitlines()[0]}); "
-                              "start over with --force") from None
-
-
-def _prepare_out(cfg: FinetuneConfig, out: Path) -> dict | None:
-    """Check the output folder; the saved state when resuming."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; name a folder (it is created if missing)")
-    if cfg.resume:
-        if not (out / STATE_FILE).is_file():
-            raise CheckpointError(f"--resume: {out / STATE_FILE} not found; nothing to resume in {out}. "
-                                  "Start a new run without --resume")
-        return _load_state(out)
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg.force:
-            raise ConfigError(f"output folder {out} exists and is not empty; pass --resume to continue its "
-                              "fine-tune, --force to overwrite it, or another --out")
-        for name in OWNED:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def _merge_resumed(cfg: FinetuneConfig, state: dict, given: dict) -> FinetuneConfig:

@@ -37,9 +37,9 @@ OWNED = ("train_state.pt", "params.json", "consolidated.00.pth", "tokenizer.mode
          "loss.png", "summary.json", "data")
 
 
-def load_state(out: Path) -> dict:
-    """The saved train_state.pt of the run in `out` (tensors and plain data only)."""
-    return torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+def load_state(out: Path, state_file: str = STATE_FILE) -> dict:
+    """The saved state of the run in `out` (tensors and plain data only)."""
+    return torch.load(out / state_file, map_location="cpu", weights_only=True)
 
 
 def remove_stale_temporaries(out: Path) -> None:
@@ -51,39 +51,41 @@ def remove_stale_temporaries(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def unfinished(out: Path) -> bool:
-    """A run that stopped before its first checkpoint: only files a run owns, and no train_state.pt."""
-    return not (out / STATE_FILE).exists() and all(p.name in OWNED for p in out.iterdir())
+def unfinished(out: Path, state_file: str = STATE_FILE, owned: tuple[str, ...] = OWNED) -> bool:
+    """A run that stopped before its first checkpoint: only files a run owns, and no saved state."""
+    return not (out / state_file).exists() and all(p.name in owned for p in out.iterdir())
 
 
-def prepare_out(cfg: TrainConfig, out: Path) -> dict | None:
-    """Check the output folder; returns the saved state when resuming.
+def prepare_out(cfg, out: Path, state_file: str = STATE_FILE, owned: tuple[str, ...] = OWNED,
+                what: str = "training") -> dict | None:
+    """Check the output folder of a run (`nabla train`, or `nabla finetune` with its own state file and
+    owned files); returns the saved state when resuming (cfg.resume), clears the owned files with cfg.force.
 
     A run killed before its first checkpoint starts again on a plain rerun;
     temporary files of a write that was cut short are removed either way.
     """
-    state_path = out / STATE_FILE
+    state_path = out / state_file
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; name a folder (it is created if missing)")
     if out.is_dir():
         remove_stale_temporaries(out)
     if cfg.resume:
         if not state_path.is_file():
-            stopped_early = out.is_dir() and unfinished(out)
+            stopped_early = out.is_dir() and unfinished(out, state_file, owned)
             raise CheckpointError(
                 f"--resume: {state_path} not found; nothing to resume in {out}"
                 + (" (its run stopped before the first checkpoint). Run the same command without --resume "
                    "to start it again" if stopped_early else ". Start a new run without --resume"))
         try:
-            return load_state(out)
+            return load_state(out, state_file)
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways: say so, never a traceback
             raise CheckpointError(f"cannot read {state_path} ({str(e).splitlines()[0]}); "
                                   "start over with --force") from None
     if out.is_dir() and any(out.iterdir()):
-        if not cfg.force and not unfinished(out):
+        if not cfg.force and not unfinished(out, state_file, owned):
             raise ConfigError(f"output folder {out} exists and is not empty; pass --resume to continue "
-                              "its training, --force to overwrite it, or another --out")
-        for name in OWNED:
+                              f"its {what}, --force to overwrite it, or another --out")
+        for name in owned:
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
