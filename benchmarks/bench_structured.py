@@ -2,8 +2,9 @@
 
 Greedy decoding of the same prompt, with and without a schema, through
 Llama.stream (one sequence, no batching): the time per generated token of
-each (decode steps only: from the first token to the last), and the time of the grammar's own work per token (computing the mask
-and accepting the token), measured inside the same runs. Results go in
+each (decode steps only: from the first token to the last), and the time
+of the grammar's own work per token (computing the mask and accepting the
+token), measured inside the same runs. Results go in
 BENCHMARKS.md ("Structured output").
 
     PYTHONPATH=src python benchmarks/bench_structured.py [--tokens 96] [--repeats 5]

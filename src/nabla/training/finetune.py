@@ -24,7 +24,6 @@ embedding or head, several adapters in one run, saving a merged model
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -85,16 +84,9 @@ class FinetuneConfig(TrainConfig):
 def finetune(**given) -> dict:
     """Run (or resume) a LoRA fine-tune; returns the final metrics. Keyword args are FinetuneConfig fields."""
     cfg = FinetuneConfig.from_given(given)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = devices.choose_device(cfg.device)
     with report.speaking_as("finetune"):
-        if world > 1:
-            with data_parallel.process_group(device):
-                return _finetune(cfg, given, device, rank, world)
-        if device.type == "cpu":
-            devices.use_all_cores()
-        return _finetune(cfg, given, device, rank, world)
+        return data_parallel.run(cfg.device,
+                                 lambda device, rank, world: _finetune(cfg, given, device, rank, world))
 
 
 def _finetune(cfg: FinetuneConfig, given: dict, device: torch.device, rank: int, world: int) -> dict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -82,15 +81,7 @@ class Run:
 def train(**given) -> dict:
     """Run (or resume) a training run; returns the final metrics. Keyword args are TrainConfig fields."""
     cfg = TrainConfig.from_given(given)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = devices.choose_device(cfg.device)
-    if world > 1:
-        with data_parallel.process_group(device):
-            return _train(cfg, given, device, rank, world)
-    if device.type == "cpu":
-        devices.use_all_cores()
-    return _train(cfg, given, device, rank, world)
+    return data_parallel.run(cfg.device, lambda device, rank, world: _train(cfg, given, device, rank, world))
 
 
 def _train(cfg: TrainConfig, given: dict, device: torch.device, rank: int, world: int) -> dict:
