@@ -108,7 +108,7 @@ def read_adapter(path: str | Path, args: ModelArgs) -> Adapter:
                               "re-save the adapter") from None
     tensors: dict[str, torch.Tensor] = {}
     targets, layers = set(), set()
-    for key, t in raw.items():
+    for key, t in _unfuse(raw, args, cfg["r"], path):
         hf_module, ab = _split_key(key, path)
         try:
             meta_weight, reorder = rename_weight(hf_module + ".weight", args, to="meta")
@@ -148,6 +148,39 @@ def read_adapter(path: str | Path, args: ModelArgs) -> Adapter:
         raise ConfigError(f"{path}: the adapter adapts different modules in different layers "
                           f"(e.g. {sorted(expected ^ names)[0]}); nabla needs the same targets in each layer")
     return Adapter(settings, tensors, path)
+
+
+def _unfuse(raw: dict[str, torch.Tensor], args: ModelArgs, r: int, path: Path):
+    """(key, tensor) of the adapter, a fused module's (Phi-3's qkv_proj, gate_up_proj) split into its parts.
+
+    The fused update B A splits exactly: each part keeps A and takes its rows of B (q, k, v or gate, up, in
+    the order the fused weight stacks them), so y_q = W_q x + s B_q (A x) as in the fused layer.
+    """
+    from nabla.checkpoint.hf import FUSED
+
+    parts = {f".{fused[:-len('.weight')]}.": [p[:-len(".weight")] for p in split] for fused, split in FUSED.items()}
+    meta_of = {"self_attn.q_proj": "wq", "self_attn.k_proj": "wk", "self_attn.v_proj": "wv",
+               "mlp.gate_proj": "w1", "mlp.up_proj": "w3"}
+    for key, t in raw.items():
+        fused = next((f for f in parts if f in key), None)
+        if fused is None:
+            yield key, t
+            continue
+        if args.model_type not in ("phi3",):
+            raise CheckpointError(f"{path}: the adapter adapts the fused module {fused.strip('.')!r} "
+                                  f"({key}), which a {args.model_type!r} model does not have")
+        names = parts[fused]
+        if ".lora_A." in key:
+            for name in names:
+                yield key.replace(fused, f".{name}."), t
+            continue
+        sizes = [layer_shape(args, meta_of[n])[0] for n in names]
+        if t.dim() != 2 or t.shape[0] != sum(sizes) or t.shape[1] != r:
+            raise ConfigError(f"{path}: {key} has shape {tuple(t.shape)}, this model's fused "
+                              f"{fused.strip('.')} needs ({sum(sizes)}, {r}); the adapter was made for another "
+                              "base model or rank")
+        for name, rows in zip(names, torch.split(t, sizes)):
+            yield key.replace(fused, f".{name}."), rows.contiguous()
 
 
 def _split_key(key: str, path: Path) -> tuple[str, str]:
