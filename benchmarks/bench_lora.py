@@ -1,10 +1,17 @@
 """Training speed and peak memory of LoRA against full fine-tuning, and LoRA on an int4 base against a bf16 one.
 
 Each configuration runs in its own process (so its peak resident memory, or on a GPU its peak allocated memory,
-is its own): one warm-up step, then timed steps of batch x seq_len tokens, AdamW on what trains. Models: the
-built-in story model (its weights) and the 110M shape (random weights). Prints one Markdown table.
+is its own): one warm-up step, then timed steps of batch x seq_len tokens, AdamW on what trains; tokens/s is
+batch x seq_len over the median step time. The configurations run in --repeats rounds, interleaved (every row once,
+then every row again), and each row reports the median over its rounds, so a burst of load from other jobs on a
+shared machine slows one round of one row rather than the whole row (a single round of 3 steps is ~0.3 s on the
+story model: one such burst once made the fp32 rows look 10x slower than the int4 one). Each row also reports
+the loss of its first and last step and how many trainable tensors got a nonzero gradient in the last step, to
+show that every configuration does the same work. Models: the built-in story model (its weights) and the 110M
+shape (random weights). Prints one Markdown table.
 
     PYTHONPATH=src python benchmarks/bench_lora.py [--device cpu] [--steps 3] [--batch 4] [--seq-len 128]
+        [--repeats 3] [--models stories,110m]
 
 Leaves out: data loading (random tokens), evaluation, torch.compile.
 """
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -53,28 +61,31 @@ def one(model_name: str, mode: str, base: str, device: str, steps: int, batch: i
     x = torch.randint(0, model.args.vocab_size, (batch, seq_len + 1), device=dev)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and base != "fp32" else None
 
-    def step():
+    def step() -> tuple[float, int]:
         import contextlib
 
         with amp or contextlib.nullcontext():
             logits = model(x[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
+        with_grad = sum(int(p.grad is not None and bool(p.grad.abs().sum() > 0)) for p in params)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.item(), with_grad
 
-    step()  # warm-up: optimizer state, allocator
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
+    first, with_grad = step()  # warm-up: optimizer state, allocator (LoRA's A has no gradient yet: B is 0)
+    times, last = [], first
     for _ in range(steps):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        last, with_grad = step()  # .item() waits for the device
+        times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss()
-    return {"model": model_name, "mode": mode, "base": base, "tok_s": batch * seq_len * steps / dt,
-            "peak_mb": peak / 1e6, "trainable_m": sum(p.numel() for p in params) / 1e6}
+    return {"model": model_name, "mode": mode, "base": base,
+            "tok_s": batch * seq_len / statistics.median(times), "peak_mb": peak / 1e6,
+            "trainable_m": sum(p.numel() for p in params) / 1e6, "loss_first": first, "loss_last": last,
+            "with_grad": with_grad, "tensors": len(params)}
 
 
 def main() -> None:
@@ -83,24 +94,38 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each row reports the median")
+    ap.add_argument("--models", default="stories,110m", help="comma-separated: stories, 110m")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(one(*a.one.split(","), a.device, a.steps, a.batch, a.seq_len)))
         return
-    print(f"device {a.device}, batch {a.batch} x {a.seq_len} tokens, {a.steps} timed steps after one warm-up\n")
-    print("| model | training | base weights | trainable params | tokens/s | peak memory |")
-    print("|---|---|---|---:|---:|---:|")
-    for cfg in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--one", ",".join(cfg), "--device", a.device, "--steps",
-                              str(a.steps), "--batch", str(a.batch), "--seq-len", str(a.seq_len)],
-                             capture_output=True, text=True)
-        if out.returncode:
-            print(f"| {' | '.join(cfg)} | failed: {out.stderr.strip().splitlines()[-1]} |||")
+    configs = [c for c in CONFIGS if c[0] in a.models.split(",")]
+    runs: dict[tuple, list] = {c: [] for c in configs}
+    for _ in range(a.repeats):
+        for cfg in configs:
+            out = subprocess.run([sys.executable, __file__, "--one", ",".join(cfg), "--device", a.device, "--steps",
+                                  str(a.steps), "--batch", str(a.batch), "--seq-len", str(a.seq_len)],
+                                 capture_output=True, text=True)
+            runs[cfg].append(out.stderr.strip().splitlines()[-1] if out.returncode
+                             else json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"device {a.device}, batch {a.batch} x {a.seq_len} tokens, {a.steps} timed steps after one warm-up, "
+          f"median of {a.repeats} interleaved rounds\n")
+    print("| model | training | base weights | trainable params | tokens/s (median) | tokens/s (each round) "
+          "| loss first -> last | tensors with gradient | peak memory |")
+    print("|---|---|---|---:|---:|---:|---|---:|---:|")
+    for cfg, rs in runs.items():
+        failed = [r for r in rs if isinstance(r, str)]
+        if failed:
+            print(f"| {' | '.join(cfg)} | failed: {failed[0]} ||||||")
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {r['model']} | {r['mode']} | {r['base']} | {r['trainable_m']:.2f}M | {r['tok_s']:,.0f} | "
-              f"{r['peak_mb']:,.0f} MB |", flush=True)
+        r = rs[0]
+        each = ", ".join(f"{x['tok_s']:,.0f}" for x in rs)
+        print(f"| {r['model']} | {r['mode']} | {r['base']} | {r['trainable_m']:.2f}M "
+              f"| {statistics.median(x['tok_s'] for x in rs):,.0f} | {each} "
+              f"| {r['loss_first']:.3f} -> {r['loss_last']:.3f} | {r['with_grad']}/{r['tensors']} "
+              f"| {max(x['peak_mb'] for x in rs):,.0f} MB |", flush=True)
 
 
 if __name__ == "__main__":
