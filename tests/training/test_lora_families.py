@@ -4,6 +4,8 @@ Qwen2 (biases on q/k/v, a tied head) and Gemma (unit-offset norms, scaled embedd
 on all seven projections that peft made, and nabla's logits equal peft's. Phi-3 stores q/k/v and gate/up
 fused (qkv_proj, gate_up_proj), so PEFT adapts those fused modules; nabla splits the base weights at load
 and the fused adapter with them (each part keeps A and takes its rows of B), and gives peft's logits too.
+An adapter nabla makes on Phi-3 is written under those fused names (the parts stacked: rank n r, B
+block-diagonal), so peft loads it onto Phi3ForCausalLM and gives nabla's logits; nabla reads it back too.
 A short `finetune` on the Qwen2 model trains only the adapter.
 """
 
@@ -78,6 +80,47 @@ def test_fused_adapter_on_an_unfused_family_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="fused module 'self_attn.qkv_proj'"):
         Llama.build(path, None, max_seq_len=64, max_batch_size=1, dtype="fp32", device="cpu",
                     adapter=tmp_path / "adapter")
+
+
+# nabla's own Phi-3 adapter: all seven projections, a part of q/k/v and gate/up, rank-stabilised scaling.
+@pytest.mark.parametrize("targets,rslora", [(("wq", "wk", "wv", "wo", "w1", "w2", "w3"), False),
+                                            (("wq", "wv", "w3"), False), (("wk", "w1", "w2"), True)],
+                         ids=["all", "some", "rslora"])
+def test_nabla_phi3_adapter_loads_in_peft(tmp_path, targets, rslora):
+    import transformers
+
+    from nabla.checkpoint.peft import adapter_of, read_adapter, write_adapter
+    from nabla.model.lora import LoraSettings, add_lora
+
+    path, _ = save_family(tmp_path / "base", "phi3")
+    llama = Llama.build(path, None, max_seq_len=64, max_batch_size=1, dtype="fp32", device="cpu")
+    with torch.no_grad():
+        plain = llama.model(TOKENS)
+    add_lora(llama.model, LoraSettings(r=4, alpha=8.0, targets=targets, rslora=rslora))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in llama.model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+        mine = llama.model(TOKENS)
+    assert (mine - plain).abs().max() > 1e-2
+    write_adapter(tmp_path / "adapter", adapter_of(llama.model), llama.model.args)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert not {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} & set(cfg["target_modules"])
+
+    hf = transformers.Phi3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ranks = {n.split(".lora_A")[0].rsplit(".", 1)[-1]: w.shape[0] for n, w in ref.named_parameters() if "lora_A" in n}
+    assert ranks == {m: {"qkv_proj": 12, "gate_up_proj": 8}.get(m, 4) for m in cfg["target_modules"]}
+    with torch.no_grad():
+        torch.testing.assert_close(ref(TOKENS).logits, mine, atol=1e-4, rtol=0)
+
+    back = read_adapter(tmp_path / "adapter", llama.model.args)
+    assert back.settings.r == 4 and back.settings.scaling == pytest.approx(llama.model.lora.scaling)
+    again = Llama.build(path, None, max_seq_len=64, max_batch_size=1, dtype="fp32", device="cpu",
+                        adapter=tmp_path / "adapter", merge_adapter=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(TOKENS), mine, atol=1e-4, rtol=0)
 
 
 def test_qwen2_finetunes_only_the_adapter(tmp_path):

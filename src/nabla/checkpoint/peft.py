@@ -18,20 +18,25 @@ model's shape and returns an `Adapter` (settings + tensors under Meta names);
 the same base; `apply_adapter` wraps a model's layers with it (run-time
 LoRA), `merge_adapter` adds it into the weights once.
 
-Leaves out: DoRA, per-module rank/alpha patterns, biases and
+Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): a PEFT adapter on a fused module is split into
+its parts on reading, and `write_adapter` stacks nabla's parts back into the fused module PEFT names (rank
+n r, block-diagonal B, rank_pattern / alpha_pattern keeping the scaling), which nabla reads back too.
+
+Leaves out: DoRA, other per-module rank/alpha patterns, biases and
 `modules_to_save` (refused with a message), adapters of other PEFT types.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from nabla.checkpoint.hf import rename_weight
+from nabla.checkpoint.hf import FUSED_FAMILIES, rename_weight
 from nabla.checkpoint.io import atomic_write_text
 from nabla.checkpoint.safetensors import read_safetensors, write_safetensors
 from nabla.errors import CheckpointError, ConfigError
@@ -86,8 +91,8 @@ def read_adapter_config(path: Path) -> dict:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ConfigError(f"{cfg_file}: rank r={r!r}; a LoRA adapter needs a rank of 1 or more")
     refused = {"use_dora": cfg.get("use_dora"), "fan_in_fan_out": cfg.get("fan_in_fan_out"),
-               "modules_to_save": cfg.get("modules_to_save"), "rank_pattern": cfg.get("rank_pattern"),
-               "alpha_pattern": cfg.get("alpha_pattern")}
+               "modules_to_save": cfg.get("modules_to_save")}
+    refused.update(_odd_patterns(cfg))
     refused = {k: v for k, v in refused.items() if v}
     if cfg.get("bias", "none") != "none":
         refused["bias"] = cfg["bias"]
@@ -95,6 +100,38 @@ def read_adapter_config(path: Path) -> dict:
         raise ConfigError(f"{cfg_file} uses PEFT features nabla does not apply: {refused}; "
                           "merge the adapter with peft (merge_and_unload) and load the merged model instead")
     return cfg
+
+
+def _fused_parts() -> dict[str, list[str]]:
+    """{'qkv_proj': ['self_attn.q_proj', ...], 'gate_up_proj': [...]}: each fused module's parts, in row order."""
+    from nabla.checkpoint.hf import FUSED
+
+    return {fused.split(".")[-2]: [p[:-len(".weight")] for p in split] for fused, split in FUSED.items()}
+
+
+def _fused_alpha(alpha: float, r: int, n: int, rslora: bool) -> float:
+    """lora_alpha of a fused module stacking `n` rank-`r` parts (rank n r) that keeps each part's scaling."""
+    return alpha * (math.sqrt(n) if rslora else n)
+
+
+def _odd_patterns(cfg: dict) -> dict:
+    """rank_pattern / alpha_pattern entries nabla cannot apply: all but the stacked fused modules it writes.
+
+    A fused module (Phi-3's qkv_proj, gate_up_proj) stacking n rank-r parts has rank n r and the lora_alpha
+    that keeps scaling; `_unfuse` checks its B is block-diagonal.
+    """
+    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    if not isinstance(ranks, dict) or not isinstance(alphas, dict):
+        return {"rank_pattern": ranks, "alpha_pattern": alphas}
+    parts, r = _fused_parts(), cfg.get("r")
+    alpha, rslora = float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False))
+    odd = {}
+    for key in set(ranks) | set(alphas):
+        n = len(parts.get(key, ()))
+        if not n or ranks.get(key) != n * r or key not in alphas or \
+                not math.isclose(float(alphas[key]), _fused_alpha(alpha, r, n, rslora), rel_tol=1e-6):
+            odd[f"rank_pattern/alpha_pattern[{key!r}]"] = (ranks.get(key), alphas.get(key))
+    return odd
 
 
 def read_adapter(path: str | Path, args: ModelArgs) -> Adapter:
@@ -108,7 +145,7 @@ def read_adapter(path: str | Path, args: ModelArgs) -> Adapter:
                               "re-save the adapter") from None
     tensors: dict[str, torch.Tensor] = {}
     targets, layers = set(), set()
-    for key, t in _unfuse(raw, args, cfg["r"], path):
+    for key, t in _unfuse(raw, args, cfg["r"], path, stacked=set(cfg.get("rank_pattern") or {})):
         hf_module, ab = _split_key(key, path)
         try:
             meta_weight, reorder = rename_weight(hf_module + ".weight", args, to="meta")
@@ -150,15 +187,16 @@ def read_adapter(path: str | Path, args: ModelArgs) -> Adapter:
     return Adapter(settings, tensors, path)
 
 
-def _unfuse(raw: dict[str, torch.Tensor], args: ModelArgs, r: int, path: Path):
+def _unfuse(raw: dict[str, torch.Tensor], args: ModelArgs, r: int, path: Path, stacked: set[str] = frozenset()):
     """(key, tensor) of the adapter, a fused module's (Phi-3's qkv_proj, gate_up_proj) split into its parts.
 
     The fused update B A splits exactly: each part keeps A and takes its rows of B (q, k, v or gate, up, in
-    the order the fused weight stacks them), so y_q = W_q x + s B_q (A x) as in the fused layer.
+    the order the fused weight stacks them), so y_q = W_q x + s B_q (A x) as in the fused layer. A fused
+    module in `stacked` (rank n r, what `write_adapter` writes) stacks the parts' adapters: part i takes
+    A's i-th block of r rows and B's i-th diagonal block, and B must be zero off its diagonal blocks.
     """
-    from nabla.checkpoint.hf import FUSED
-
-    parts = {f".{fused[:-len('.weight')]}.": [p[:-len(".weight")] for p in split] for fused, split in FUSED.items()}
+    fused_parts = _fused_parts()
+    parts = {f".{names[0].rsplit('.', 1)[0]}.{name}.": names for name, names in fused_parts.items()}
     meta_of = {"self_attn.q_proj": "wq", "self_attn.k_proj": "wk", "self_attn.v_proj": "wv",
                "mlp.gate_proj": "w1", "mlp.up_proj": "w3"}
     for key, t in raw.items():
@@ -170,16 +208,26 @@ def _unfuse(raw: dict[str, torch.Tensor], args: ModelArgs, r: int, path: Path):
             raise CheckpointError(f"{path}: the adapter adapts the fused module {fused.strip('.')!r} "
                                   f"({key}), which a {args.model_type!r} model does not have")
         names = parts[fused]
+        n = len(names) if fused.strip(".").rsplit(".", 1)[-1] in stacked else 1
         if ".lora_A." in key:
-            for name in names:
-                yield key.replace(fused, f".{name}."), t
+            if t.dim() != 2 or t.shape[0] != n * r:
+                raise ConfigError(f"{path}: {key} has shape {tuple(t.shape)}, rank {n * r} expected")
+            for i, name in enumerate(names):
+                part = t[i * r:(i + 1) * r] if n > 1 else t
+                yield key.replace(fused, f".{name}."), part.contiguous()
             continue
-        sizes = [layer_shape(args, meta_of[n])[0] for n in names]
-        if t.dim() != 2 or t.shape[0] != sum(sizes) or t.shape[1] != r:
+        sizes = [layer_shape(args, meta_of[n_])[0] for n_ in names]
+        if t.dim() != 2 or t.shape[0] != sum(sizes) or t.shape[1] != n * r:
             raise ConfigError(f"{path}: {key} has shape {tuple(t.shape)}, this model's fused "
-                              f"{fused.strip('.')} needs ({sum(sizes)}, {r}); the adapter was made for another "
+                              f"{fused.strip('.')} needs ({sum(sizes)}, {n * r}); the adapter was made for another "
                               "base model or rank")
-        for name, rows in zip(names, torch.split(t, sizes)):
+        for i, (name, rows) in enumerate(zip(names, torch.split(t, sizes))):
+            if n > 1:
+                block = rows[:, i * r:(i + 1) * r]
+                if torch.cat([rows[:, :i * r], rows[:, (i + 1) * r:]], 1).any():
+                    raise ConfigError(f"{path}: {key} stacks {n} rank-{r} parts but is not block-diagonal; "
+                                      "nabla cannot split it: merge it with peft (merge_and_unload) instead")
+                rows = block
             yield key.replace(fused, f".{name}."), rows.contiguous()
 
 
@@ -208,18 +256,60 @@ def write_adapter(out: str | Path, adapter: Adapter, args: ModelArgs, base_model
         if ab == "lora_B" and reorder is not None:
             t = reorder(t)  # Meta's rotary order -> Hugging Face's
         tensors[f"{PREFIX}{hf_weight[:-len('.weight')]}.{ab}.weight"] = t.contiguous()
+    targets = sorted(TARGETS[t][1] for t in s.targets)
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    if args.model_type in FUSED_FAMILIES:
+        tensors, targets = _fuse(tensors, args, s.r)
+        for name, parts in _fused_parts().items():
+            if name in targets:
+                ranks[name] = len(parts) * s.r
+                alphas[name] = _fused_alpha(s.alpha, s.r, len(parts), s.rslora)
     write_safetensors(out / WEIGHTS_NAME, tensors, {k: tuple(v.shape) for k, v in tensors.items()},
                       {k: torch.float32 for k in tensors})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": s.r, "lora_alpha": s.alpha, "lora_dropout": s.dropout,
-        "target_modules": sorted(TARGETS[t][1] for t in s.targets), "bias": "none",
+        "target_modules": targets, "bias": "none",
         "use_rslora": s.rslora, "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
         "layers_to_transform": list(s.layers) if s.layers is not None else None,
-        "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+        "init_lora_weights": True, "inference_mode": True, "rank_pattern": ranks, "alpha_pattern": alphas,
     }
     atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return [out / CONFIG_NAME, out / WEIGHTS_NAME]
+
+
+def _fuse(tensors: dict[str, torch.Tensor], args: ModelArgs, r: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PEFT's tensors for a family with fused modules (Phi-3): q/k/v and gate/up parts stacked into one.
+
+    The fused module of n parts gets rank n r: A = the parts' A one after another, B = their B block-diagonal,
+    so B A = the parts' B_i A_i stacked by rows, exactly; a part not adapted gets zero A and B (it stays the
+    base). Its lora_alpha (alpha_pattern) keeps the parts' scaling. Returns the tensors and target_modules.
+    """
+    fused_parts = _fused_parts()
+    meta_of = {"self_attn.q_proj": "wq", "self_attn.k_proj": "wk", "self_attn.v_proj": "wv",
+               "mlp.gate_proj": "w1", "mlp.up_proj": "w3"}
+    out = dict(tensors)
+    prefixes = sorted({k.split("self_attn.")[0].split("mlp.")[0] for k in tensors})
+    for prefix in prefixes:
+        for name, parts in fused_parts.items():
+            keys = [f"{prefix}{p}" for p in parts]
+            if not any(f"{k}.lora_A.weight" in out for k in keys):
+                continue
+            in_f = next(out[f"{k}.lora_A.weight"].shape[1] for k in keys if f"{k}.lora_A.weight" in out)
+            sizes = [layer_shape(args, meta_of[p])[0] for p in parts]
+            a = torch.zeros(len(parts) * r, in_f)
+            b = torch.zeros(sum(sizes), len(parts) * r)
+            row = 0
+            for i, (k, size) in enumerate(zip(keys, sizes)):
+                if f"{k}.lora_A.weight" in out:
+                    a[i * r:(i + 1) * r] = out.pop(f"{k}.lora_A.weight")
+                    b[row:row + size, i * r:(i + 1) * r] = out.pop(f"{k}.lora_B.weight")
+                row += size
+            fused = f"{prefix}{parts[0].rsplit('.', 1)[0]}.{name}"
+            out[f"{fused}.lora_A.weight"], out[f"{fused}.lora_B.weight"] = a, b
+    modules = {k[len(PREFIX):].rsplit(".", 2)[0].rsplit(".", 1)[-1] for k in out}
+    return dict(sorted(out.items(), key=lambda kv: _layer_order(kv[0][len(PREFIX):]))), sorted(modules)
 
 
 def _layer_order(name: str):
