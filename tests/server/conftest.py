@@ -180,6 +180,35 @@ def admission_paused(engine):
             engine._cv.notify_all()
 
 
+class Collected:
+    """The token ids each Engine sequence produced, gathered from its events on the engine's thread."""
+
+    def __init__(self):
+        self.outputs: dict[int, list[int]] = {}
+        self.done = threading.Semaphore(0)
+
+    def sink(self, i: int):
+        """The event sink of sequence i."""
+        from nabla.server.batching import FinishEvent, TokenEvent
+
+        def take(events):
+            for ev in events:
+                if isinstance(ev, TokenEvent):
+                    self.outputs.setdefault(i, []).append(ev.token)
+                elif isinstance(ev, FinishEvent):
+                    self.done.release()
+
+        return take
+
+    def wait(self, n: int) -> None:
+        """Until n sequences have finished."""
+        for _ in range(n):
+            self.done.acquire()
+
+    def tokens(self, i: int) -> list[int]:
+        return self.outputs.get(i, [])
+
+
 def greedy(reference, ids: list[int], max_tokens: int) -> list[int]:
     tokens, _ = reference.generate([ids], max_tokens, temperature=0)
     return tokens[0]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
-from server.conftest import MODEL, admission_paused, continuation, greedy
+from server.conftest import MODEL, Collected, admission_paused, continuation, greedy
 
 PROMPTS = ["Once upon a time", "The cat", "In a land far away, there lived", "Hello", "A", "Tom and Lily went to",
            "She said", "1 2 3"]
@@ -18,35 +17,24 @@ PROMPTS = ["Once upon a time", "The cat", "In a land far away, there lived", "He
 
 def test_engine_interleaved_greedy_equals_generate(reference):
     """Sequences joining at different steps, in different slots, each equal Llama.generate alone."""
-    from nabla.server.batching import Engine, FinishEvent, SamplingParams, Sequence, TokenEvent
+    from nabla.server.batching import Engine, SamplingParams, Sequence
 
     # The engine borrows the reference's model (3 cache rows) and is stopped before generate runs.
     engine = Engine(reference.model, reference.tokenizer.stop_ids)
-    outputs: dict[int, list[int]] = {}
-    done = threading.Semaphore(0)
-
-    def sink(i, events):
-        for ev in events:
-            if isinstance(ev, TokenEvent):
-                outputs.setdefault(i, []).append(ev.token)
-            elif isinstance(ev, FinishEvent):
-                done.release()
-
+    got = Collected()
     ids = [reference.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     lengths = [5, 16, 8, 12, 4, 14, 3, 10]
     with admission_paused(engine):
-        engine.submit([Sequence(ids[0], SamplingParams(lengths[0], temperature=0), lambda ev: sink(0, ev))])
+        engine.submit([Sequence(ids[0], SamplingParams(lengths[0], temperature=0), got.sink(0))])
         engine.start()
     try:
         for i in range(1, len(ids)):  # the rest arrive while others decode
-            engine.submit([Sequence(ids[i], SamplingParams(lengths[i], temperature=0),
-                                    lambda ev, i=i: sink(i, ev))])
-        for _ in ids:
-            done.acquire()
+            engine.submit([Sequence(ids[i], SamplingParams(lengths[i], temperature=0), got.sink(i))])
+        got.wait(len(ids))
     finally:
         engine.stop()
     for i, p in enumerate(ids):
-        assert outputs.get(i, []) == greedy(reference, p, lengths[i]), PROMPTS[i]
+        assert got.tokens(i) == greedy(reference, p, lengths[i]), PROMPTS[i]
     assert engine.slots_in_use == 0
 
 
