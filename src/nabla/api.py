@@ -108,8 +108,15 @@ class Llama:
                 raise ConfigError(f"{ckpt.path} is quantized ({saved['mode']}), which is not supported with "
                                   f"model_parallel_size={mp} yet; split the original checkpoint instead")
             quantize = None
-        if ckpt.format == "gguf" and quantize is None and mp == 1:
-            quantize = ckpt.load_quantize  # a Q8_0 / Q4_* file's layers: nabla's int8 / int4 (checkpoint.gguf_read)
+        stored = None  # a GGUF file's layers, quantized as they are read (checkpoint.gguf_quantized)
+        if ckpt.format == "gguf" and mp == 1 and ckpt.load_quantize and quantize in (None, ckpt.load_quantize):
+            from nabla.checkpoint.gguf_quantized import quantized_state
+
+            stored = quantized_state(ckpt)
+            if stored is None:
+                quantize = ckpt.load_quantize  # dequantized, then quantized as a whole
+            else:
+                quantize, saved = None, stored[2]
         tok_path = tokenizer_path if tokenizer_path is not None else ckpt.tokenizer_path
         if tok_path is None and ckpt.format == "gguf":
             tokenizer = ckpt.tokenizer()  # from the file's metadata
@@ -119,8 +126,8 @@ class Llama:
                                  "(--tokenizer FILE) pointing to the model's tokenizer")
         else:
             tokenizer = load_tokenizer(tok_path, model_dir=ckpt.path)  # stop ids: also the config's eos ids
-        args = ckpt.args
-        state = ckpt.load_state()
+        args = ckpt.args if stored is None else stored[1]
+        state = ckpt.load_state() if stored is None else stored[0]
         emb = ckpt.shapes.get("tok_embeddings.weight")  # the shape only: reading it would join MP shards
         if args.vocab_size == -1:  # Meta's params.json: "take it from the tokenizer"
             args.vocab_size = emb[0] if emb is not None else tokenizer.n_words

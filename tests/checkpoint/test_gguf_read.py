@@ -275,3 +275,26 @@ def test_info_reports_tensor_types(tmp_path):
     assert info["gguf"]["tensor_types"] == {"Q8_0": 2 + 7 * args.n_layers, "F32": 1 + 2 * args.n_layers}
     assert "int8 per output channel" in info["gguf"]["loads_as"]["Q8_0"]
     assert info["tokenizer"]["kind"] == "gguf llama" and info["tokenizer"]["n_words"] == 32000
+
+
+def test_q4_0_blocks_are_kept_as_they_are(tmp_path):
+    from nabla.model.quantize import Int4Linear, Int8Linear, int4_from_q4_0
+
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "q4_0")
+    model = Llama.build(path, max_seq_len=32, max_batch_size=1).model
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name.startswith("blk.") and t.tensor_type == Q.Q4_0:
+            layer, part = int(t.name.split(".")[1]), t.name.split(".")[2]
+            lin = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+                   "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+                   "ffn_up": "feed_forward.w3"}[part]
+            mod = model.get_submodule(f"layers.{layer}.{lin}")
+            assert isinstance(mod, Int4Linear)
+            shape = tuple(int(n) for n in reversed(t.shape))
+            packed, scales = int4_from_q4_0(torch.from_numpy(np.array(t.data)), shape)
+            assert torch.equal(mod.weight, packed) and torch.equal(mod.scales.view(torch.int16),
+                                                                   scales.view(torch.int16))
+            want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            np.testing.assert_array_equal(mod.dequantize().numpy(), want)
+    assert isinstance(model.output, Int8Linear)

@@ -48,7 +48,11 @@ def test_quantized_rows_equal_the_dequantized_weight(cls, monkeypatch):
     lin = cls(w, kernel="numba")
     x = randn(4, 128)
     with torch.inference_mode():
-        torch.testing.assert_close(lin(x), x @ lin.dequantize().T, atol=1e-4, rtol=1e-5)
+        ref = x @ lin.dequantize().T
+        if cls is Int8Linear:
+            torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-5)
+        else:  # x is quantized to int8 per block too, as llama.cpp does (exact: test_int4_blocks.py)
+            assert (lin(x) - ref).norm() / ref.norm() < 0.01
         big = randn(40, 128)  # more rows than a decode step: the bulk path
         ref = big @ lin.dequantize().T
         assert (lin(big) - ref).norm() / ref.norm() < 0.02

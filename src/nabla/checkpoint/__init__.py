@@ -141,7 +141,7 @@ QUANTIZATION_FILE = "quantization.json"
 
 def read_quantization(path: Path) -> dict | None:
     """The folder's quantization.json (written by `nabla convert --quantize`), checked; None if absent."""
-    from nabla.model.quantize import GROUP_SIZE, MODES
+    from nabla.model.quantize import GROUP_SIZE, INT4_LAYOUT, MODES
 
     f = path / QUANTIZATION_FILE
     if not f.is_file():
@@ -151,6 +151,10 @@ def read_quantization(path: Path) -> dict | None:
     if mode not in MODES or isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise CheckpointError(f"{f}: expected {{\"mode\": \"int8\" or \"int4\", \"group_size\": 32}}, got {q}; "
                               "convert the original checkpoint again with `nabla convert --quantize`")
+    if mode == "int4" and (q.get("layout") != INT4_LAYOUT or group != GROUP_SIZE):
+        raise CheckpointError(f"{f}: these int4 weights were saved by an older nabla in another layout "
+                              f"({q.get('layout', 'scale and offset per group')}); nabla's int4 is now llama.cpp's "
+                              "Q4_0: convert the original checkpoint again with `nabla convert --quantize int4`")
     return {"mode": mode, "group_size": group}
 
 

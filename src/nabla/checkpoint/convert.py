@@ -118,7 +118,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
             from dataclasses import replace
 
             from nabla.checkpoint import QUANTIZATION_FILE
-            from nabla.model.quantize import GROUP_SIZE, quantize_state
+            from nabla.model.quantize import GROUP_SIZE, INT4_LAYOUT, quantize_state
 
             if cast is not None:  # the unquantized tensors (embedding, norms) take --dtype
                 state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
@@ -126,7 +126,9 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
             args = replace(args, tie_word_embeddings=False)  # the quantized head is a copy of its own
             cast = None
             atomic_write_text(out / QUANTIZATION_FILE,
-                              json.dumps({"mode": quantize, "group_size": GROUP_SIZE}, indent=2) + "\n")
+                              json.dumps({"mode": quantize, "group_size": GROUP_SIZE,
+                                          **({"layout": INT4_LAYOUT} if quantize == "int4" else {})},
+                                         indent=2) + "\n")
             written.append(out / QUANTIZATION_FILE)
         parts = split_state(state, shards, vocab_parallel_embedding=vocab_parallel_embedding, args=args) \
             if shards > 1 else [state]

@@ -108,9 +108,27 @@ def rows_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torc
     return rows_i8_multi(x, [qweight], [scale])[0]
 
 
-def rows_i4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """x @ W.T for a few rows of fp32 x and W in nabla's int4 groups (nabla.model.quantize)."""
-    return _launch_rows(_kernels()._rows_i4, x, [packed.shape[0]], _np(packed), _np(scales), _np(mins))[0]
+def rows_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ W.T for a few rows of fp32 x and W in nabla's int4 blocks (Q4_0; nabla.model.quantize).
+
+    As llama.cpp does, x is quantized to int8 per block of 32 (max |x| / 127), and each block's
+    product is an integer dot product, scaled once (nabla.model.cpu_kernels_simd).
+    """
+    K = x.shape[-1]
+    X = x.reshape(-1, K).contiguous()
+    B, G = X.shape[0], scales.shape[1]
+    padded = -(-G // 16) * 16
+    XL = np.zeros((B, 16 * padded), dtype=np.int8)
+    XH = np.zeros((B, 16 * padded), dtype=np.int8)
+    DX = np.zeros((B, padded), dtype=np.float32)
+    XS = np.zeros((B, padded), dtype=np.int32)
+    Y = torch.empty(B, packed.shape[0], dtype=torch.float32)
+    jit = _kernels()
+    with _launch:
+        _set_threads()
+        jit._quantize_blocks(X.numpy(), XL, XH, DX, XS)
+        jit._rows_q4(_np(packed), _np(scales.view(torch.int16)).view(np.uint16), XL, XH, DX, XS, Y.numpy())
+    return Y.view(*x.shape[:-1], Y.shape[1])
 
 
 def rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ Leaves out: the torch side (layers, fallbacks, threading; nabla.model.cpu_kernel
 import numpy as np
 from numba import njit, prange
 
+from nabla.model import cpu_kernels_simd as simd
+
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
@@ -83,27 +85,94 @@ def _rms_norm(X, w, eps, Y):  # pragma: no cover - compiled
         for d in range(D):
             Y[b, d] = X[b, d] * r * w[d]
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _rows_i4(P, scales, mins, X, Y):  # pragma: no cover - compiled
-    # P (N, K/2): two 4-bit q per byte, even column in the low nibble; w = q * s + m per group.
-    # Each row of W is rebuilt in fp32, then dotted with x. (Measured: 10x slower per weight
-    # than the int8 kernel; the nibble unpacking does not vectorise well. Left for later.)
-    N, half = P.shape
-    G = scales.shape[1]
-    per = half // G  # bytes per group
-    B = X.shape[0]
-    K = 2 * half
-    for n in prange(N):
-        row = np.empty(K, dtype=np.float32)
-        for g in range(G):
-            s = scales[n, g]
-            m = mins[n, g]
-            for j in range(g * per, (g + 1) * per):
-                p = np.int32(P[n, j])
-                row[2 * j] = np.float32(p & 15) * s + m
-                row[2 * j + 1] = np.float32(p >> 4) * s + m
-        for b in range(B):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += row[k] * X[b, k]
-            Y[b, n] = acc
+@njit(fastmath=True, cache=True, nogil=True)
+def _quantize_blocks(X, XL, XH, DX, XS):  # pragma: no cover - compiled
+    # Each row of X (B, K) in blocks of 32, as llama.cpp's q8_0 does for the activations:
+    # d = max|x| / 127, q = round(x / d) in [-127, 127]; DX[b, k] = d, XS[b, k] = the block's sum
+    # of q. The int8 values are laid out as the weight bytes they meet (nabla.model.quantize.
+    # pack_int4): byte j of block k = 16c + kk at 256c + 64(j // 4) + 4kk + j % 4, XL holding
+    # x[32k + j] (the low nibbles' partners), XH x[32k + 16 + j]. XL, XH, DX, XS come zeroed,
+    # padded to whole chunks of 16 blocks.
+    B, K = X.shape
+    for b in range(B):
+        for k in range(K // 32):
+            amax = np.float32(0.0)
+            for i in range(32 * k, 32 * k + 32):
+                a = abs(X[b, i])
+                if a > amax:
+                    amax = a
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            base = 256 * (k // 16) + 4 * (k % 16)
+            total = 0
+            for j in range(16):
+                lo = np.int8(np.rint(X[b, 32 * k + j] * inv))
+                hi = np.int8(np.rint(X[b, 32 * k + 16 + j] * inv))
+                at = base + 64 * (j // 4) + j % 4
+                XL[b, at] = lo
+                XH[b, at] = hi
+                total += np.int32(lo) + np.int32(hi)
+            XS[b, k] = total
+            DX[b, k] = d
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _block_dot_portable(P, S, XL, XH, DX, XS, n):  # pragma: no cover - compiled
+    # block_dot for CPUs without AVX2 / AVX-512 VNNI: the same sums in plain loops.
+    acc = np.float32(0.0)
+    for c in range(n):
+        for kk in range(16):
+            isum = np.int32(0)
+            for t in range(4):
+                o = 256 * c + 64 * t + 4 * kk
+                for jj in range(4):
+                    p = P[o + jj]
+                    isum += np.int32(np.int16(p & 15) * np.int16(XL[o + jj]) + np.int16(p >> 4) * np.int16(XH[o + jj]))
+            k = 16 * c + kk
+            acc += np.float32(isum - 8 * XS[k]) * _F16[S[k]] * DX[k]
+    return acc
+
+
+_F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # fp16 bits -> value
+
+
+def rows_q4_kernel(kind: str | None, cache: bool = False):
+    """_rows_q4 with block_dot in `kind`'s instructions (cpu_kernels_simd.KINDS), or the portable loop (None)."""
+    return njit(parallel=True, fastmath=True, cache=cache, nogil=True)(
+        _rows_q4_source(simd.block_dot_for(kind) if kind else _block_dot_portable))
+
+
+def _rows_q4_source(_block_dot):
+    def _rows_q4(P, S, XL, XH, DX, XS, Y):  # pragma: no cover - compiled
+        # Y = X W^T for W in nabla's 4-bit blocks (llama.cpp's Q4_0 arithmetic, w = (q - 8) * d with
+        # an fp16 d per 32 weights; S holds d's bits). P (N, K/2) in pack_int4's layout; X comes
+        # quantized by _quantize_blocks. Rows whose block count is not a multiple of 16 end in a
+        # shorter chunk (its four 4m-byte groups back to back), copied here into a zeroed full one.
+        N = P.shape[0]
+        G = S.shape[1]
+        full = G // 16
+        m = G - 16 * full
+        B = XL.shape[0]
+        for c in prange((N + 15) // 16):
+            tail_p = np.zeros(256, dtype=np.uint8)
+            tail_s = np.zeros(16, dtype=np.uint16)
+            for n in range(16 * c, min(N, 16 * c + 16)):
+                row = P[n]
+                srow = S[n]
+                if m:
+                    for t in range(4):
+                        for i in range(4 * m):
+                            tail_p[64 * t + i] = row[256 * full + 4 * m * t + i]
+                    for i in range(m):
+                        tail_s[i] = srow[16 * full + i]
+                for b in range(B):
+                    acc = _block_dot(row, srow, XL[b], XH[b], DX[b], XS[b], full)
+                    if m:
+                        acc += _block_dot(tail_p, tail_s, XL[b, 256 * full:], XH[b, 256 * full:], DX[b, 16 * full:],
+                                          XS[b, 16 * full:], 1)
+                    Y[b, n] = acc
+
+    return _rows_q4
+
+
+_rows_q4 = rows_q4_kernel(simd.KINDS[0] if simd.KINDS else None, cache=True)

@@ -1,9 +1,11 @@
 """Weight-only quantization of the linear layers, applied after loading.
 
 int8: one scale per output channel, symmetric, w ~ q * s with q in [-127, 127].
-int4: one scale and one offset per group of 32 input channels, w ~ q * s + m
-with q in [0, 15], two values packed per byte. Fewer bytes per weight means
-fewer bytes read per decoded token, which is what bounds decoding speed.
+int4: llama.cpp's Q4_0, bit for bit: one fp16 scale per block of 32 input
+channels, w ~ (q - 8) * d with q in [0, 15], two values packed per byte (in the
+order nabla's CPU kernel reads them, `pack_int4`). A GGUF file's Q4_0 tensors
+load as they are. Fewer bytes per weight means fewer bytes read per decoded
+token, which is what bounds decoding speed.
 
 `quantize_model(model, "int8" | "int4")` swaps every `nn.Linear` of the blocks
 and the output head for an `Int8Linear` / `Int4Linear` under the same name
@@ -16,9 +18,11 @@ Which kernel computes the product is nabla.device's choice (`quantized_kernel`),
 measured on the machine it targets; every kernel takes the same stored
 weights:
 
-- "numba" (CPUs with numba): nabla.model.cpu_kernels' weight-only kernels for
-  decode-sized calls (exact up to the weight quantization, reading the int8 /
-  int4 bytes at the memory's speed); larger calls (prefill) take "fbgemm" for
+- "numba" (CPUs with numba): nabla.model.cpu_kernels' kernels for
+  decode-sized calls, reading the int8 / int4 bytes at the memory's speed:
+  int8 is weight-only (exact up to the weight quantization); int4 quantizes
+  x to int8 per block and multiplies in integers, as llama.cpp's Q4_0 x Q8_0
+  (nabla.model.cpu_kernels_simd). Larger calls (prefill) take "fbgemm" for
   int8 where torch has it and rebuild the weight for int4.
 - "fbgemm" (int8, x86 CPUs): torch's FBGEMM dynamic int8 linear; the input is
   also quantized, per call, to 8 bits. The fastest here by far at batch > 1.
@@ -51,6 +55,8 @@ MODES = ("int8", "int4")
 PLAIN = (nn.Linear, cpu_kernels.RowKernelLinear, cpu_kernels.BF16WeightLinear)  # what quantize_model replaces
 KERNELS = ("numba", "fbgemm", "int8pack", "int4pack", "dequant")
 GROUP_SIZE = 32
+INT4_LAYOUT = "q4_0/chunks-of-16"
+"""quantization.json's name for how int4 weights are stored (pack_int4): Q4_0 blocks, 16 to a chunk."""
 # Above this many rows (prefill) torch's int4pack CPU kernel is slower than
 # rebuilding the fp32 weight once and calling F.linear (measured, BENCHMARKS.md).
 INT4PACK_MAX_ROWS = 4
@@ -73,32 +79,73 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales[:, None]
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q uint8 (N, K) in 0..15, scales (N, K/g), mins (N, K/g)) with w ~ q * s + m; error <= s/2."""
+def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q uint8 (N, K) in 0..15, scales float16 (N, K/g)) with w ~ (q - 8) * scale, llama.cpp's Q4_0.
+
+    Per block of g weights, as llama.cpp's quantize_row_q4_0 (bit for bit, tested against
+    the gguf package): d = (the weight of largest magnitude) / -8, q = min(15, trunc(w / d + 8.5)),
+    d stored in fp16. The error is at most about half a step, |d| / 2.
+    """
     N, K = w.shape
-    if K % group_size:
-        raise ConfigError(f"int4 needs the input width ({K}) to be a multiple of the group size ({group_size})")
+    if K % group_size or group_size % 2:
+        raise ConfigError(f"int4 needs the input width ({K}) to be a multiple of the group size ({group_size}), "
+                          "and an even group size")
     wg = w.detach().float().reshape(N, K // group_size, group_size)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-12)
-    q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.reshape(N, K), scales, lo
+    idx = wg.abs().argmax(dim=-1, keepdim=True)  # the first of equal magnitudes, as llama.cpp's loop
+    d = wg.gather(-1, idx) / -8
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    q = (wg * inv + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+    return q.reshape(N, K), d.squeeze(-1).to(torch.float16)
 
 
-def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     N, K = q.shape
     g = K // scales.shape[1]
-    w = q.float().reshape(N, -1, g) * scales[..., None] + mins[..., None]
+    w = (q.float().reshape(N, -1, g) - 8) * scales.float()[..., None]
     return w.reshape(N, K)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit values per byte: (N, K) in 0..15 -> (N, K/2) uint8, even columns in the low nibble."""
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+def pack_int4(q: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """(N, K) values in 0..15 -> (N, K/2) bytes, laid out for the CPU kernel.
+
+    Within a block of 32, byte j (j < 16) holds weight j in its low nibble and weight
+    16 + j in its high one, as llama.cpp's Q4_0 block does. A row's blocks go in chunks of 16,
+    and within a chunk byte j of block kk sits at 64 (j // 4) + 4 kk + j % 4: one 64-byte load
+    then holds four bytes of each of 16 blocks (nabla.model.cpu_kernels_simd). A last chunk of
+    m < 16 blocks keeps the same order in four groups of 4m bytes.
+    """
+    N, K = q.shape
+    if group_size != GROUP_SIZE:
+        raise ConfigError(f"int4 blocks hold {GROUP_SIZE} weights (llama.cpp's Q4_0), not {group_size}")
+    G = K // 32
+    qg = q.reshape(N, G, 32)
+    blocks = qg[..., :16] | (qg[..., 16:] << 4)  # (N, G, 16): llama.cpp's byte order
+    full, m = divmod(G, 16)
+    head = blocks[:, : 16 * full].reshape(N, full, 16, 4, 4).transpose(2, 3).reshape(N, -1)
+    tail = blocks[:, 16 * full:].reshape(N, m, 4, 4).transpose(1, 2).reshape(N, -1)
+    return torch.cat((head, tail), dim=1).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+def unpack_int4(packed: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """pack_int4's inverse: (N, K/2) bytes -> (N, K) values in 0..15."""
+    N, H = packed.shape
+    G = H // 16
+    full, m = divmod(G, 16)
+    head = packed[:, : 256 * full].reshape(N, full, 4, 16, 4).transpose(2, 3).reshape(N, 16 * full, 16)
+    tail = packed[:, 256 * full:].reshape(N, 4, m, 4).transpose(1, 2).reshape(N, m, 16)
+    blocks = torch.cat((head, tail), dim=1)
+    return torch.cat((blocks & 15, blocks >> 4), dim=-1).reshape(N, 2 * H)
+
+
+def int4_from_q4_0(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, scales) of Int4Linear from a GGUF Q4_0 tensor's bytes (18 per block of 32:
+    fp16 d, then 16 bytes of nibbles): the same numbers, rearranged, nothing requantized."""
+    N, K = shape
+    G = K // 32
+    blocks = raw.reshape(N, G, 18)
+    scales = blocks[..., :2].contiguous().view(torch.float16).reshape(N, G)
+    q = torch.cat((blocks[..., 2:] & 15, blocks[..., 2:] >> 4), dim=-1).reshape(N, K)
+    return pack_int4(q), scales
 
 
 # ------------------------------------------------------------------ modules
@@ -155,23 +202,28 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T with W stored as 4-bit groups (buffers `weight` packed (N, K/2), `scales`, `mins`)."""
+    """y = x W^T with W in 4-bit blocks, llama.cpp's Q4_0 (buffers `weight`: packed (N, K/2) as
+    `pack_int4` lays it out, `scales`: fp16 (N, K/g))."""
 
-    def __init__(self, weight: torch.Tensor, kernel: str = "dequant", group_size: int = GROUP_SIZE,
-                 bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor | None, kernel: str = "dequant", group_size: int = GROUP_SIZE,
+                 bias: torch.Tensor | None = None, blocks: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        if blocks is None:
+            q, scales = quantize_int4(weight, group_size)
+            packed = pack_int4(q, group_size).to(weight.device)
+            scales = scales.to(weight.device)
+        else:  # (packed, scales) already quantized, e.g. a GGUF file's Q4_0 blocks
+            packed, scales = blocks
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.group_size = group_size
-        q, scales, mins = quantize_int4(weight, group_size)
-        self.register_buffer("weight", pack_int4(q).to(weight.device))
-        self.register_buffer("scales", scales.to(weight.device))
-        self.register_buffer("mins", mins.to(weight.device))
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales", scales)
         self.kernel = kernel
         self._packed = None  # (torch's int4pack layout, scales_and_zeros), built on first use
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int4(unpack_int4(self.weight), self.scales, self.mins)
+        return dequantize_int4(unpack_int4(self.weight, self.group_size), self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._product(x)
@@ -179,12 +231,13 @@ class Int4Linear(nn.Module):
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "numba" and cpu_kernels.usable(x):  # small layers too: int4 has no other fast path
-            return cpu_kernels.rows_i4(x, self.weight, self.scales, self.mins)
+            return cpu_kernels.rows_q4(x, self.weight, self.scales)
         if self.kernel == "int4pack" and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
             if self._packed is None:
-                q = unpack_int4(self.weight).to(torch.int32)
-                # torch's layout reads w = (q - 8) * scale + zero, zero being the group's middle.
-                sz = torch.stack((self.scales.t(), (self.mins + 8 * self.scales).t()), dim=-1).contiguous()
+                q = unpack_int4(self.weight, self.group_size).to(torch.int32)
+                # torch's layout reads w = (q - 8) * scale + zero: Q4_0's zero is 0.
+                s = self.scales.float().t()
+                sz = torch.stack((s, torch.zeros_like(s)), dim=-1).contiguous()
                 self._packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz)
             packed, sz = self._packed
             x2 = x.reshape(-1, self.in_features).float()
@@ -194,7 +247,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 group {self.group_size}, kernel={self.kernel}")
+                f"int4 (Q4_0) group {self.group_size}, kernel={self.kernel}")
 
 
 def _has_fbgemm() -> bool:
@@ -249,7 +302,8 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
     return model
 
 
-def _targets(args) -> set[str]:
+def quantized_weights(args) -> set[str]:
+    """The Meta names of the linear weights quantize_model replaces (the output head aside)."""
     parts = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
              "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
     return {f"layers.{i}.{p}.weight" for i in range(args.n_layers) for p in parts}
@@ -258,12 +312,12 @@ def _targets(args) -> set[str]:
 def quantize_state(state, args, mode: str, group_size: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
     """The state dict `quantize_model(mode)` would give a model holding `state` (Meta names).
 
-    Quantized layers hold `weight` (int8, or packed int4) and `scales` (and
-    `mins`); a head tied to the embedding gets its own int8 `output.weight`.
+    Quantized layers hold `weight` (int8, or packed int4) and `scales`; a head tied to the
+    embedding gets its own int8 `output.weight`.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
-    layers = _targets(args)
+    layers = quantized_weights(args)
     out: dict[str, torch.Tensor] = {}
     keys = list(state.keys())
     if "output.weight" not in keys:
@@ -275,8 +329,8 @@ def quantize_state(state, args, mode: str, group_size: int = GROUP_SIZE) -> dict
             continue
         base = key[: -len("weight")]
         if mode == "int4" and key in layers and t.shape[1] % group_size == 0:
-            q, scales, mins = quantize_int4(t, group_size)
-            out[key], out[base + "scales"], out[base + "mins"] = pack_int4(q), scales, mins
+            q, scales = quantize_int4(t, group_size)
+            out[key], out[base + "scales"] = pack_int4(q, group_size), scales
         else:
             out[key], out[base + "scales"] = quantize_int8(t)
     return out

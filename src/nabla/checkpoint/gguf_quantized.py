@@ -1,0 +1,91 @@
+"""A GGUF file's linear layers straight into nabla's quantized layers, never through fp32 at once.
+
+`quantized_state(ckpt)` gives the state dict `quantize_model` would lay out for
+the file's own mode (int4 for a file of mostly 4-bit blocks, int8 for 8-bit and
+others; GGUFCheckpoint.load_quantize), tensor by tensor:
+
+    Q4_0 under int4   -> kept: the same fp16 scales and nibbles, rearranged (pack_int4)
+    other types       -> dequantized with the gguf package, then quantized once to
+                         int4 (Q4_0) or int8 (one scale per output channel)
+    the output head   -> int8, as quantize_model makes it (from the embedding when tied)
+
+Everything else (embedding, norms, biases) is the file's float state. Llama.build
+uses it when no other quantization is asked for, so a Q4_0 model runs its very
+blocks, and loading peaks at one layer in fp32, not the whole model.
+
+Leaves out: keeping Q8_0 and k-quant blocks as they are (nabla has kernels for
+Q4_0 and per-channel int8 only), files whose layers are not one tensor per
+nabla weight (the result is None: the caller dequantizes and quantizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from nabla.checkpoint.gguf_read import GGUFCheckpoint, meta_name
+from nabla.checkpoint.shards import Entry, LazyState
+from nabla.model.args import ModelArgs
+from nabla.model.quantize import GROUP_SIZE, int4_from_q4_0, pack_int4, quantize_int4, quantize_int8, quantized_weights
+
+
+def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] | None:
+    """(state, args, {"mode", "group_size"}) for Llama.build, or None where the file does not map 1:1."""
+    import gguf
+
+    mode = ckpt.load_quantize
+    if mode is None:
+        return None
+    reader = gguf.GGUFReader(ckpt.path)
+    tensors = {meta_name(t.name): t for t in reader.tensors}
+    floats = ckpt.load_state()
+    targets = quantized_weights(ckpt.args)
+    if not targets <= set(tensors) or not targets <= set(floats):
+        return None  # fused or renamed tensors: let the caller quantize the float state
+    entries: dict[str, Entry] = {}
+    pending: dict[str, list] = {}  # name -> [(weight, scales), parts not yet taken]
+
+    def part(name: str, which: int, make):
+        def get():
+            if name not in pending:
+                pending[name] = [make(), {0, 1}]
+            made, left = pending[name]
+            left.discard(which)
+            if not left:
+                del pending[name]  # both taken: hold nothing longer than the copy
+            return made[which]
+        return get
+
+    def blocks(t, shape):
+        return lambda: int4_from_q4_0(torch.from_numpy(np.array(t.data)), shape)
+
+    def requantized(name, quantize):
+        return lambda: quantize(floats[name].float())
+
+    for name, shape in ckpt.shapes.items():
+        base = name[: -len("weight")]
+        if name in targets and mode == "int4" and shape[1] % GROUP_SIZE == 0:
+            t = tensors[name]
+            make = blocks(t, shape) if t.tensor_type == gguf.GGMLQuantizationType.Q4_0 else requantized(name, _int4)
+            entries[name] = Entry(part(name, 0, make), (shape[0], shape[1] // 2), torch.uint8)
+            entries[base + "scales"] = Entry(part(name, 1, make), (shape[0], shape[1] // GROUP_SIZE), torch.float16)
+        elif name in targets:
+            make = requantized(name, quantize_int8)
+            entries[name] = Entry(part(name, 0, make), shape, torch.int8)
+            entries[base + "scales"] = Entry(part(name, 1, make), (shape[0],), torch.float32)
+        elif name != "output.weight":
+            entries[name] = floats._entries[name]
+    head = "output.weight" if "output.weight" in floats else "tok_embeddings.weight"
+    shape = ckpt.shapes[head]
+    make = requantized(head, quantize_int8)
+    entries["output.weight"] = Entry(part("output.weight", 0, make), shape, torch.int8)
+    entries["output.scales"] = Entry(part("output.weight", 1, make), (shape[0],), torch.float32)
+    args = replace(ckpt.args, tie_word_embeddings=False)  # the quantized head is a copy of its own
+    return LazyState(entries), args, {"mode": mode, "group_size": GROUP_SIZE}
+
+
+def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scales = quantize_int4(w)
+    return pack_int4(q), scales

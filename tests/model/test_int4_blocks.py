@@ -1,0 +1,104 @@
+"""nabla's int4 is llama.cpp's Q4_0, bit for bit, and its CPU kernels compute exactly Q4_0 x Q8_0.
+
+References: the `gguf` package's Q4_0 quantizer and dequantizer (llama.cpp's own arithmetic,
+restated in NumPy by llama.cpp's authors), and a float64 product of the dequantized weights
+with the int8-quantized activations, restated here from llama.cpp's quantize_row_q8_0.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("numba")
+
+from nabla.model import cpu_kernels_jit, cpu_kernels_simd  # noqa: E402
+from nabla.model.quantize import (  # noqa: E402
+    Int4Linear,
+    dequantize_int4,
+    int4_from_q4_0,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
+)
+
+Q4_0 = gguf.GGMLQuantizationType.Q4_0
+
+
+def weights(N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    w[0, :32] = 0  # an all-zero block: d = 0
+    w[1, :32] = 0.5  # equal magnitudes: the first one sets d's sign
+    w[1, 5] = -0.5
+    return w
+
+
+@pytest.mark.parametrize("N,K", [(8, 32), (6, 288), (5, 768), (4, 2048), (3, 5632)])
+def test_quantize_int4_is_gguf_q4_0_byte_for_byte(N, K):
+    w = weights(N, K)
+    raw = torch.from_numpy(gguf.quants.quantize(w.numpy(), Q4_0).copy())  # (N, K/32 * 18) bytes
+    q, d = quantize_int4(w)
+    packed, scales = int4_from_q4_0(raw, (N, K))
+    assert torch.equal(scales.view(torch.int16), d.view(torch.int16))
+    assert torch.equal(packed, pack_int4(q))
+    want = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), Q4_0).reshape(N, K))
+    assert torch.equal(dequantize_int4(q, d), want)
+
+
+@pytest.mark.parametrize("K", [32, 288, 512, 768, 5632])
+def test_pack_int4_round_trips_with_and_without_a_short_last_chunk(K):
+    q = torch.randint(0, 16, (7, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(K))
+    packed = pack_int4(q)
+    assert packed.shape == (7, K // 2)
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def reference(w: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+    """float64 (dequantized Q4_0 W) x (x quantized to int8 per block of 32, as llama.cpp's q8_0)."""
+    q, d = quantize_int4(w)
+    W = dequantize_int4(q, d).double().numpy()
+    X = x.numpy().reshape(x.shape[0], -1, 32)
+    amax = np.abs(X).max(axis=-1, keepdims=True)
+    dx = amax / np.float32(127)
+    inv = np.where(dx > 0, np.float32(1) / np.where(dx > 0, dx, 1), np.float32(0)).astype(np.float32)
+    xq = np.rint(X * inv)
+    return (xq * dx).reshape(x.shape).astype(np.float64) @ W.T
+
+
+def run_kernel(kernel, w, x):
+    lin = Int4Linear(w)
+    from nabla.model.cpu_kernels import rows_q4
+
+    saved = cpu_kernels_jit._rows_q4
+    cpu_kernels_jit._rows_q4 = kernel
+    try:
+        return rows_q4(x, lin.weight, lin.scales).double().numpy()
+    finally:
+        cpu_kernels_jit._rows_q4 = saved
+
+
+KINDS = list(cpu_kernels_simd.KINDS) + [None]  # None: the portable loop
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k or "portable" for k in KINDS])
+@pytest.mark.parametrize("N,K,B", [(40, 288, 1), (33, 768, 3), (64, 2048, 1), (20, 5632, 16), (17, 96, 2)])
+def test_every_kernel_computes_q4_0_times_q8_0(kind, N, K, B):
+    kernel = cpu_kernels_jit.rows_q4_kernel(kind)
+    w = weights(N, K, seed=N)
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(K)) * 3
+    x[0, :32] = 0  # an all-zero block of x
+    want = reference(w, x)
+    got = run_kernel(kernel, w, x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_int4_linear_runs_the_kernel_within_x_quantization_of_the_float_product():
+    w = weights(48, 768)
+    fast, plain = Int4Linear(w, "numba"), Int4Linear(w, "dequant")
+    x = torch.randn(2, 5, 768)
+    with torch.no_grad():
+        got, want = fast(x), plain(x)
+    assert got.shape == want.shape == (2, 5, 48)
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()  # int8 activations: ~0.5% here
+    assert torch.equal(plain.dequantize(), dequantize_int4(*quantize_int4(w)))
