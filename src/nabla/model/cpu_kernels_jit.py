@@ -133,44 +133,51 @@ def _block_dot_portable(P, S, XL, XH, DX, XS, n):  # pragma: no cover - compiled
     return acc
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def _block_tail_portable(P, S, XL, XH, DX, XS, m):  # pragma: no cover - compiled
+    # The last chunk of m < 16 blocks: four groups of 4m bytes (x's side padded to 16 blocks).
+    acc = np.float32(0.0)
+    for kk in range(m):
+        isum = np.int32(0)
+        for t in range(4):
+            for jj in range(4):
+                p = P[4 * m * t + 4 * kk + jj]
+                o = 64 * t + 4 * kk + jj
+                isum += np.int32(np.int16(p & 15) * np.int16(XL[o]) + np.int16(p >> 4) * np.int16(XH[o]))
+        acc += np.float32(isum - 8 * XS[kk]) * _F16[S[kk]] * DX[kk]
+    return acc
+
+
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # fp16 bits -> value
 
 
 def rows_q4_kernel(kind: str | None, cache: bool = False):
     """_rows_q4 with block_dot in `kind`'s instructions (cpu_kernels_simd.KINDS), or the portable loop (None)."""
-    return njit(parallel=True, fastmath=True, cache=cache, nogil=True)(
-        _rows_q4_source(simd.block_dot_for(kind) if kind else _block_dot_portable))
+    dot, tail = ((simd.block_dot_for(kind), simd.block_dot_for(kind, tail=True)) if kind else
+                 (_block_dot_portable, _block_tail_portable))
+    return njit(parallel=True, fastmath=True, cache=cache, nogil=True)(_rows_q4_source(dot, tail))
 
 
-def _rows_q4_source(_block_dot):
+def _rows_q4_source(_block_dot, _block_tail):
     def _rows_q4(P, S, XL, XH, DX, XS, Y):  # pragma: no cover - compiled
         # Y = X W^T for W in nabla's 4-bit blocks (llama.cpp's Q4_0 arithmetic, w = (q - 8) * d with
         # an fp16 d per 32 weights; S holds d's bits). P (N, K/2) in pack_int4's layout; X comes
         # quantized by _quantize_blocks. Rows whose block count is not a multiple of 16 end in a
-        # shorter chunk (its four 4m-byte groups back to back), copied here into a zeroed full one.
+        # shorter chunk (its four 4m-byte groups back to back): _block_tail.
         N = P.shape[0]
         G = S.shape[1]
         full = G // 16
         m = G - 16 * full
         B = XL.shape[0]
-        for c in prange((N + 15) // 16):
-            tail_p = np.zeros(256, dtype=np.uint8)
-            tail_s = np.zeros(16, dtype=np.uint16)
-            for n in range(16 * c, min(N, 16 * c + 16)):
-                row = P[n]
-                srow = S[n]
+        for n in prange(N):
+            row = P[n]
+            srow = S[n]
+            for b in range(B):
+                acc = _block_dot(row, srow, XL[b], XH[b], DX[b], XS[b], full)
                 if m:
-                    for t in range(4):
-                        for i in range(4 * m):
-                            tail_p[64 * t + i] = row[256 * full + 4 * m * t + i]
-                    for i in range(m):
-                        tail_s[i] = srow[16 * full + i]
-                for b in range(B):
-                    acc = _block_dot(row, srow, XL[b], XH[b], DX[b], XS[b], full)
-                    if m:
-                        acc += _block_dot(tail_p, tail_s, XL[b, 256 * full:], XH[b, 256 * full:], DX[b, 16 * full:],
-                                          XS[b, 16 * full:], 1)
-                    Y[b, n] = acc
+                    acc += _block_tail(row[256 * full:], srow[16 * full:], XL[b, 256 * full:], XH[b, 256 * full:],
+                                       DX[b, 16 * full:], XS[b, 16 * full:], m)
+                Y[b, n] = acc
 
     return _rows_q4
 

@@ -124,8 +124,57 @@ def _row_function(module, kind):
     return fn
 
 
-def block_dot_for(kind: str):
-    """block_dot as an @intrinsic in one of KINDS' instruction sets."""
+def _tail_function(module, kind):
+    """float nabla_q4_tail_<kind>(i8* p, i16* s, i8* xl, i8* xh, float* dx, i32* xs, i64 m): a row's last
+    chunk of m < 16 blocks, stored as four groups of 4m bytes; masked loads read only its own bytes
+    (x's side is padded with zeros to a whole chunk)."""
+    name = f"nabla_q4_tail_{kind}"
+    ptr = lambda t: t.as_pointer()  # noqa: E731
+    fnty = ir.FunctionType(_F32, [ptr(_I8), ptr(_I16), ptr(_I8), ptr(_I8), ptr(_F32), ptr(_I32), _I64])
+    fn = cgutils.get_or_insert_function(module, fnty, name)
+    if not fn.is_declaration:
+        return fn
+    fn.linkage = "internal"
+    p, s, xl, xh, dx, xs, m = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    lanes = ir.Constant(_vec(_I32, 16), list(range(16)))
+    m32 = b.trunc(m, _I32)
+    mask = b.icmp_unsigned("<", lanes, b.shuffle_vector(
+        b.insert_element(ir.Constant(_vec(_I32, 16), [0] * 16), m32, ir.Constant(_I32, 0)),
+        ir.Constant(_vec(_I32, 16), [0] * 16), ir.Constant(_vec(_I32, 16), [0] * 16)))
+
+    def masked(pointer, t, n, align):
+        vt = _vec(t, n)
+        fn_ = cgutils.get_or_insert_function(
+            module, ir.FunctionType(vt, [vt.as_pointer(), _I32, _vec(ir.IntType(1), n), vt]),
+            f"llvm.masked.load.v{n}i{t.width}.p0")
+        return b.call(fn_, [b.bitcast(pointer, vt.as_pointer()), ir.Constant(_I32, align), mask,
+                            ir.Constant(vt, [0] * n)])
+
+    def load(pointer, offset, t, n, align):
+        return b.load(b.bitcast(b.gep(pointer, [ir.Constant(_I64, offset)]), _vec(t, n).as_pointer()), align=align)
+
+    isum = ir.Constant(_vec(_I32, 16), [0] * 16)
+    group = b.mul(m, ir.Constant(_I64, 4))
+    for t in range(4):
+        at = b.gep(p, [b.mul(group, ir.Constant(_I64, t))])
+        packed = b.bitcast(masked(at, _I32, 16, 1), _vec(_I8, 64))
+        isum = _dot4(module, b, kind, isum, b.and_(packed, _splat(_I8, 64, 15)), load(xl, 64 * t, _I8, 64, 1))
+        isum = _dot4(module, b, kind, isum, b.lshr(packed, _splat(_I8, 64, 4)), load(xh, 64 * t, _I8, 64, 1))
+    scale = b.fpext(b.bitcast(masked(s, _I16, 16, 2), _vec(ir.HalfType(), 16)), _vec(_F32, 16))
+    exact = b.sub(isum, b.shl(load(xs, 0, _I32, 16, 4), _splat(_I32, 16, 3)))
+    step = b.fmul(b.sitofp(exact, _vec(_F32, 16)), b.fmul(scale, load(dx, 0, _F32, 16, 4)))
+    reduce = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+    out = b.call(reduce, [ir.Constant(_F32, 0.0), step])
+    out.fastmath.add("reassoc")
+    b.ret(out)
+    return fn
+
+
+def block_dot_for(kind: str, tail: bool = False):
+    """block_dot as an @intrinsic in one of KINDS' instruction sets (`tail`: its last-chunk form, whose
+    last argument is the chunk's block count m < 16)."""
     if kind not in KINDS:
         raise ValueError(f"this CPU has no {kind} (it has: {', '.join(KINDS) or 'neither'})")
 
@@ -135,7 +184,7 @@ def block_dot_for(kind: str):
         sig = types.float32(P, S, XL, XH, DX, XS, n)
 
         def codegen(context, builder, signature, args):
-            fn = _row_function(builder.module, kind)
+            fn = (_tail_function if tail else _row_function)(builder.module, kind)
 
             def data(i, t):
                 arr = context.make_array(signature.args[i])(context, builder, args[i])
