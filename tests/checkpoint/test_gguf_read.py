@@ -277,13 +277,20 @@ def test_info_reports_tensor_types(tmp_path):
     assert info["tokenizer"]["kind"] == "gguf llama" and info["tokenizer"]["n_words"] == 32000
 
 
-def test_q4_0_blocks_are_kept_as_they_are(tmp_path):
+@pytest.mark.parametrize("head", [None, "q4_0"])
+def test_q4_0_blocks_are_kept_as_they_are(tmp_path, head):
     from nabla.model.quantize import Int4Linear, Int8Linear, int4_from_q4_0
 
     args, state = tiny()
-    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "q4_0")
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "q4_0", head_qtype=head)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["output.weight"] == (Q.Q8_0 if head is None else Q.Q4_0)  # q8_0: the head nabla's int4 runs
     model = Llama.build(path, max_seq_len=32, max_batch_size=1).model
     for t in gguf.GGUFReader(path).tensors:
+        if t.name == "output.weight" and head == "q4_0":
+            packed, scales = int4_from_q4_0(torch.from_numpy(np.array(t.data)),
+                                           (model.output.out_features, model.output.in_features))
+            assert isinstance(model.output, Int4Linear) and torch.equal(model.output.weight, packed)
         if t.name.startswith("blk.") and t.tensor_type == Q.Q4_0:
             layer, part = int(t.name.split(".")[1]), t.name.split(".")[2]
             lin = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
@@ -297,4 +304,4 @@ def test_q4_0_blocks_are_kept_as_they_are(tmp_path):
                                                                    scales.view(torch.int16))
             want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
             np.testing.assert_array_equal(mod.dequantize().numpy(), want)
-    assert isinstance(model.output, Int8Linear)
+    assert isinstance(model.output, Int8Linear if head is None else Int4Linear)

@@ -100,17 +100,23 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[float], list
 
 
 def write_gguf(path: str | Path, state: dict[str, torch.Tensor], args: ModelArgs, tokenizer=None,
-               qtype: str = "f32", name: str = "nabla", context_length: int | None = None) -> Path:
+               qtype: str = "f32", name: str = "nabla", context_length: int | None = None,
+               head_qtype: str | None = None) -> Path:
     """Write `state` (Meta names, one shard) as a llama.cpp GGUF file at `path`, atomically.
 
-    `context_length` is the trained context recorded in the file (default DEFAULT_CONTEXT)."""
+    `context_length` is the trained context recorded in the file (default DEFAULT_CONTEXT).
+    `head_qtype` is the output head's type: by default q8_0 under q4_0 (nabla's int4 keeps its
+    head in int8, and llama.cpp's own quantizer keeps it above 4 bits too), else `qtype`."""
     gguf = _gguf()
     if qtype not in QTYPES:
         raise ConfigError(f"unknown GGUF type {qtype!r}: use one of {', '.join(QTYPES)}")
     if args.rope_scaling is not None:
         raise ConfigError("GGUF export of Llama 3.1 rope scaling is not supported here yet")
     Q = gguf.GGMLQuantizationType
-    block = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "f16": Q.F16, "bf16": Q.BF16, "f32": Q.F32}[qtype]
+    if head_qtype is not None and head_qtype not in QTYPES:
+        raise ConfigError(f"unknown GGUF type {head_qtype!r} for the head: use one of {', '.join(QTYPES)}")
+    head_qtype = head_qtype or ("q8_0" if qtype == "q4_0" else qtype)
+    blocks = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "f16": Q.F16, "bf16": Q.BF16, "f32": Q.F32}
     file_type = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}[qtype]  # llama_ftype
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -142,14 +148,16 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], args: ModelArgs
             out_name = gguf_name(key)
             if out_name is None:
                 continue
+            kind = head_qtype if key == "output.weight" else qtype
+            block = blocks[kind]
             data = t.detach().to("cpu", torch.float32).numpy()
-            if data.ndim == 1 or qtype == "f32":
+            if data.ndim == 1 or kind == "f32":
                 w.add_tensor(out_name, data)
-            elif qtype == "f16":
+            elif kind == "f16":
                 w.add_tensor(out_name, data.astype(np.float16))
             else:
                 if block in (Q.Q8_0, Q.Q4_0) and data.shape[-1] % 32:
-                    raise ConfigError(f"{key} has rows of {data.shape[-1]} values; {qtype} needs a multiple of 32")
+                    raise ConfigError(f"{key} has rows of {data.shape[-1]} values; {kind} needs a multiple of 32")
                 w.add_tensor(out_name, gguf.quants.quantize(data, block), raw_dtype=block)
         w.write_header_to_file()
         w.write_kv_data_to_file()

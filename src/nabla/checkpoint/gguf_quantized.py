@@ -7,7 +7,8 @@ others; GGUFCheckpoint.load_quantize), tensor by tensor:
     Q4_0 under int4   -> kept: the same fp16 scales and nibbles, rearranged (pack_int4)
     other types       -> dequantized with the gguf package, then quantized once to
                          int4 (Q4_0) or int8 (one scale per output channel)
-    the output head   -> int8, as quantize_model makes it (from the embedding when tied)
+    the output head   -> int4 where it is Q4_0 (kept), else int8 as quantize_model makes it
+                         (from the embedding when tied)
 
 Everything else (embedding, norms, biases) is the file's float state. Llama.build
 uses it when no other quantization is asked for, so a Q4_0 model runs its very
@@ -79,11 +80,20 @@ def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] |
             entries[name] = floats._entries[name]
     head = "output.weight" if "output.weight" in floats else "tok_embeddings.weight"
     shape = ckpt.shapes[head]
-    make = requantized(head, quantize_int8)
-    entries["output.weight"] = Entry(part("output.weight", 0, make), shape, torch.int8)
-    entries["output.scales"] = Entry(part("output.weight", 1, make), (shape[0],), torch.float32)
+    t = tensors.get(head)
+    head_mode = "int8"
+    if mode == "int4" and t is not None and t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
+        head_mode = "int4"  # a 4-bit head as the file has it (llama.cpp's own quantizer uses Q6_K there)
+        make = blocks(t, shape)
+        entries["output.weight"] = Entry(part("output.weight", 0, make), (shape[0], shape[1] // 2), torch.uint8)
+        entries["output.scales"] = Entry(part("output.weight", 1, make), (shape[0], shape[1] // GROUP_SIZE),
+                                         torch.float16)
+    else:
+        make = requantized(head, quantize_int8)
+        entries["output.weight"] = Entry(part("output.weight", 0, make), shape, torch.int8)
+        entries["output.scales"] = Entry(part("output.weight", 1, make), (shape[0],), torch.float32)
     args = replace(ckpt.args, tie_word_embeddings=False)  # the quantized head is a copy of its own
-    return LazyState(entries), args, {"mode": mode, "group_size": GROUP_SIZE}
+    return LazyState(entries), args, {"mode": mode, "group_size": GROUP_SIZE, "head": head_mode}
 
 
 def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

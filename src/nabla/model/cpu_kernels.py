@@ -108,27 +108,40 @@ def rows_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torc
     return rows_i8_multi(x, [qweight], [scale])[0]
 
 
-def rows_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x @ W.T for a few rows of fp32 x and W in nabla's int4 blocks (Q4_0; nabla.model.quantize).
+def q4_arrays(packed: torch.Tensor, scales: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The NumPy views rows_q4_multi reads (zero-copy; a layer keeps them to skip making them per call)."""
+    return _np(packed), _np(scales.view(torch.int16)).view(np.uint16)
 
-    As llama.cpp does, x is quantized to int8 per block of 32 (max |x| / 127), and each block's
-    product is an integer dot product, scaled once (nabla.model.cpu_kernels_simd).
+
+def rows_q4_multi(x: torch.Tensor, weights: list[tuple[np.ndarray, np.ndarray]]) -> list[torch.Tensor]:
+    """[x @ W.T for W in weights] for a few rows of fp32 x and weights in nabla's int4 blocks (Q4_0;
+    nabla.model.quantize; each given by q4_arrays), in one pass.
+
+    As llama.cpp does, x is quantized to int8 per block of 32 (max |x| / 127), once for all the
+    weights, and each block's product is an integer dot product scaled once
+    (nabla.model.cpu_kernels_simd).
     """
     K = x.shape[-1]
     X = x.reshape(-1, K).contiguous()
-    B, G = X.shape[0], scales.shape[1]
+    B, G = X.shape[0], weights[0][1].shape[1]
     padded = -(-G // 16) * 16
     XL = np.zeros((B, 16 * padded), dtype=np.int8)
     XH = np.zeros((B, 16 * padded), dtype=np.int8)
     DX = np.zeros((B, padded), dtype=np.float32)
     XS = np.zeros((B, padded), dtype=np.int32)
-    Y = torch.empty(B, packed.shape[0], dtype=torch.float32)
+    Ys = [torch.empty(B, P.shape[0], dtype=torch.float32) for P, _ in weights]
     jit = _kernels()
     with _launch:
         _set_threads()
         jit._quantize_blocks(X.numpy(), XL, XH, DX, XS)
-        jit._rows_q4(_np(packed), _np(scales.view(torch.int16)).view(np.uint16), XL, XH, DX, XS, Y.numpy())
-    return Y.view(*x.shape[:-1], Y.shape[1])
+        jit._rows_q4(tuple(P for P, _ in weights), tuple(S for _, S in weights), XL, XH, DX, XS,
+                     tuple(y.numpy() for y in Ys))
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
+
+
+def rows_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ W.T for a few rows of fp32 x and one weight in nabla's int4 blocks (see rows_q4_multi)."""
+    return rows_q4_multi(x, [q4_arrays(packed, scales)])[0]
 
 
 def rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -153,6 +166,9 @@ def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
         if all(getattr(lin, "kernel", None) == "numba" and lin.weight.dtype == torch.int8
                and lin.weight.numel() >= MIN_WEIGHTS for lin in linears):
             return rows_i8_multi(x, [lin.weight for lin in linears], [lin.scales for lin in linears])
+        if all(getattr(lin, "kernel", None) == "numba" and hasattr(lin, "q4_arrays") for lin in linears):
+            ys = rows_q4_multi(x, [lin.q4_arrays() for lin in linears])
+            return [y if lin.bias is None else y + lin.bias for y, lin in zip(ys, linears)]
     return [lin(x) for lin in linears]
 
 

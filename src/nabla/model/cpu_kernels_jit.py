@@ -159,19 +159,29 @@ def rows_q4_kernel(kind: str | None, cache: bool = False):
 
 
 def _rows_q4_source(_block_dot, _block_tail):
-    def _rows_q4(P, S, XL, XH, DX, XS, Y):  # pragma: no cover - compiled
-        # Y = X W^T for W in nabla's 4-bit blocks (llama.cpp's Q4_0 arithmetic, w = (q - 8) * d with
-        # an fp16 d per 32 weights; S holds d's bits). P (N, K/2) in pack_int4's layout; X comes
-        # quantized by _quantize_blocks. Rows whose block count is not a multiple of 16 end in a
-        # shorter chunk (its four 4m-byte groups back to back): _block_tail.
-        N = P.shape[0]
-        G = S.shape[1]
+    def _rows_q4(Ps, Ss, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
+        # Ys[i] = X Ws[i]^T for one or several weights that read the same X (q, k, v; or w1, w3),
+        # in one parallel loop over all their rows. W in nabla's 4-bit blocks (llama.cpp's Q4_0
+        # arithmetic, w = (q - 8) * d with an fp16 d per 32 weights; S holds d's bits), P (N, K/2)
+        # in pack_int4's layout; X comes quantized by _quantize_blocks. Rows whose block count is
+        # not a multiple of 16 end in a shorter chunk (four 4m-byte groups back to back): _block_tail.
+        G = Ss[0].shape[1]
         full = G // 16
         m = G - 16 * full
         B = XL.shape[0]
-        for n in prange(N):
-            row = P[n]
-            srow = S[n]
+        ends = np.zeros(len(Ps), dtype=np.int64)
+        total = 0
+        for i in range(len(Ps)):
+            total += Ps[i].shape[0]
+            ends[i] = total
+        for r in prange(total):
+            i = 0
+            while r >= ends[i]:
+                i += 1
+            n = r - (ends[i] - Ps[i].shape[0])
+            row = Ps[i][n]
+            srow = Ss[i][n]
+            Y = Ys[i]
             for b in range(B):
                 acc = _block_dot(row, srow, XL[b], XH[b], DX[b], XS[b], full)
                 if m:

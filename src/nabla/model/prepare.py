@@ -36,14 +36,16 @@ def materialize(model: Transformer, device: torch.device, dtype: torch.dtype,
                 load_weights: Callable[[Transformer], None], quantized: dict | None = None) -> Transformer:
     """Storage for a meta-device `model` on `device` in `dtype`, filled by `load_weights(model)`; in eval mode.
 
-    `quantized` ({"mode", "group_size"}) lays out quantized layers first, for
-    weights stored quantized (a folder `nabla convert --quantize` wrote).
+    `quantized` ({"mode", "group_size"}, and "head": "int4" where the output head is 4-bit too)
+    lays out quantized layers first, for weights stored quantized (a folder `nabla convert
+    --quantize` wrote, a GGUF file's blocks).
     """
     model = model.to(dtype=dtype)
     if quantized is not None:
         from nabla.model.quantize import quantize_model
 
-        quantize_model(model, quantized["mode"], group_size=quantized["group_size"], device=device)
+        quantize_model(model, quantized["mode"], group_size=quantized["group_size"], device=device,
+                       head=quantized.get("head", "int8"))
     model = model.to_empty(device=device)
     model.init_rope()  # to_empty left the table's memory uninitialised
     load_weights(model)

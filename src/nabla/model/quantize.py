@@ -221,9 +221,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.kernel = kernel
         self._packed = None  # (torch's int4pack layout, scales_and_zeros), built on first use
+        self._arrays = None  # (weight, scales, their NumPy views) for the numba kernel
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(unpack_int4(self.weight, self.group_size), self.scales)
+
+    def q4_arrays(self):
+        """The zero-copy NumPy views of the weight the CPU kernel reads, made once per weight tensor."""
+        if self._arrays is None or self._arrays[0] is not self.weight or self._arrays[1] is not self.scales:
+            self._arrays = (self.weight, self.scales, cpu_kernels.q4_arrays(self.weight, self.scales))
+        return self._arrays[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._product(x)
@@ -231,7 +238,7 @@ class Int4Linear(nn.Module):
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "numba" and cpu_kernels.usable(x):  # small layers too: int4 has no other fast path
-            return cpu_kernels.rows_q4(x, self.weight, self.scales)
+            return cpu_kernels.rows_q4_multi(x, [self.q4_arrays()])[0]
         if self.kernel == "int4pack" and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
             if self._packed is None:
                 q = unpack_int4(self.weight, self.group_size).to(torch.int32)
@@ -264,7 +271,8 @@ def _fbgemm_prepack(q: torch.Tensor, scales: torch.Tensor):
 
 # -------------------------------------------------------------- whole model
 def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
-                   group_size: int = GROUP_SIZE, device: torch.device | None = None) -> nn.Module:
+                   group_size: int = GROUP_SIZE, device: torch.device | None = None,
+                   head: str = "int8") -> nn.Module:
     """Swap the model's linear layers for quantized ones in place; returns the model.
 
     `kernel` None asks nabla.device for the fastest measured kernel on
@@ -294,8 +302,9 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
                 new = Int8Linear(w, k8, bias=lin.bias)
             setattr(parent, name, new)
             del lin, w
-        if type(model.output) in PLAIN:
-            model.output = Int8Linear(model.output.weight, k8)
+        if type(model.output) in PLAIN:  # int8 unless told (a GGUF file whose head is Q4_0)
+            w = model.output.weight
+            model.output = Int4Linear(w, k4, group_size) if head == "int4" else Int8Linear(w, k8)
     if "numba" in (k8, k4):
         cpu_kernels._norms_too(model)
     model.quantization = mode
