@@ -41,3 +41,21 @@ def save_family(path, family: str, seed: int = 0, **extra):
     model.save_pretrained(path)
     copy_hf_tokenizer(path)
     return path, model
+
+
+def set_chat_template(path, template: str, **config):
+    """Put `template` (and further tokenizer_config.json keys) in a saved family's tokenizer_config.json;
+    returns transformers' tokenizer of the folder, the reference for its chat prompts."""
+    import json
+
+    import transformers
+
+    file = path / "tokenizer_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "chat_template": template, **config}))
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def template_ids(ref, dialog, **kw) -> list[int]:
+    """transformers' prompt ids of a dialog (add_generation_prompt, as nabla's chat prompts)."""
+    ids = ref.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True, **kw)
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
