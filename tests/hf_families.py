@@ -51,8 +51,12 @@ def set_chat_template(path, template: str, **config):
     import transformers
 
     file = path / "tokenizer_config.json"
-    file.write_text(json.dumps({**json.loads(file.read_text()), "chat_template": template, **config}))
-    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    config = {**json.loads(file.read_text()), "chat_template": template, **config}
+    file.write_text(json.dumps(config))
+    # The class tokenizer_config.json names (TinyLlama's LlamaTokenizer): transformers 5's AutoTokenizer would
+    # take Qwen2's byte-level class from a qwen2 config.json and split the SentencePiece vocabulary wrongly
+    cls = getattr(transformers, config.get("tokenizer_class") or "AutoTokenizer")
+    return cls.from_pretrained(str(path), local_files_only=True)
 
 
 def template_ids(ref, dialog, **kw) -> list[int]:
