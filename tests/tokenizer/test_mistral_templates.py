@@ -32,16 +32,18 @@ WEATHER = {"name": "get_weather", "description": "The weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
-def config(template: str, legacy: bool) -> dict:
+def config(template: str, legacy: bool | None) -> dict:
     c = json.loads((TINYLLAMA_DIR / "tokenizer_config.json").read_text())
     c.update(chat_template=template, legacy=legacy)
+    if legacy is None:
+        del c["legacy"]
     return c
 
 
 def reference(folder, template: str, legacy: bool, control: bool = False):
     """transformers' tokenizer: TinyLlama's tokenizer.json (Llama 2's vocabulary), Mistral's template."""
     transformers = pytest.importorskip("transformers")
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     shutil.copy(TINYLLAMA_DIR / "special_tokens_map.json", folder)
     if control:
         from tokenizers import AddedToken
@@ -59,7 +61,10 @@ def reference(folder, template: str, legacy: bool, control: bool = False):
                                                               single_word=False, special=True)
                                           for i, t in enumerate(CONTROL)})
     (folder / "tokenizer_config.json").write_text(json.dumps(c))
-    return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    ref = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if control:  # one id each, as in Mistral v0.3's vocabulary
+        assert [ref.convert_tokens_to_ids(t) for t in CONTROL] == list(range(base, base + len(CONTROL)))
+    return ref
 
 
 def ref_ids(ref, dialog, **kw) -> list[int]:
@@ -77,15 +82,21 @@ def v1(tmp_path_factory):
     return fmt, reference(folder / "ref", MISTRAL_V1, legacy=True)
 
 
-@pytest.fixture(scope="module")
-def v3(tmp_path_factory):
-    """(nabla's chat format, transformers' tokenizer), Mistral v0.3: control tokens in the vocabulary.
+@pytest.fixture(scope="module", params=[True, None], ids=["legacy", "legacy-unset"])
+def v3(request, tmp_path_factory):
+    """(nabla's chat format, transformers' tokenizer), Mistral v0.3: control tokens in the vocabulary,
+    beside a Mistral config.json, so that transformers 5's AutoTokenizer picks the class it picks for a
+    Mistral folder (the tokenizer.json as written, as nabla reads it).
 
-    Not "legacy": with "legacy": true transformers 5 re-reads a Llama tokenizer.json with a Metaspace
-    pre-tokenizer (text after a control token: "[INST] Hi" is [INST] ▁Hi), while the file's own
-    normalizer, which nabla and transformers 4 follow, gives [INST] ▁ ▁Hi."""
+    Left out, because nabla and transformers 5 differ there: "legacy": false in a Mistral folder
+    (transformers 5 ignores it for this class, nabla prepends "▁" only at the start as transformers
+    does for Llama folders), and Llama-class folders with legacy true or unset (transformers 5 rebuilds
+    them with a Metaspace pre-tokenizer: "[INST] Hi" is [INST] ▁Hi, not the file's [INST] ▁ ▁Hi)."""
     folder = tmp_path_factory.mktemp("mistral-v3")
-    ref = reference(folder / "tok", MISTRAL_V3, legacy=False, control=True)
+    (folder / "tok").mkdir()
+    mistral = {"model_type": "mistral", "vocab_size": 32000 + len(CONTROL)}
+    (folder / "tok" / "config.json").write_text(json.dumps(mistral))
+    ref = reference(folder / "tok", MISTRAL_V3, legacy=request.param, control=True)
     return chat_format_for(load_tokenizer(folder / "tok" / "tokenizer.json")), ref
 
 
@@ -128,17 +139,12 @@ NOT_ALTERNATING = [
 ]
 
 
-@pytest.fixture(scope="module", params=["v1", "v3"])
-def version(request):
-    return request.getfixturevalue(request.param)
-
-
 @pytest.mark.parametrize("dialog", NOT_ALTERNATING, ids=["user-user", "assistant-assistant", "assistant-first"])
-def test_roles_not_alternating_are_the_templates_error(version, dialog):
-    fmt, ref = version
+def test_roles_not_alternating_are_the_templates_error(v1, v3, dialog):
     words = "conversation roles must alternate user/assistant/user/assistant"
-    with pytest.raises(Exception, match="(?i)" + words):  # transformers: the template's own exception
-        ref.apply_chat_template(dialog, add_generation_prompt=True, tokenize=False)
-    with pytest.raises(InvalidRequestError, match="(?i)chat template refused the dialog: .*" + words) as e:
-        fmt.encode_dialog(dialog)
-    assert e.value.param == "messages"
+    for fmt, ref in (v1, v3):
+        with pytest.raises(Exception, match="(?i)" + words):  # transformers: the template's own exception
+            ref.apply_chat_template(dialog, add_generation_prompt=True, tokenize=False)
+        with pytest.raises(InvalidRequestError, match="(?i)chat template refused the dialog: .*" + words) as e:
+            fmt.encode_dialog(dialog)
+        assert e.value.param == "messages"
