@@ -23,7 +23,7 @@ def live(tmp_path_factory, family, template):
 
 
 def build(path):
-    return Llama.build(path, None, max_seq_len=128, max_batch_size=2, dtype="fp32", device="cpu")
+    return Llama.build(path, None, max_seq_len=256, max_batch_size=2, dtype="fp32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,19 @@ def test_enable_thinking_reaches_the_template(qwen3):
     with server.http() as http:  # vLLM's /tokenize takes them too
         got = http.post("/tokenize", json={"messages": DIALOG, "chat_template_kwargs": {"enable_thinking": False}})
         assert got.status_code == 200 and got.json()["tokens"] == off
+
+
+def test_kwargs_reach_a_template_that_renders_tools(qwen3):
+    server, ref = qwen3
+    weather = {"name": "get_weather", "description": "The weather in a city.",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    r = server.client().chat.completions.create(
+        model=MODEL, messages=DIALOG, max_tokens=1, temperature=0, tools=[{"type": "function", "function": weather}],
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    tools = [{"type": "function", "function": weather}]
+    want = template_ids(ref, DIALOG, tools=tools, enable_thinking=False)
+    assert want != template_ids(ref, DIALOG, tools=tools)
+    assert r.usage.prompt_tokens == len(want)
 
 
 @pytest.mark.parametrize("bad", ["enable_thinking=false", [1, 2], 3, {"messages": []}])
