@@ -41,3 +41,25 @@ def save_family(path, family: str, seed: int = 0, **extra):
     model.save_pretrained(path)
     copy_hf_tokenizer(path)
     return path, model
+
+
+def set_chat_template(path, template: str, **config):
+    """Put `template` (and further tokenizer_config.json keys) in a saved family's tokenizer_config.json;
+    returns transformers' tokenizer of the folder, the reference for its chat prompts."""
+    import json
+
+    import transformers
+
+    file = path / "tokenizer_config.json"
+    config = {**json.loads(file.read_text()), "chat_template": template, **config}
+    file.write_text(json.dumps(config))
+    # The class tokenizer_config.json names (TinyLlama's LlamaTokenizer): transformers 5's AutoTokenizer would
+    # take Qwen2's byte-level class from a qwen2 config.json and split the SentencePiece vocabulary wrongly
+    cls = getattr(transformers, config.get("tokenizer_class") or "AutoTokenizer")
+    return cls.from_pretrained(str(path), local_files_only=True)
+
+
+def template_ids(ref, dialog, **kw) -> list[int]:
+    """transformers' prompt ids of a dialog (add_generation_prompt, as nabla's chat prompts)."""
+    ids = ref.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True, **kw)
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)

@@ -36,7 +36,14 @@ from nabla.model.prefix_cache import MIN_PASS, PrefixCache
 from nabla.model.prepare import prepare_model
 from nabla.tokenizer import Tokenizer, load_tokenizer
 from nabla.tokenizer.base import IncrementalDecoder
-from nabla.tokenizer.chat import UNSAFE_ERROR, Dialog, chat_format_for, check_dialog, has_special_tags
+from nabla.tokenizer.chat import (
+    UNSAFE_ERROR,
+    Dialog,
+    chat_format_for,
+    check_dialog,
+    check_template_kwargs,
+    has_special_tags,
+)
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -298,7 +305,11 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         json_schema: dict | bool | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[ChatPrediction]:
+        """Answer each dialog. `chat_template_kwargs` are further variables for the model's Jinja chat
+        template, as in transformers and vLLM: {"enable_thinking": False} for Qwen3, say."""
+        variables = check_template_kwargs(chat_template_kwargs)
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
@@ -306,7 +317,7 @@ class Llama:
         for i, dialog in enumerate(dialogs):
             check_dialog(dialog, i)
         unsafe = [has_special_tags(d) for d in dialogs]
-        prompt_tokens = [self.chat_format.encode_dialog(d) for d in dialogs]
+        prompt_tokens = [self.encode_chat(d, variables) for d in dialogs]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
                                     json_schema=json_schema)
 
@@ -395,6 +406,9 @@ class Llama:
 
         return explain(self, prompt, max_gen_len, temperature, top_p, top_k_shown, echo, seed)
 
-    def encode_chat(self, dialog: Dialog) -> list[int]:
-        """Prompt token ids of a dialog in the model's chat format."""
+    def encode_chat(self, dialog: Dialog, chat_template_kwargs: dict | None = None) -> list[int]:
+        """Prompt token ids of a dialog in the model's chat format (`chat_template_kwargs`: further
+        variables for a Jinja chat template; Meta's formats take none)."""
+        if chat_template_kwargs:
+            return self.chat_format.encode_dialog(dialog, template_kwargs=chat_template_kwargs)
         return self.chat_format.encode_dialog(dialog)

@@ -11,6 +11,16 @@ Sources (Hugging Face model repositories):
     QWEN3:  Qwen/Qwen3-0.6B (the Qwen3 template with enable_thinking), as llama.cpp stores it:
             Indras-Mirror/llama.cpp-turboq-mtp models/templates/Qwen-Qwen3-0.6B.jinja
             (commit 76d2e27233d4ab35d3f778844b03a13994e0039b), decoded, not re-typed
+    MISTRAL_V1: mistralai/Mistral-7B-Instruct-v0.1 and v0.2 (their original template, no system role) and
+                Mixtral-8x7B-Instruct-v0.1; text taken from huggingface/huggingface.js
+                packages/jinja/test/e2e.test.js (commit fe42e68017ffc76d09922ea8f9b38a6964345710, the
+                "mistralai/Mixtral-8x7B-Instruct-v0.1" case), the same string ggml-org/llama.cpp's
+                tests/test-chat-template.cpp quotes as "mistralai/Mistral-7B-Instruct-v0.2"
+    MISTRAL_V3: mistralai/Mistral-7B-Instruct-v0.3 (the template with tool calling, [INST] after an
+                optional system message that goes into the last user turn); text taken from the
+                MISTRAL_V3 string of GitHub file id 70967123020 of the code index (a generator of Jinja
+                test cases, "Mistral 7B Instruct v0.3's"), decoded, not re-typed, and byte-identical
+                (sha256 e16746b4...2826) to the "mistral" entry of file id 44626821156, found separately
 """
 
 QWEN25 = (
@@ -280,6 +290,113 @@ QWEN3 = (
     "{%- endif %}"
 )
 
-TEMPLATES = {"qwen2.5": QWEN25, "gemma2": GEMMA2, "phi3.5": PHI35, "llama3.1": LLAMA31, "qwen3": QWEN3}
-"""Templates by family; a family's template refuses a system message when it is in NO_SYSTEM."""
-NO_SYSTEM = {"gemma2"}
+MISTRAL_V1 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.ind"
+    "ex0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/"
+    "assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['con"
+    "tent'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos"
+    "_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% "
+    "endif %}{% endfor %}"
+)
+
+MISTRAL_V3 = (
+    "{%- if messages[0][\"role\"] == \"system\" %}\n"
+    "    {%- set system_message = messages[0][\"content\"] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "{%- if not tools is defined %}\n"
+    "    {%- set tools = none %}\n"
+    "{%- endif %}\n"
+    "{%- set user_messages = loop_messages | selectattr(\"role\", \"equalto\", \"user\") | list %}\n"
+    "\n"
+    "{#- This block checks for alternating user/assistant messages, skipping tool calling messa"
+    "ges #}\n"
+    "{%- set ns = namespace() %}\n"
+    "{%- set ns.index = 0 %}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if not (message.role == \"tool\" or message.role == \"tool_results\" or (message.tool_"
+    "calls is defined and message.tool_calls is not none)) %}\n"
+    "        {%- if (message[\"role\"] == \"user\") != (ns.index % 2 == 0) %}\n"
+    "            {{- raise_exception(\"After the optional system message, conversation roles mus"
+    "t alternate user/assistant/user/assistant/...\") }}\n"
+    "        {%- endif %}\n"
+    "        {%- set ns.index = ns.index + 1 %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "\n"
+    "{{- bos_token }}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if message[\"role\"] == \"user\" %}\n"
+    "        {%- if tools is not none and (message == user_messages[-1]) %}\n"
+    "            {{- \"[AVAILABLE_TOOLS] [\" }}\n"
+    "            {%- for tool in tools %}\n"
+    "                {%- set tool = tool.function %}\n"
+    "                {{- '{\"type\": \"function\", \"function\": {' }}\n"
+    "                {%- for key, val in tool.items() if key != \"return\" %}\n"
+    "                    {%- if val is string %}\n"
+    "                        {{- '\"' + key + '\": \"' + val + '\"' }}\n"
+    "                    {%- else %}\n"
+    "                        {{- '\"' + key + '\": ' + val|tojson }}\n"
+    "                    {%- endif %}\n"
+    "                    {%- if not loop.last %}\n"
+    "                        {{- \", \" }}\n"
+    "                    {%- endif %}\n"
+    "                {%- endfor %}\n"
+    "                {{- \"}}\" }}\n"
+    "                {%- if not loop.last %}\n"
+    "                    {{- \", \" }}\n"
+    "                {%- else %}\n"
+    "                    {{- \"]\" }}\n"
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    "            {{- \"[/AVAILABLE_TOOLS]\" }}\n"
+    "            {%- endif %}\n"
+    "        {%- if loop.last and system_message is defined %}\n"
+    "            {{- \"[INST] \" + system_message + \"\\n\\n\" + message[\"content\"] + \"[/INST]\" }}\n"
+    "        {%- else %}\n"
+    "            {{- \"[INST] \" + message[\"content\"] + \"[/INST]\" }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message.tool_calls is defined and message.tool_calls is not none %}\n"
+    "        {{- \"[TOOL_CALLS] [\" }}\n"
+    "        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- set out = tool_call.function|tojson %}\n"
+    "            {{- out[:-1] }}\n"
+    "            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}\n"
+    "                {{- raise_exception(\"Tool call IDs should be alphanumeric strings with len"
+    "gth 9!\") }}\n"
+    "            {%- endif %}\n"
+    "            {{- ', \"id\": \"' + tool_call.id + '\"}' }}\n"
+    "            {%- if not loop.last %}\n"
+    "                {{- \", \" }}\n"
+    "            {%- else %}\n"
+    "                {{- \"]\" + eos_token }}\n"
+    "            {%- endif %}\n"
+    "        {%- endfor %}\n"
+    "    {%- elif message[\"role\"] == \"assistant\" %}\n"
+    "        {{- \" \" + message[\"content\"]|trim + eos_token}}\n"
+    "    {%- elif message[\"role\"] == \"tool_results\" or message[\"role\"] == \"tool\" %}\n"
+    "        {%- if message.content is defined and message.content.content is defined %}\n"
+    "            {%- set content = message.content.content %}\n"
+    "        {%- else %}\n"
+    "            {%- set content = message.content %}\n"
+    "        {%- endif %}\n"
+    "        {{- '[TOOL_RESULTS] {\"content\": ' + content|string + \", \" }}\n"
+    "        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}\n"
+    "            {{- raise_exception(\"Tool call IDs should be alphanumeric strings with length "
+    "9!\") }}\n"
+    "        {%- endif %}\n"
+    "        {{- '\"call_id\": \"' + message.tool_call_id + '\"}[/TOOL_RESULTS]' }}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception(\"Only user and assistant roles are supported, with the excepti"
+    "on of an initial optional system message!\") }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+
+
+TEMPLATES = {"qwen2.5": QWEN25, "gemma2": GEMMA2, "phi3.5": PHI35, "llama3.1": LLAMA31, "qwen3": QWEN3,
+             "mistral-v0.1": MISTRAL_V1, "mistral-v0.3": MISTRAL_V3}
+"""Templates by family; a family's template refuses a system message with its NO_SYSTEM message."""
+NO_SYSTEM = {"gemma2": "System role not supported", "mistral-v0.1": "Conversation roles must alternate"}

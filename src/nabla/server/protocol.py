@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from nabla.errors import InvalidRequestError
 from nabla.generation.checks import check_temperature, check_top_p
+from nabla.tokenizer.chat import check_template_kwargs
 
 MAX_STOP = 4
 MAX_TEMPERATURE = 2  # OpenAI's limit; nabla itself takes any temperature >= 0
@@ -212,11 +213,14 @@ class ChatCompletionRequest(_Sampling):
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
+    chat_template_kwargs: Any = None
+    """An extension (as in vLLM): further variables for the model's chat template, {"enable_thinking": false}."""
 
     UNSUPPORTED = ("functions", "function_call", "logit_bias", "audio", "modalities", "prediction")
 
     def check(self) -> None:
         super().check()
+        check_template_kwargs(self.chat_template_kwargs)
         json_format(self.response_format)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs 'logprobs' set to true", "top_logprobs")

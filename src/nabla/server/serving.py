@@ -250,7 +250,9 @@ class Serving:
         fmt = self.llama.chat_format
         knows_tools = bool(getattr(fmt, "knows_tools", False))
         dialog = tool_dialog(req.messages, tools.tools if tools.mode != "none" else [], knows_tools)
-        ids = fmt.encode_dialog(dialog, tools.tools) if knows_tools and tools.tools else self.llama.encode_chat(dialog)
+        variables = {"template_kwargs": req.chat_template_kwargs} if req.chat_template_kwargs else {}
+        ids = (fmt.encode_dialog(dialog, tools.tools, **variables) if knows_tools and tools.tools
+               else self.llama.encode_chat(dialog, req.chat_template_kwargs))
         tokens_param = ("max_completion_tokens" if req.max_completion_tokens is not None else
                         "max_tokens" if req.max_tokens is not None else None)
         max_tokens = None if tokens_param is None else getattr(req, tokens_param)

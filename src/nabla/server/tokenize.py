@@ -11,10 +11,13 @@ templates in a tokenize request (400s naming them), HTTP (nabla.server.app).
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from nabla.errors import InvalidRequestError
 from nabla.server.protocol import ChatMessage
+from nabla.tokenizer.chat import check_template_kwargs
 
 
 class TokenizeRequest(BaseModel):
@@ -30,6 +33,8 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool | None = False
+    chat_template_kwargs: Any = None
+    """Messages: further variables for the model's chat template, as in a chat completion."""
 
 
 class DetokenizeRequest(BaseModel):
@@ -69,6 +74,9 @@ class Tokenization:
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequestError("send exactly one of 'prompt' (text) and 'messages' (a chat)",
                                       "prompt" if req.prompt is None else "messages")
+        if req.prompt is not None and req.chat_template_kwargs is not None:
+            raise InvalidRequestError("chat_template_kwargs go with 'messages', not with a text 'prompt'",
+                                      "chat_template_kwargs")
         if req.prompt is not None:
             add = True if req.add_special_tokens is None else req.add_special_tokens
             ids = ([self.tokenizer.bos_id] if add and self.tokenizer.bos_id >= 0 else [])
@@ -81,7 +89,7 @@ class Tokenization:
                 raise InvalidRequestError("continue_final_message=true is not supported", "continue_final_message")
             dialog = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                       for m in req.messages]
-            ids = self.llama.encode_chat(dialog)
+            ids = self.llama.encode_chat(dialog, check_template_kwargs(req.chat_template_kwargs))
         out = {"count": len(ids), "max_model_len": self.serving.max_seq_len, "tokens": ids, "token_strs": None}
         if req.return_token_strs:
             out["token_strs"] = [token_text(self.tokenizer, i) for i in ids]

@@ -60,8 +60,35 @@ def check_dialog(dialog, index: int = 0) -> None:
         raise InvalidRequestError(f"{where} must end with a 'user' message", "messages")
 
 
+# The variables nabla itself gives a template: chat_template_kwargs may not replace them.
+TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def check_template_kwargs(kwargs, param: str = "chat_template_kwargs") -> dict:
+    """chat_template_kwargs as a dict of extra template variables ({} for None), or InvalidRequestError."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidRequestError(f"{param} must be an object of template variables, such as "
+                                  f'{{"enable_thinking": false}}; got {type(kwargs).__name__}', param)
+    own = [k for k in kwargs if k in TEMPLATE_OWN]
+    if own:
+        raise InvalidRequestError(f"{param} may not set {own[0]!r}: nabla gives the template its "
+                                  f"{', '.join(TEMPLATE_OWN)} itself", param)
+    return dict(kwargs)
+
+
 def has_special_tags(dialog: Dialog) -> bool:
     return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
+
+
+def no_template(fmt, template_kwargs: dict | None) -> None:
+    """Meta's chat formats are code, not a template: variables for one are an error, not ignored."""
+    if template_kwargs:
+        raise InvalidRequestError(
+            f"this model's chat format is Meta's {fmt.name} format, not a Jinja chat template, so it takes no "
+            f"chat_template_kwargs (got {sorted(template_kwargs)}); drop them, or give the model a "
+            "tokenizer_config.json with a chat_template", "chat_template_kwargs")
 
 
 class Llama2ChatFormat:
@@ -72,7 +99,8 @@ class Llama2ChatFormat:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def encode_dialog(self, dialog: Dialog) -> list[int]:
+    def encode_dialog(self, dialog: Dialog, template_kwargs: dict | None = None) -> list[int]:
+        no_template(self, template_kwargs)
         check_dialog(dialog)
         if dialog[0]["role"] == "system":
             first = {"role": dialog[1]["role"],
@@ -108,7 +136,8 @@ class Llama3ChatFormat:
                 + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
                 + [self.special["<|eot_id|>"]])
 
-    def encode_dialog(self, dialog: Dialog) -> list[int]:
+    def encode_dialog(self, dialog: Dialog, template_kwargs: dict | None = None) -> list[int]:
+        no_template(self, template_kwargs)
         tokens = [self.special["<|begin_of_text|>"]]
         for message in dialog:
             tokens += self.encode_message(message)
@@ -148,6 +177,7 @@ class JinjaChatFormat:
         self.bos_token, self.eos_token = bos_token, eos_token
         self.knows_tools = "tools" in template  # renders `tools` and tool-call turns itself
         self.tools: list[dict] | None = None
+        self.variables: dict = {}  # chat_template_kwargs of the dialog being encoded
         # The special-token strings the rendered text is cut at, with their ids: all of them
         # for tokenizers that parse special tokens, else BOS and EOS (SentencePiece).
         if getattr(tokenizer, "encode_with_special", None) is not None:
@@ -164,23 +194,29 @@ class JinjaChatFormat:
         except TemplateError as e:
             raise TokenizerError(f"the chat template in tokenizer_config.json does not parse: {e}") from None
 
-    def render(self, dialog: Dialog, add_generation_prompt: bool = True) -> str:
+    def render(self, dialog: Dialog, add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> str:
+        """The template's text for a dialog; `template_kwargs` are further variables for the template
+        (chat_template_kwargs: Qwen3's enable_thinking, say), as transformers' apply_chat_template(**kwargs)."""
         from jinja2 import TemplateError
 
+        variables = check_template_kwargs(template_kwargs) if template_kwargs is not None else self.variables
         try:
-            return self.template.render(messages=[dict(m) for m in dialog], bos_token=self.bos_token,
+            return self.template.render(**variables, messages=[dict(m) for m in dialog], bos_token=self.bos_token,
                                         eos_token=self.eos_token, add_generation_prompt=add_generation_prompt,
                                         **({"tools": self.tools} if self.tools else {}))
         except TemplateError as e:
             raise InvalidRequestError(f"the model's chat template failed on this dialog: {e}", "messages") from None
 
-    def encode_dialog(self, dialog: Dialog, tools: list[dict] | None = None) -> list[int]:
-        """The dialog's prompt ids; `tools` (OpenAI function definitions) go to templates that render them."""
+    def encode_dialog(self, dialog: Dialog, tools: list[dict] | None = None,
+                      template_kwargs: dict | None = None) -> list[int]:
+        """The dialog's prompt ids; `tools` (OpenAI function definitions) go to templates that render them,
+        `template_kwargs` (chat_template_kwargs) are further variables for the template."""
         self.tools = [{"type": "function", "function": t} for t in tools] if tools else None
+        self.variables = check_template_kwargs(template_kwargs)
         try:
             return self._encode_dialog(dialog)
         finally:
-            self.tools = None
+            self.tools, self.variables = None, {}
 
     def _encode_dialog(self, dialog: Dialog) -> list[int]:
         text = self.render(dialog)
