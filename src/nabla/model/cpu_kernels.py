@@ -64,12 +64,17 @@ def _kernels():
 _launch = threading.Lock()
 
 
+_threads = [None, None]  # [torch's thread count when last set, numba's count then]
+
+
 def _set_threads() -> None:
     import numba
 
-    want = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != want:
+    now = torch.get_num_threads()
+    if _threads[0] != now or numba.get_num_threads() != _threads[1]:
+        want = min(now, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(want)
+        _threads[:] = [now, want]
 
 
 def _launch_rows(kernel, x: torch.Tensor, widths: list[int], *weights, several: bool = False) -> list[torch.Tensor]:
@@ -123,20 +128,28 @@ def rows_q4_multi(x: torch.Tensor, weights: list[tuple[np.ndarray, np.ndarray]])
     """
     K = x.shape[-1]
     X = x.reshape(-1, K).contiguous()
-    B, G = X.shape[0], weights[0][1].shape[1]
-    padded = -(-G // 16) * 16
-    XL = np.zeros((B, 16 * padded), dtype=np.int8)
-    XH = np.zeros((B, 16 * padded), dtype=np.int8)
-    DX = np.zeros((B, padded), dtype=np.float32)
-    XS = np.zeros((B, padded), dtype=np.int32)
+    B = X.shape[0]
     Ys = [torch.empty(B, P.shape[0], dtype=torch.float32) for P, _ in weights]
     jit = _kernels()
-    with _launch:
+    with _launch:  # the quantized-x buffers are shared: one launch at a time
         _set_threads()
-        jit._quantize_blocks(X.numpy(), XL, XH, DX, XS)
-        jit._rows_q4(tuple(P for P, _ in weights), tuple(S for _, S in weights), XL, XH, DX, XS,
-                     tuple(y.numpy() for y in Ys))
+        jit._rows_q4(tuple(P for P, _ in weights), tuple(S for _, S in weights), X.numpy(),
+                     *_x_buffers(B, weights[0][1].shape[1]), tuple(y.numpy() for y in Ys))
     return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
+
+
+_buffers: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+
+
+def _x_buffers(B: int, G: int) -> tuple[np.ndarray, ...]:
+    """(XL, XH, DX, XS) for B rows of G blocks, padded with zeros to whole chunks of 16 blocks, kept
+    between calls (the padding stays zero: only the real blocks are written)."""
+    key = (B, G)
+    if key not in _buffers:
+        padded = -(-G // 16) * 16
+        _buffers[key] = (np.zeros((B, 16 * padded), dtype=np.int8), np.zeros((B, 16 * padded), dtype=np.int8),
+                         np.zeros((B, padded), dtype=np.float32), np.zeros((B, padded), dtype=np.int32))
+    return _buffers[key]
 
 
 def rows_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -159,12 +159,14 @@ def rows_q4_kernel(kind: str | None, cache: bool = False):
 
 
 def _rows_q4_source(_block_dot, _block_tail):
-    def _rows_q4(Ps, Ss, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
+    def _rows_q4(Ps, Ss, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
         # Ys[i] = X Ws[i]^T for one or several weights that read the same X (q, k, v; or w1, w3),
         # in one parallel loop over all their rows. W in nabla's 4-bit blocks (llama.cpp's Q4_0
         # arithmetic, w = (q - 8) * d with an fp16 d per 32 weights; S holds d's bits), P (N, K/2)
-        # in pack_int4's layout; X comes quantized by _quantize_blocks. Rows whose block count is
-        # not a multiple of 16 end in a shorter chunk (four 4m-byte groups back to back): _block_tail.
+        # in pack_int4's layout; X (B, K) is first quantized by _quantize_blocks into XL, XH, DX, XS.
+        # Rows whose block count is not a multiple of 16 end in a shorter chunk (four 4m-byte
+        # groups back to back): _block_tail.
+        _quantize_blocks(X, XL, XH, DX, XS)
         G = Ss[0].shape[1]
         full = G // 16
         m = G - 16 * full
