@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,9 +50,9 @@ def test_quantized_rows_equal_the_dequantized_weight(cls, monkeypatch):
     x = randn(4, 128)
     with torch.inference_mode():
         ref = x @ lin.dequantize().T
-        if cls is Int8Linear:
+        if cls is Int8Linear and not cpu_kernels.I8_VNNI:
             torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-5)
-        else:  # x is quantized to int8 per block too, as llama.cpp does (exact: test_int4_blocks.py)
+        else:  # x is quantized to int8 per block too, as llama.cpp does (exact: test_int8_vnni_is_q8_0_dot...)
             assert (lin(x) - ref).norm() / ref.norm() < 0.01
         big = randn(40, 128)  # more rows than a decode step: the bulk path
         ref = big @ lin.dequantize().T
@@ -124,3 +125,23 @@ def test_bf16_weights_with_fp32_products():
         torch.testing.assert_close(half(tokens[:, 8:9], 8), ref(tokens[:, 8:9], 8), atol=2e-5, rtol=1e-5)
     assert devices.bf16_weights_only(torch.device("cpu"), torch.bfloat16) in (True, False)
     assert not devices.bf16_weights_only(torch.device("cpu"), torch.float32)
+
+
+def q8_0_x(x: torch.Tensor) -> torch.Tensor:
+    """x quantized to int8 per block of 32 and back, as llama.cpp's quantize_row_q8_0 (fp32 scale)."""
+    X = x.numpy().reshape(x.shape[0], -1, 32)
+    dx = np.abs(X).max(axis=-1, keepdims=True) / np.float32(127)
+    inv = np.where(dx > 0, np.float32(1) / np.where(dx > 0, dx, 1), np.float32(0)).astype(np.float32)
+    return torch.from_numpy((np.rint(X * inv) * dx).reshape(x.shape)).double()
+
+
+@pytest.mark.skipif(not cpu_kernels.I8_VNNI, reason="this CPU has no AVX-512 VNNI: int8 rows stay weight-only")
+@pytest.mark.parametrize("N,K,B", [(64, 288, 1), (48, 768, 5), (300, 2048, 3), (40, 96, 16)])
+def test_int8_vnni_rows_are_the_q8_0_product(N, K, B):
+    w = randn(N, K) * 0.02
+    lin = Int8Linear(w, kernel="numba")
+    x = randn(B, K) * 2
+    x[0, :32] = 0
+    want = q8_0_x(x) @ lin.dequantize().double().T
+    got = cpu_kernels.rows_i8(x, lin.weight, lin.scales).double()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

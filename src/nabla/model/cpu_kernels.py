@@ -35,6 +35,7 @@ _jit = None  # nabla.model.cpu_kernels_jit once loaded
 _AVAILABLE = importlib.util.find_spec("numba") is not None
 
 MAX_ROWS = 16
+I8_VNNI = False  # set below: int8 rows in VNNI integer instructions (rows_i8_multi)
 # Below this many weights a layer stays on torch: a kernel launch costs ~60 us from Python
 # (measured here), more than torch spends on a matrix that small.
 MIN_WEIGHTS = 1 << 16
@@ -48,6 +49,17 @@ def _norms_too(model: nn.Module) -> None:
     for mod in model.modules():
         if hasattr(mod, "row_kernel"):
             mod.row_kernel = True
+
+
+def _has_vnni() -> bool:
+    if not _AVAILABLE:
+        return False
+    from nabla.model.cpu_kernels_simd import KINDS
+
+    return "vnni512" in KINDS
+
+
+I8_VNNI = _has_vnni()
 
 
 def _kernels():
@@ -104,9 +116,31 @@ def rows_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def rows_i8_multi(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[x @ (q * s[:, None]).T for q, s ...] for int8 weights (N, K) and fp32 row scales (N,), in one pass."""
+    """[x @ (q * s[:, None]).T for q, s ...] for int8 weights (N, K) and fp32 row scales (N,), in one pass.
+
+    On CPUs with AVX-512 VNNI (and K a multiple of 32) x is quantized to int8 per block of 32 and
+    the products are integer dot products, as llama.cpp's q8_0 x q8_0; elsewhere the weights are
+    widened to fp32 and x stays as it is."""
+    K = x.shape[-1]
+    if I8_VNNI and K % 32 == 0:
+        X = x.reshape(-1, K).contiguous()
+        B = X.shape[0]
+        Ys = [torch.empty(B, q.shape[0], dtype=torch.float32) for q in qweights]
+        with _launch:
+            _set_threads()
+            XU, DXE = _u8_buffers(B, K)
+            _kernels()._rows_i8_vnni(tuple(_np(q) for q in qweights), tuple(_np(s) for s in scales), X.numpy(),
+                                     XU, DXE, tuple(y.numpy() for y in Ys))
+        return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
     return _launch_rows(_kernels()._rows_i8, x, [q.shape[0] for q in qweights], tuple(_np(q) for q in qweights),
                         tuple(_np(s) for s in scales), several=True)
+
+
+def _u8_buffers(B: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+    key = ("u8", B, K)
+    if key not in _buffers:
+        _buffers[key] = (np.zeros((B, K), dtype=np.uint8), np.zeros((B, K // 4), dtype=np.float32))
+    return _buffers[key]
 
 
 def rows_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -138,7 +172,7 @@ def rows_q4_multi(x: torch.Tensor, weights: list[tuple[np.ndarray, np.ndarray]])
     return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
 
 
-_buffers: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+_buffers: dict[tuple, tuple[np.ndarray, ...]] = {}
 
 
 def _x_buffers(B: int, G: int) -> tuple[np.ndarray, ...]:

@@ -195,3 +195,44 @@ def _rows_q4_source(_block_dot, _block_tail):
 
 
 _rows_q4 = rows_q4_kernel(simd.KINDS[0] if simd.KINDS else None, cache=True)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _quantize_u8(X, XU, DXE):  # pragma: no cover - compiled
+    # Each row of X (B, K) in blocks of 32 as llama.cpp's q8_0: d = max|x| / 127, q = round(x / d),
+    # stored as q + 128 (u8) for vpdpbusd; DXE[b, i] = the scale of the block byte 4i is in.
+    B, K = X.shape
+    for b in range(B):
+        for k in range(K // 32):
+            amax = np.float32(0.0)
+            for i in range(32 * k, 32 * k + 32):
+                a = abs(X[b, i])
+                if a > amax:
+                    amax = a
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            for i in range(32 * k, 32 * k + 32):
+                XU[b, i] = np.uint8(np.int32(np.rint(X[b, i] * inv)) + 128)
+            for i in range(8 * k, 8 * k + 8):
+                DXE[b, i] = d
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
+    # As _rows_i8, with x quantized to int8 per block of 32 (llama.cpp's q8_0) and the products in
+    # AVX-512 VNNI integer instructions (cpu_kernels_simd.i8_dot); K a multiple of 32.
+    _quantize_u8(X, XU, DXE)
+    B, K = X.shape
+    ends = np.zeros(len(Ws), dtype=np.int64)
+    total = 0
+    for i in range(len(Ws)):
+        total += Ws[i].shape[0]
+        ends[i] = total
+    for r in prange(total):
+        i = 0
+        while r >= ends[i]:
+            i += 1
+        W, S, Y = Ws[i], scales[i], Ys[i]
+        n = r - (ends[i] - W.shape[0])
+        for b in range(B):
+            Y[b, n] = simd.i8_dot(W[n], XU[b], DXE[b], K) * S[n]

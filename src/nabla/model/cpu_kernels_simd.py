@@ -172,6 +172,100 @@ def _tail_function(module, kind):
     return fn
 
 
+def _i8_function(module):
+    """float nabla_i8_dot(i8* w, i8* xu, float* dxe, i64 k): the dot product of a row of int8 weights
+    with x quantized to int8 per block of 32 and stored as x + 128 (u8), so that vpdpbusd takes it:
+    per 4 bytes, sum((x + 128) w) - 128 sum(w) = sum(x w), the second sum by vpdpbusd of ones.
+    dxe holds each x block's scale once per 4 bytes (8 per block). k: the row's length, a multiple
+    of 32; a last 32 bytes are read with a masked load."""
+    name = "nabla_i8_dot_vnni512"
+    ptr = lambda t: t.as_pointer()  # noqa: E731
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [ptr(_I8), ptr(_I8), ptr(_F32), _I64]), name)
+    if not fn.is_declaration:
+        return fn
+    fn.linkage = "internal"
+    w, xu, dxe, k = fn.args
+    entry, loop, tail, done = (fn.append_basic_block(n) for n in ("entry", "loop", "tail", "done"))
+    b = ir.IRBuilder(entry)
+    zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
+    groups = b.udiv(k, ir.Constant(_I64, 64))
+    b.cbranch(b.icmp_signed(">", groups, ir.Constant(_I64, 0)), loop, tail)
+    dp = cgutils.get_or_insert_function(module, ir.FunctionType(_vec(_I32, 16), [_vec(_I32, 16)] * 3),
+                                        "llvm.x86.avx512.vpdpbusd.512")
+    ones = ir.Constant(_vec(_I32, 16), [0x01010101] * 16)
+    none = ir.Constant(_vec(_I32, 16), [0] * 16)
+
+    def step(acc, wv, xv, dv):
+        wv, xv = b.bitcast(wv, _vec(_I32, 16)), b.bitcast(xv, _vec(_I32, 16))
+        total = b.sub(b.call(dp, [none, xv, wv]), b.shl(b.call(dp, [none, ones, wv]), _splat(_I32, 16, 7)))
+        return b.fadd(acc, b.fmul(b.sitofp(total, _vec(_F32, 16)), dv))
+
+    b.position_at_end(loop)
+    g = b.phi(_I64)
+    acc = b.phi(_vec(_F32, 16))
+    g.add_incoming(ir.Constant(_I64, 0), entry)
+    acc.add_incoming(zero, entry)
+    off = b.mul(g, ir.Constant(_I64, 64))
+
+    def load(pointer, offset, t, n, align):
+        return b.load(b.bitcast(b.gep(pointer, [offset]), _vec(t, n).as_pointer()), align=align)
+
+    acc_next = step(acc, load(w, off, _I8, 64, 1), load(xu, off, _I8, 64, 1),
+                    load(dxe, b.mul(g, ir.Constant(_I64, 16)), _F32, 16, 4))
+    g_next = b.add(g, ir.Constant(_I64, 1))
+    g.add_incoming(g_next, loop)
+    acc.add_incoming(acc_next, loop)
+    b.cbranch(b.icmp_signed("<", g_next, groups), loop, tail)
+
+    b.position_at_end(tail)  # 32 bytes left, or none
+    acc_t = b.phi(_vec(_F32, 16))
+    acc_t.add_incoming(zero, entry)
+    acc_t.add_incoming(acc_next, loop)
+    rest = b.sub(k, b.mul(groups, ir.Constant(_I64, 64)))
+    mask = b.icmp_unsigned("<", ir.Constant(_vec(_I32, 16), list(range(16))), b.shuffle_vector(
+        b.insert_element(none, b.trunc(b.udiv(rest, ir.Constant(_I64, 4)), _I32), ir.Constant(_I32, 0)),
+        none, none))
+
+    def masked(pointer, offset, t, n, align):
+        vt = _vec(t, n)
+        fn_ = cgutils.get_or_insert_function(
+            module, ir.FunctionType(vt, [vt.as_pointer(), _I32, _vec(ir.IntType(1), n), vt]),
+            f"llvm.masked.load.v{n}{'f32' if t == _F32 else f'i{t.width}'}.p0")
+        return b.call(fn_, [b.bitcast(b.gep(pointer, [offset]), vt.as_pointer()), ir.Constant(_I32, align), mask,
+                            ir.Constant(vt, [0] * n)])
+
+    base = b.mul(groups, ir.Constant(_I64, 64))
+    last = step(acc_t, b.bitcast(masked(w, base, _I32, 16, 1), _vec(_I8, 64)),
+                b.bitcast(masked(xu, base, _I32, 16, 1), _vec(_I8, 64)),
+                masked(dxe, b.mul(groups, ir.Constant(_I64, 16)), _F32, 16, 4))
+    b.branch(done)
+    b.position_at_end(done)
+    reduce = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+    out = b.call(reduce, [ir.Constant(_F32, 0.0), last])
+    out.fastmath.add("reassoc")
+    b.ret(out)
+    return fn
+
+
+@intrinsic
+def i8_dot(typingctx, W, XU, DXE, k):
+    """(1-D int8 W, 1-D uint8 XU, 1-D float32 DXE, int k) -> float32 (AVX-512 VNNI only: see _i8_function)."""
+    sig = types.float32(W, XU, DXE, k)
+
+    def codegen(context, builder, signature, args):
+        fn = _i8_function(builder.module)
+
+        def data(i, t):
+            return builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data,
+                                   t.as_pointer())
+
+        n = builder.sext(args[3], _I64) if args[3].type != _I64 else args[3]
+        return builder.call(fn, [data(0, _I8), data(1, _I8), data(2, _F32), n])
+
+    return sig, codegen
+
+
 def block_dot_for(kind: str, tail: bool = False):
     """block_dot as an @intrinsic in one of KINDS' instruction sets (`tail`: its last-chunk form, whose
     last argument is the chunk's block count m < 16)."""
