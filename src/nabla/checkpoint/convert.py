@@ -76,11 +76,15 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
     args = ckpt.args
     from nabla.model.rope import rope_kind
 
-    if to in ("meta", "gguf") and (not args.is_llama or rope_kind(args.rope_scaling) not in ("default", "llama3")):
+    if to == "meta" and (not args.is_llama or rope_kind(args.rope_scaling) not in ("default", "llama3")):
         what = f"{args.model_type!r} model" if not args.is_llama else \
             f"model with {rope_kind(args.rope_scaling)!r} rope scaling"
-        raise NablaError(f"{'Meta' if to == 'meta' else 'GGUF'} output cannot express this {what} (nabla writes "
-                         "plain Llama models in that format); convert it with --to hf instead")
+        raise NablaError(f"Meta output cannot express this {what} (nabla writes plain Llama models in that "
+                         "format); convert it with --to hf instead")
+    if to == "gguf":  # each family as its llama.cpp architecture; what llama.cpp cannot express is refused
+        from nabla.checkpoint.gguf_families import arch_of, check_writable
+
+        check_writable(args, arch_of(args))
     if args.vocab_size == -1:
         args.vocab_size = ckpt.shapes["tok_embeddings.weight"][0]
     state = ckpt.load_state()
