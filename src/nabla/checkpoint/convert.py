@@ -107,7 +107,8 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
         qtype = {"int8": "q8_0", "int4": "q4_0"}.get(quantize) or \
             {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(cast or ckpt.dtype, "f32")
         name = ckpt.path.resolve().stem if ckpt.format == "gguf" else ckpt.path.resolve().name
-        return [write_gguf(out / f"{name}-{qtype}.gguf", state, args, tok, qtype, name=name)]
+        return [write_gguf(out / f"{name}-{qtype}.gguf", state, args, tok, qtype, name=name,
+                           context_length=ckpt.context_length)]
     bos = eos = None
     if to == "hf":
         bos = ckpt.bos_id if ckpt.bos_id is not None else (tok.bos_id if tok else None)

@@ -73,7 +73,7 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], args: ModelArgs
     architecture of the model's family (nabla.checkpoint.gguf_families).
 
     `context_length` is the trained context recorded in the file (default DEFAULT_CONTEXT, or a longrope
-    model's stretched context)."""
+    model's stretched context: sqrt(1 + ln(context / original) / ln(original)) is its attention factor)."""
     from nabla.checkpoint.gguf_families import arch_of, to_gguf, write_hparams
 
     gguf = _gguf()
@@ -85,8 +85,11 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], args: ModelArgs
     file_type = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}[qtype]  # llama_ftype
     if context_length is None:
         s = args.rope_scaling or {}
-        context_length = int(s["factor"] * s["original_max_position_embeddings"]) \
-            if s.get("rope_type") == "longrope" else DEFAULT_CONTEXT
+        if s.get("rope_type") == "longrope":  # the stretched context, from Phi-3's attention factor
+            original = s["original_max_position_embeddings"]
+            context_length = round(original * original ** (s["attention_factor"] ** 2 - 1))
+        else:
+            context_length = DEFAULT_CONTEXT
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     w = gguf.GGUFWriter(tmp, arch)
