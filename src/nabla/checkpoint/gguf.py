@@ -1,19 +1,22 @@
 """GGUF, the single-file format llama.cpp reads, written with the `gguf` package.
 
-`write_gguf` stores a Llama state dict (Meta names) as llama.cpp's "llama"
-architecture: hyper-parameters as metadata, the SentencePiece vocabulary (or a
-stand-in one for random weights), and every tensor in f32, f16, bf16, or the
-block quantizations q8_0 (int8, one scale per 32 weights) and q4_0 (int4, one
-scale per 32), which `gguf.quants` computes exactly as llama.cpp does. Norms
-stay f32. Meta's q/k rows are what llama.cpp expects (it rotates adjacent
-channel pairs, as Meta does), so nothing is permuted.
+`write_gguf` stores a state dict (Meta names) of any family nabla runs as
+llama.cpp's architecture for it (llama for Llama and Mistral, qwen2, qwen3,
+gemma, gemma2, phi3), the way llama.cpp's convert_hf_to_gguf.py writes it:
+names, metadata keys and per-family layouts come from
+nabla.checkpoint.gguf_families, the vocabulary from nabla.tokenizer.gguf_export
+(SentencePiece, tokenizer.json, or a stand-in one for random weights). Every
+tensor is f32, f16, bf16, or the block quantizations q8_0 (int8, one scale per
+32 weights) and q4_0 (int4, one scale per 32), which `gguf.quants` computes
+exactly as llama.cpp does. Norms and biases stay f32. A model llama.cpp would
+compute differently (e.g. a Gemma 2 query_pre_attn_scalar it does not infer)
+is refused before anything is written.
 
-`nabla convert --to gguf` uses it to hand a model to llama.cpp (the built-in
-model's f32 GGUF continues a prompt there exactly as nabla does, tested), and
+`nabla convert --to gguf` uses it to hand a model to llama.cpp (each family's
+f32 GGUF gives transformers' logits in llama.cpp, tested), and
 `nabla bench --vs llama.cpp` to time llama.cpp on the very weights nabla runs.
 
-Leaves out: tiktoken / Hugging Face BPE vocabularies (their merges), and
-llama.cpp's k-quants.
+Leaves out: llama.cpp's k-quants; yarn and dynamic rope scaling (refused).
 """
 
 from __future__ import annotations

@@ -351,7 +351,6 @@ REFUSED_KEYS = {  # Keys member (formatted with the architecture) -> what nabla 
     ("Attention", "SLIDING_WINDOW_PATTERN"): "a per-layer sliding-window pattern",
     ("Attention", "LAYERNORM_EPS"): "LayerNorm (nabla runs RMSNorm)",
     ("Rope", "DIMENSION_SECTIONS"): "multi-section (M-RoPE) rotary embeddings",
-    ("Rope", "SCALING_FINETUNED"): "fine-tuned rope scaling",
 }
 
 
@@ -391,8 +390,13 @@ def args_from_metadata(meta: dict, values: Callable[[str], list[float] | None], 
         value = meta.get(key)
         if member == "LAYERNORM_EPS":
             bad = value is not None and K.Attention.LAYERNORM_RMS_EPS.format(arch=arch) not in meta
+        elif member == "SCALE":  # fine where it is the usual 1 / sqrt(head size)
+            head = meta.get(K.Attention.KEY_LENGTH.format(arch=arch)) or (
+                meta.get(K.LLM.EMBEDDING_LENGTH.format(arch=arch), 0) // max(1, meta.get(
+                    K.Attention.HEAD_COUNT.format(arch=arch), 1)))
+            bad = value is not None and not (head and abs(value - head ** -0.5) <= 1e-6 * head ** -0.5)
         else:
-            bad = value is not None if member == "SCALE" else value not in (None, 0, False, [], 1.0)
+            bad = value not in (None, 0, False, [], 1.0)
         if bad:
             raise ConfigError(f"{path}: {key} = {meta[key]!r} asks for {what}, which nabla does not implement; "
                               "use llama.cpp for this file")

@@ -1,9 +1,11 @@
 """Opening llama.cpp GGUF files as nabla checkpoints, read with the `gguf` package's GGUFReader.
 
 `open_gguf(file)` returns a GGUFCheckpoint: the hyper-parameters from the
-`llama.*` metadata, the tensors renamed to Meta's names by inverting
-nabla.checkpoint.gguf.TENSOR_NAMES (llama.cpp's attn_q / attn_k rows are in
-Meta's order, so nothing is permuted), and the tokenizer from the `tokenizer.*`
+`{arch}.*` metadata and the tensors in Meta's names and layout, for the
+architectures llama (Llama, Mistral), qwen2, qwen3, gemma, gemma2 and phi3
+(nabla.checkpoint.gguf_families: q/k rows back to Meta's order where llama.cpp
+keeps Hugging Face's, Gemma's 1 + w norms, Phi-3's fused tensors split, rope
+factors read into the rope settings), and the tokenizer from the `tokenizer.*`
 metadata (nabla.tokenizer.gguf). Each tensor is dequantized once, when the
 state is read, with `gguf.quants.dequantize` (llama.cpp's own arithmetic):
 
@@ -18,11 +20,11 @@ The int8 / int4 step (`load_quantize`, from the type most of the blocks' weights
 have) runs in Llama.build unless the caller passes its own `quantize`; the
 embedding and norms stay in the compute dtype. Requantized means not bit-exact:
 nabla's int4 and int8 grids differ from llama.cpp's blocks (error at most half
-a step of nabla's grid). Llama 3.1-style rope factors (`rope_freqs.weight`) are
-matched against Meta's llama3 scaling.
+a step of nabla's grid).
 
-Leaves out: architectures other than "llama", the other GGUF types (IQ*, Q2_K,
-Q3_K, TQ*: a clear error), and keeping blocks quantized in memory as they are.
+Leaves out: other architectures (mixture-of-experts, gemma3...: one clear
+error), the other GGUF types (IQ*, Q2_K, Q3_K, TQ*: a clear error), and keeping
+blocks quantized in memory as they are.
 """
 
 from __future__ import annotations
