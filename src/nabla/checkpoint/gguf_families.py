@@ -199,7 +199,8 @@ def from_gguf(name: str, shape: tuple[int, ...], args: ModelArgs,
             start += n
         return out
     key = meta_name(name)
-    if key is None or generic.removesuffix(".weight").removesuffix(".bias") not in arch_tensors(arch):
+    if key is None or generic.removesuffix(".weight").removesuffix(".bias") not in arch_tensors(arch) \
+            or (key.endswith(".bias") and not args.qkv_bias):
         return None
     return [(key, shape, functools.partial(_loaded, key=key, name=name, args=args, arch=arch))]
 

@@ -141,9 +141,14 @@ def _hf(tok) -> GGUFVocab:
         special["eot"] = others[0]
     config = getattr(tok, "config", {}) or {}
     template = config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:  # else the post-processor's template says whether a special token opens the text
+        single = [p.get("single") or [] for p in _components(j.get("post_processor"))
+                  if p.get("type") == "TemplateProcessing"]
+        add_bos = bool(single) and bool(single[0]) and "SpecialToken" in single[0][0] if single else None
     if "ByteLevel" in kinds:
         return GGUFVocab("gpt2", tokens, types, merges=merges, pre=_pre_name(j, source), special=special,
-                         add_bos=bool(config.get("add_bos_token", False)), chat_template=template)
+                         add_bos=add_bos, chat_template=template)
     if not (model.get("byte_fallback") or "Metaspace" in kinds or "ByteFallback" in kinds):
         raise ConfigError(f"{source}: a BPE tokenizer that is neither byte-level nor SentencePiece-style; "
                           "convert with llama.cpp's convert_hf_to_gguf.py instead")
@@ -164,7 +169,7 @@ def _hf(tok) -> GGUFVocab:
                                                else "never") != "never"
         for p in _components(j.get("pre_tokenizer")))
     return GGUFVocab("llama", tokens, types, scores, special=special, add_space_prefix=bool(prefix),
-                     add_bos=bool(config.get("add_bos_token", True)), chat_template=template)
+                     add_bos=add_bos, chat_template=template)
 
 
 def _components(node) -> list[dict]:
@@ -187,6 +192,6 @@ def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
         raise ConfigError(f"GGUF export writes SentencePiece and Hugging Face tokenizer.json vocabularies, not "
                           f"{type(tokenizer).__name__}; pass the model's tokenizer.json (--tokenizer), or convert "
                           "with llama.cpp's convert_hf_to_gguf.py")
-    if vocab.add_bos is None:
-        vocab.add_bos = getattr(tokenizer, "add_bos", None)
+    if vocab.add_bos is None:  # a tokenizer read from GGUF metadata knows; else SentencePiece's habit
+        vocab.add_bos = bool(getattr(tokenizer, "add_bos", vocab.model == "llama"))
     return _pad(vocab, vocab_size)
