@@ -404,7 +404,8 @@ def args_from_metadata(meta: dict, values: Callable[[str], list[float] | None], 
     for key in (K.LLM.ATTN_LOGIT_SOFTCAPPING, K.LLM.FINAL_LOGIT_SOFTCAPPING):
         key = key.format(arch=arch)
         if arch != "gemma2" and meta.get(key):
-            raise ConfigError(f"{path}: {key} asks for soft-capping, which nabla runs for gemma2 only")
+            raise ConfigError(f"{path}: {key} asks for soft-capping, which nabla runs for gemma2 only; use "
+                              "llama.cpp for this file")
     n_heads = get(K.Attention.HEAD_COUNT)
     dim = get(K.LLM.EMBEDDING_LENGTH)
     n_layers = get(K.LLM.BLOCK_COUNT)
