@@ -43,9 +43,10 @@ NEOX = ("qwen2", "qwen3", "gemma", "gemma2", "phi3")
 """Architectures whose q/k rows are in Hugging Face's half-split order (llama.cpp's NEOX rotary)."""
 UNIT_OFFSET = ("gemma", "gemma2")
 """Architectures whose norm weights are stored with 1 added (convert_hf_to_gguf.py adds it; llama.cpp scales by w)."""
-FUSED = {"phi3": {"attn_qkv": ("attention.wq", "attention.wk", "attention.wv"),
-                  "ffn_up": ("feed_forward.w1", "feed_forward.w3")}}
-"""Per architecture: fused llama.cpp tensor -> nabla's parts, in row order (Phi-3: gate before up)."""
+FUSED = {"phi3": {"ATTN_QKV": ("attention.wq", "attention.wk", "attention.wv"),
+                  "FFN_UP": ("feed_forward.w1", "feed_forward.w3")}}
+"""Per architecture: fused llama.cpp tensor (gguf.MODEL_TENSOR) -> nabla's parts, in row order (Phi-3: gate
+before up)."""
 NOT_RUN = {
     "gemma3": "per-layer-type rotary settings (local and global theta)",
     "gemma3n": "per-layer embeddings and altup",
@@ -107,6 +108,14 @@ def arch_tensors(arch: str) -> frozenset[str]:
 
 
 @functools.cache
+def fused_tensors(arch: str) -> dict[str, tuple[str, ...]]:
+    """llama.cpp name (layer as {}) of each fused tensor of `arch` -> nabla's parts (layer-relative names)."""
+    gguf = _gguf()
+    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[t]].replace("{bid}", "{}") + ".weight": parts
+            for t, parts in FUSED.get(arch, {}).items()}
+
+
+@functools.cache
 def extra_tensor_names() -> frozenset[str]:
     gguf = _gguf()
     return frozenset(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[t]] + ".weight" for t in EXTRA_TENSORS)
@@ -128,8 +137,13 @@ def gguf_name(meta_name: str) -> str | None:
 def meta_name(name: str) -> str | None:
     """Meta's name for a llama.cpp tensor name (None for names the table lacks)."""
     generic, layer = _generic(name)
-    meta = {v: k for k, v in tensor_names().items()}.get(generic)
+    meta = _meta_names().get(generic)
     return meta.format(layer) if meta and layer is not None else meta
+
+
+@functools.cache
+def _meta_names() -> dict[str, str]:
+    return {v: k for k, v in tensor_names().items()}
 
 
 def arch_of(args: ModelArgs) -> str:
@@ -143,20 +157,21 @@ def to_gguf(state, args: ModelArgs) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(llama.cpp name, the Meta name it comes from, fp32 tensor) for every weight of `state`, in
     llama.cpp's layout for the model's architecture (fused, permuted and offset as its converter does)."""
     arch = arch_of(args)
-    fused_parts = {f"{part}.weight": fused for fused, parts in FUSED.get(arch, {}).items() for part in parts}
+    fused_of = {f"layers.{{}}.{part}.weight": (fused, parts)
+                for fused, parts in fused_tensors(arch).items() for part in parts}
     held: dict[str, dict[str, torch.Tensor]] = {}
     for key in state:
         if key == "rope.freqs" or (args.tie_word_embeddings and key == "output.weight"):
             continue
         generic, layer = _generic(key)
-        fused = fused_parts.get(generic.removeprefix("layers.{}."))
         t = state[key].detach().to("cpu", torch.float32)
-        if fused is not None:  # Phi-3: wait for every part, then one tensor with their rows in order
-            parts = held.setdefault(f"blk.{layer}.{fused}.weight", {})
+        if generic in fused_of:  # Phi-3: wait for every part, then one tensor with their rows in order
+            fused, order = fused_of[generic]
+            name = fused.format(layer)
+            parts = held.setdefault(name, {})
             parts[generic.removeprefix("layers.{}.").removesuffix(".weight")] = _stored(t, key, "", args, arch)
-            if len(parts) == len(FUSED[arch][fused]):
-                name = f"blk.{layer}.{fused}.weight"
-                yield name, key, torch.cat([parts[p] for p in FUSED[arch][fused]])
+            if len(parts) == len(order):
+                yield name, key, torch.cat([parts[p] for p in order])
                 del held[name]
             continue
         name = gguf_name(key)
@@ -182,7 +197,7 @@ def from_gguf(name: str, shape: tuple[int, ...], args: ModelArgs,
     """[(Meta name, its shape, what makes it from the stored tensor)] for one llama.cpp tensor, or None for a
     name the architecture's table lacks."""
     generic, layer = _generic(name)
-    fused = FUSED.get(arch, {}).get(generic.removeprefix("blk.{}.").removesuffix(".weight"))
+    fused = fused_tensors(arch).get(generic)
     if fused is not None and layer is not None:
         if fused[0] == "attention.wq":
             rows = [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim]
