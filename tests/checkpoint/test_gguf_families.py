@@ -353,6 +353,13 @@ def test_qwen2_byte_level_tokenizer_round_trips(tmp_path):
     if HAVE_LLAMA_CPP:  # llama.cpp's "qwen2" pre-tokenizer and BPE on the vocabulary nabla wrote
         assert llama_cpp_tokens(path, texts) == [tk.encode(s, add_special_tokens=False).ids for s in texts]
     assert ours.eos_id == 2 and 2 in ours.stop_ids
+    # GGUF -> GGUF keeps the vocabulary as it is
+    from nabla.checkpoint.convert import convert_checkpoint
+
+    (again,) = convert_checkpoint(path, tmp_path / "again", "gguf")
+    keys = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token")
+    assert {k: fields(again)[k] for k in keys} == {k: meta[k] for k in keys}
 
 
 # ------------------------------------------------------------------ bad input

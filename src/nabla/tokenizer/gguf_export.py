@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass, field
 
 from nabla.errors import ConfigError
-from nabla.tokenizer.gguf import QWEN2_PATTERN
+from nabla.tokenizer.gguf import GPT2_PATTERN, QWEN2_PATTERN
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
 
@@ -109,7 +109,7 @@ def _pre_name(j: dict, source: str) -> str:
     patterns = _split_patterns(j.get("pre_tokenizer"))
     if not patterns:
         return "gpt2"  # ByteLevel's own regex
-    known = {QWEN2_PATTERN: "qwen2", LLAMA3_PATTERN: "llama-bpe"}
+    known = {QWEN2_PATTERN: "qwen2", LLAMA3_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt2"}
     if len(patterns) == 1 and patterns[0] in known:
         return known[patterns[0]]
     raise ConfigError(f"{source}: its pre-tokenizer splits with {patterns[0][:80]!r}, which is not one nabla can "
@@ -131,7 +131,8 @@ def _hf(tok) -> GGUFVocab:
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     kinds = _types_of(j.get("pre_tokenizer")) | _types_of(j.get("decoder"))
-    types = [UNUSED if i not in by_id else (CONTROL if added[i].get("special") else USER_DEFINED) if i in added
+    types = [UNUSED if i not in by_id or tokens[i] == f"[PAD{i}]"  # an id the converter filled in
+             else (CONTROL if added[i].get("special") else USER_DEFINED) if i in added
              else NORMAL for i in range(n)]
     special = {"bos": tok.bos_id, "eos": tok.eos_id}
     if getattr(tok, "pad_id", -1) >= 0:
