@@ -242,19 +242,19 @@ def test_unsupported_type_architecture_and_vocabulary(tmp_path):
     (tmp_path / "x.gguf").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="x.gguf.*unknown tensor type"):
         open_checkpoint(tmp_path / "x.gguf")
-    w = gguf.GGUFWriter(tmp_path / "qwen.gguf", "qwen2")
+    w = gguf.GGUFWriter(tmp_path / "gemma3.gguf", "gemma3")
     w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ConfigError, match="qwen.gguf.*'qwen2'.*llama"):
-        open_checkpoint(tmp_path / "qwen.gguf")
+    with pytest.raises(ConfigError, match="gemma3.gguf.*'gemma3'.*does not implement.*llama, qwen2"):
+        open_checkpoint(tmp_path / "gemma3.gguf")
     with pytest.raises(TokenizerError, match="m.gguf.*'bert'"):
         gguf_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}, "m.gguf")
-    with pytest.raises(TokenizerError, match="m.gguf.*'qwen2'.*pre-tokenizer"):
+    with pytest.raises(TokenizerError, match="m.gguf.*'deepseek-llm'.*pre-tokenizer"):
         gguf_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
-                        "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.pre": "qwen2"}, "m.gguf")
+                        "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.pre": "deepseek-llm"}, "m.gguf")
 
 
 def test_folder_with_two_gguf_files(tmp_path):

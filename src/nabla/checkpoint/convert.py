@@ -76,11 +76,15 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
     args = ckpt.args
     from nabla.model.rope import rope_kind
 
-    if to in ("meta", "gguf") and (not args.is_llama or rope_kind(args.rope_scaling) not in ("default", "llama3")):
+    if to == "meta" and (not args.is_llama or rope_kind(args.rope_scaling) not in ("default", "llama3")):
         what = f"{args.model_type!r} model" if not args.is_llama else \
             f"model with {rope_kind(args.rope_scaling)!r} rope scaling"
-        raise NablaError(f"{'Meta' if to == 'meta' else 'GGUF'} output cannot express this {what} (nabla writes "
-                         "plain Llama models in that format); convert it with --to hf instead")
+        raise NablaError(f"Meta output cannot express this {what} (nabla writes plain Llama models in that "
+                         "format); convert it with --to hf instead")
+    if to == "gguf":  # each family as its llama.cpp architecture; what llama.cpp cannot express is refused
+        from nabla.checkpoint.gguf_families import arch_of, check_writable
+
+        check_writable(args, arch_of(args))
     if args.vocab_size == -1:
         args.vocab_size = ckpt.shapes["tok_embeddings.weight"][0]
     state = ckpt.load_state()
@@ -103,7 +107,8 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
         qtype = {"int8": "q8_0", "int4": "q4_0"}.get(quantize) or \
             {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(cast or ckpt.dtype, "f32")
         name = ckpt.path.resolve().stem if ckpt.format == "gguf" else ckpt.path.resolve().name
-        return [write_gguf(out / f"{name}-{qtype}.gguf", state, args, tok, qtype, name=name)]
+        return [write_gguf(out / f"{name}-{qtype}.gguf", state, args, tok, qtype, name=name,
+                           context_length=ckpt.context_length)]
     bos = eos = None
     if to == "hf":
         bos = ckpt.bos_id if ckpt.bos_id is not None else (tok.bos_id if tok else None)

@@ -14,9 +14,12 @@ Everything else (embedding, norms, biases) is the file's float state. Llama.buil
 uses it when no other quantization is asked for, so a Q4_0 model runs its very
 blocks, and loading peaks at one layer in fp32, not the whole model.
 
+Q4_0 blocks take the same row reordering (q/k of the NEOX-rope families) and
+splitting (Phi-3's fused tensors) as the float weights (gguf_families.from_gguf):
+blocks never cross rows.
+
 Leaves out: keeping Q8_0 and k-quant blocks as they are (nabla has kernels for
-Q4_0 and per-channel int8 only), files whose layers are not one tensor per
-nabla weight (the result is None: the caller dequantizes and quantizes).
+Q4_0 and per-channel int8 only).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from nabla.checkpoint.gguf_read import GGUFCheckpoint, meta_name
+from nabla.checkpoint.gguf_families import from_gguf
+from nabla.checkpoint.gguf_read import GGUFCheckpoint
 from nabla.checkpoint.shards import Entry, LazyState
 from nabla.model.args import ModelArgs
 from nabla.model.quantize import GROUP_SIZE, int4_from_q4_0, pack_int4, quantize_int4, quantize_int8, quantized_weights
@@ -40,11 +44,18 @@ def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] |
     if mode is None:
         return None
     reader = gguf.GGUFReader(ckpt.path)
-    tensors = {meta_name(t.name): t for t in reader.tensors}
+    arch = ckpt.metadata["general.architecture"]
+    raw = {}  # Meta name -> what makes its raw Q4_0 block bytes (rows reordered or split as the floats')
+    for t in reader.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_0:
+            continue
+        shape = tuple(int(n) for n in reversed(t.shape))
+        for name, _, make in from_gguf(t.name, shape, ckpt.args, arch) or []:
+            raw[name] = (lambda t=t, make=make: make(torch.from_numpy(np.array(t.data))))
     floats = ckpt.load_state()
     targets = quantized_weights(ckpt.args)
-    if not targets <= set(tensors) or not targets <= set(floats):
-        return None  # fused or renamed tensors: let the caller quantize the float state
+    if not targets <= set(floats):
+        return None  # names nabla does not split this way: let the caller quantize the float state
     entries: dict[str, Entry] = {}
     pending: dict[str, list] = {}  # name -> [(weight, scales), parts not yet taken]
 
@@ -59,8 +70,8 @@ def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] |
             return made[which]
         return get
 
-    def blocks(t, shape):
-        return lambda: int4_from_q4_0(torch.from_numpy(np.array(t.data)), shape)
+    def blocks(name, shape):
+        return lambda: int4_from_q4_0(raw[name]().contiguous(), shape)
 
     def requantized(name, quantize):
         return lambda: quantize(floats[name].float())
@@ -68,8 +79,7 @@ def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] |
     for name, shape in ckpt.shapes.items():
         base = name[: -len("weight")]
         if name in targets and mode == "int4" and shape[1] % GROUP_SIZE == 0:
-            t = tensors[name]
-            make = blocks(t, shape) if t.tensor_type == gguf.GGMLQuantizationType.Q4_0 else requantized(name, _int4)
+            make = blocks(name, shape) if name in raw else requantized(name, _int4)
             entries[name] = Entry(part(name, 0, make), (shape[0], shape[1] // 2), torch.uint8)
             entries[base + "scales"] = Entry(part(name, 1, make), (shape[0], shape[1] // GROUP_SIZE), torch.float16)
         elif name in targets:
@@ -80,11 +90,10 @@ def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] |
             entries[name] = floats._entries[name]
     head = "output.weight" if "output.weight" in floats else "tok_embeddings.weight"
     shape = ckpt.shapes[head]
-    t = tensors.get(head)
     head_mode = "int8"
-    if mode == "int4" and t is not None and t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
+    if mode == "int4" and head in raw and shape[1] % GROUP_SIZE == 0:
         head_mode = "int4"  # a 4-bit head as the file has it (llama.cpp's own quantizer uses Q6_K there)
-        make = blocks(t, shape)
+        make = blocks(head, shape)
         entries["output.weight"] = Entry(part("output.weight", 0, make), (shape[0], shape[1] // 2), torch.uint8)
         entries["output.scales"] = Entry(part("output.weight", 1, make), (shape[0], shape[1] // GROUP_SIZE),
                                          torch.float16)

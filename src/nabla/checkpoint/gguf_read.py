@@ -1,9 +1,11 @@
 """Opening llama.cpp GGUF files as nabla checkpoints, read with the `gguf` package's GGUFReader.
 
 `open_gguf(file)` returns a GGUFCheckpoint: the hyper-parameters from the
-`llama.*` metadata, the tensors renamed to Meta's names by inverting
-nabla.checkpoint.gguf.TENSOR_NAMES (llama.cpp's attn_q / attn_k rows are in
-Meta's order, so nothing is permuted), and the tokenizer from the `tokenizer.*`
+`{arch}.*` metadata and the tensors in Meta's names and layout, for the
+architectures llama (Llama, Mistral), qwen2, qwen3, gemma, gemma2 and phi3
+(nabla.checkpoint.gguf_families: q/k rows back to Meta's order where llama.cpp
+keeps Hugging Face's, Gemma's 1 + w norms, Phi-3's fused tensors split, rope
+factors read into the rope settings), and the tokenizer from the `tokenizer.*`
 metadata (nabla.tokenizer.gguf). Each tensor is dequantized once, when the
 state is read, with `gguf.quants.dequantize` (llama.cpp's own arithmetic):
 
@@ -19,16 +21,15 @@ The int8 / int4 step (`load_quantize`, from the type most of the blocks' weights
 have) runs in Llama.build unless the caller passes its own `quantize`; the
 embedding and norms stay in the compute dtype. Requantized means not bit-exact:
 nabla's int4 and int8 grids differ from llama.cpp's blocks (error at most half
-a step of nabla's grid). Llama 3.1-style rope factors (`rope_freqs.weight`) are
-matched against Meta's llama3 scaling.
+a step of nabla's grid).
 
-Leaves out: architectures other than "llama", the other GGUF types (IQ*, Q2_K,
-Q3_K, TQ*: a clear error), and keeping blocks quantized in memory as they are.
+Leaves out: other architectures (mixture-of-experts, gemma3...: one clear
+error), the other GGUF types (IQ*, Q2_K, Q3_K, TQ*: a clear error), and keeping
+blocks quantized in memory as they are.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +38,9 @@ import numpy as np
 import torch
 
 from nabla.checkpoint import Checkpoint
-from nabla.checkpoint.gguf import TENSOR_NAMES
 from nabla.checkpoint.shards import Entry, LazyState
 from nabla.errors import CheckpointError, ConfigError
-from nabla.model.args import LLAMA3_ROPE_SCALING, ModelArgs
+from nabla.model.args import ModelArgs
 
 LOADS_AS = {
     "F32": "fp32 (as stored)",
@@ -52,8 +52,6 @@ LOADS_AS = {
 }
 """What nabla makes of each GGUF tensor type it reads (linear layers; embedding and norms stay float)."""
 MODE_OF = {t: ("int8" if "int8" in v else "int4" if "int4" in v else None) for t, v in LOADS_AS.items()}
-META_NAMES = {gguf: meta for meta, gguf in TENSOR_NAMES.items()}  # llama.cpp name -> Meta name
-SKIPPED = ("rope_freqs.weight",)  # read into the rope settings, not a weight
 MAGIC = b"GGUF"
 
 
@@ -71,15 +69,6 @@ def is_gguf(path: Path) -> bool:
             return f.read(4) == MAGIC
     except OSError:
         return False
-
-
-def meta_name(name: str) -> str | None:
-    """Meta's name for a llama.cpp tensor name (None for names the table lacks)."""
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
-        meta = META_NAMES.get(".".join(["blk", "{}", *parts[2:]]))
-        return meta.format(parts[1]) if meta else None
-    return META_NAMES.get(name)
 
 
 @dataclass
@@ -130,73 +119,22 @@ def _metadata(reader) -> dict:
     return out
 
 
-def _rope_scaling(reader, theta: float, head_dim: int, path: Path) -> dict | None:
-    """Meta's llama3 scaling whose factors equal the file's rope_freqs.weight, or None without one."""
-    gguf = _gguf()
-    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if t is None:
-        return None
-    want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).astype(np.float64)
-    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
-    for factor in (8.0, 16.0, 32.0, 4.0, 2.0):  # Llama 3.1 and 3.2 use 8 and 32
-        s = dict(LLAMA3_ROPE_SCALING, factor=factor)
-        low, high = s["original_max_position_embeddings"] / s["low_freq_factor"], \
-            s["original_max_position_embeddings"] / s["high_freq_factor"]
-        got = []
-        for f in freqs:  # convert_hf_to_gguf.py's rope factors (1 / Meta's scaling of each frequency)
-            wavelen = 2 * math.pi / f
-            if wavelen < high:
-                got.append(1.0)
-            elif wavelen > low:
-                got.append(factor)
-            else:
-                smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / \
-                    (s["high_freq_factor"] - s["low_freq_factor"])
-                got.append(1 / ((1 - smooth) / factor + smooth))
-        if len(got) == len(want) and np.allclose(got, want, rtol=1e-3):
-            return s
-    raise ConfigError(f"{path}: its rope_freqs.weight factors are not Llama 3's rope scaling (factor 2 to 32, "
-                      "original context 8192); nabla cannot run this rope yet")
-
-
 def gguf_args(reader, meta: dict, path: Path) -> tuple[ModelArgs, int | None]:
-    """(ModelArgs, trained context length) from the `llama.*` metadata."""
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path} is a {arch!r} model (general.architecture); nabla runs 'llama' GGUF files "
-                          "so far: run the model's Hugging Face folder, or use llama.cpp for this file")
+    """(ModelArgs, trained context length) from the file's metadata (nabla.checkpoint.gguf_families)."""
+    from nabla.checkpoint.gguf_families import args_from_metadata
 
-    def get(key, default=...):
-        value = meta.get(f"llama.{key}", default)
-        if value is ...:
-            raise CheckpointError(f"{path} has no llama.{key} in its metadata; the file is incomplete: convert "
-                                  "the model again with llama.cpp's convert_hf_to_gguf.py")
-        if isinstance(value, list):
-            raise ConfigError(f"{path}: llama.{key} differs between layers ({value[:4]}...); nabla runs "
-                              "models whose layers all have the same shape")
-        return value
+    gguf = _gguf()
+    by_name = {t.name: t for t in reader.tensors}
 
-    scaling_type = get("rope.scaling.type", "none")
-    if scaling_type not in ("none", "", None):
-        raise ConfigError(f"{path} uses {scaling_type!r} rope scaling, which nabla does not run yet; "
-                          "use a model without it or llama.cpp")
-    n_heads = get("attention.head_count")
-    dim = get("embedding_length")
-    head_dim = get("attention.key_length", dim // n_heads if n_heads else 0)
-    rot = get("rope.dimension_count", head_dim)
-    if rot != head_dim:
-        raise ConfigError(f"{path} rotates {rot} of each head's {head_dim} channels; nabla rotates them all")
-    theta = float(get("rope.freq_base", 10000.0))
-    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab = int(emb.shape[1]) if emb is not None and len(emb.shape) == 2 else get("vocab_size", -1)
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
-    args = ModelArgs(dim=dim, n_layers=get("block_count"), n_heads=n_heads,
-                     n_kv_heads=get("attention.head_count_kv", n_heads), vocab_size=vocab,
-                     norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
-                     rope_scaling=_rope_scaling(reader, theta, head_dim, path),
-                     head_dim=head_dim if head_dim != dim // n_heads else None,
-                     hidden_dim=get("feed_forward_length"), tie_word_embeddings=tied)
-    return args, get("context_length", None)
+    def values(name: str) -> list[float] | None:
+        t = by_name.get(name)
+        return None if t is None else gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).tolist()
+
+    emb = by_name.get("token_embd.weight")
+    vocab = int(emb.shape[1]) if emb is not None and len(emb.shape) == 2 else -1
+    if vocab == -1:
+        vocab = meta.get(f"{meta.get('general.architecture')}.vocab_size", -1)
+    return args_from_metadata(meta, values, "output.weight" in by_name, vocab, path)
 
 
 def _tensor(t, path: Path) -> torch.Tensor:
@@ -223,22 +161,31 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
     reader = _reader(path)
     meta = _metadata(reader)
     args, context = gguf_args(reader, meta, path)
+    from nabla.checkpoint.gguf_families import extra_tensor_names, from_gguf
+
+    arch = meta["general.architecture"]
     entries, types, unknown, block_types = {}, Counter(), [], Counter()
     for t in reader.tensors:
         kind = t.tensor_type.name
         types[kind] += 1
-        name = meta_name(t.name)
-        if name is None:
-            if t.name not in SKIPPED:
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
+        try:
+            parts = from_gguf(t.name, shape, args, arch)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}; the metadata does not fit the weights") from None
+        if parts is None:
+            if t.name not in extra_tensor_names():
                 unknown.append(t.name)
             continue
-        if name.startswith("layers.") and len(t.shape) == 2:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
             block_types[kind] += 1
-        shape = tuple(int(n) for n in reversed(t.shape))
-        entries[name] = Entry(lambda t=t: _tensor(t, path), shape, DTYPES.get(kind, torch.float32))
+        for name, part_shape, make in parts:
+            entries[name] = Entry(lambda t=t, make=make: make(_tensor(t, path)), part_shape,
+                                  DTYPES.get(kind, torch.float32))
     if unknown:
-        raise CheckpointError(f"{path} has tensors a Llama does not have: {', '.join(unknown[:4])}"
-                              f"{'...' if len(unknown) > 4 else ''}; it is not a plain Llama model: use llama.cpp")
+        raise CheckpointError(f"{path} has tensors a {arch!r} model does not have: {', '.join(unknown[:4])}"
+                              f"{'...' if len(unknown) > 4 else ''}; nabla runs plain {arch} models (no experts, "
+                              "adapters or extra heads): use llama.cpp for this file")
     main = block_types.most_common(1)[0][0] if block_types else "F32"
     state = LazyState(entries)
     bos = meta.get("tokenizer.ggml.bos_token_id")

@@ -76,7 +76,8 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
     if ckpt.format == "gguf":
         from nabla.checkpoint.gguf_read import LOADS_AS
 
-        info["gguf"] = {"tensor_types": ckpt.tensor_types, "load_quantize": ckpt.load_quantize,
+        info["gguf"] = {"architecture": ckpt.metadata.get("general.architecture"),
+                        "tensor_types": ckpt.tensor_types, "load_quantize": ckpt.load_quantize,
                         "loads_as": {t: LOADS_AS[t] for t in ckpt.tensor_types}}
     if tok is not None:
         kind = f"gguf {ckpt.metadata.get('tokenizer.ggml.model')}" if from_gguf else tokenizer_kind(tok_path)

@@ -37,6 +37,7 @@ def print_info(info: dict, out=None) -> None:
     ]
     if info.get("gguf"):  # what each of the file's tensor types becomes in nabla
         g = info["gguf"]
+        rows.append(("gguf architecture", str(g.get("architecture"))))
         rows.append(("tensor types", "; ".join(f"{t} x{n} -> {g['loads_as'][t]}"
                                                for t, n in g["tensor_types"].items())))
         if g["load_quantize"]:

@@ -7,7 +7,7 @@
         token types are SentencePiece's piece types, so they carry over as they are);
     tokenizer.ggml.model "gpt2"   -> GGUFBPETokenizer: a `tokenizers` byte-level BPE
         from the tokens and merges, split first by the regex `tokenizer.ggml.pre`
-        names (llama-bpe: Llama 3's); control tokens are special tokens, recognised in chat
+        names (llama-bpe: Llama 3's, qwen2: Qwen2/2.5/3's); control tokens are special tokens, recognised in chat
         templates only (text encodes them as characters, as Meta's Llama 3 tokenizer does).
 
 Special ids (bos, eos, eot, pad, unk) come from the metadata; eos and eot are
@@ -16,7 +16,8 @@ stop ids; `tokenizer.chat_template` becomes the chat format (JinjaChatFormat).
 whether a BOS is added is the caller's `encode(s, bos, eos)` (Meta's API adds it).
 
 Leaves out: other vocabularies (bert, t5, rwkv...) and pre-tokenizers other
-than llama-bpe and gpt2's default; they raise TokenizerError.
+than llama-bpe, qwen2 and gpt2's default; they raise TokenizerError. Qwen2's
+tokenizer.json also NFC-normalizes text first; llama.cpp does not, nor does this.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from nabla.tokenizer.sentencepiece import SentencePieceTokenizer
 # llama.cpp's token types (also SentencePiece's piece types)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-PRE_PATTERNS = {"default": GPT2_PATTERN, "gpt2": GPT2_PATTERN}  # llama-bpe: LLAMA3_PATTERN, added below
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Qwen2's pre-tokenizer split as its tokenizer.json states it (llama.cpp's "qwen2" spells the same
+alternatives out case by case)."""
+PRE_PATTERNS = {"default": GPT2_PATTERN, "gpt2": GPT2_PATTERN, "qwen2": QWEN2_PATTERN}  # + llama-bpe, below
 
 
 def _pre_pattern(pre: str, source: str) -> str:
