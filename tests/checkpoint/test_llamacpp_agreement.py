@@ -99,7 +99,7 @@ def test_dequantized_tensors_equal_gguf_package(files, ftype):
     # The model Llama.build makes of the file: float tensors and kept Q4_0 blocks are the file's numbers
     # exactly; layers requantized to nabla's int8 / int4 grid are within half a step of it.
     model = Llama.build(path, max_seq_len=8, max_batch_size=1).model
-    kept = requantized = 0
+    kept = requantized = floats = 0
     for name, module in model.named_modules():
         key = f"{name}.weight"
         if isinstance(module, (Int4Linear, Int8Linear)):
@@ -114,8 +114,9 @@ def test_dequantized_tensors_equal_gguf_package(files, ftype):
                 requantized += 1
         elif isinstance(module, torch.nn.Embedding) or key in ("norm.weight",) or name.endswith("_norm"):
             assert torch.equal(module.weight.float(), reference[key]), key
+            floats += 1
     n_linear = 7 * 6 + 1
-    assert kept + requantized == n_linear
+    assert kept + requantized == n_linear and floats == 1 + 2 * 6 + 1  # embedding, norms
     assert kept == (n_linear - 1 if ftype == "Q4_0" else 0)
 
 
