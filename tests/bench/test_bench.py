@@ -172,3 +172,11 @@ def test_bench_gguf_file_vs_llama_cpp(tmp_path, capsys):
     peer = out["llamacpp"]
     assert peer["gguf_file"] == str(path) and peer["gguf_type"] == "Q4_0"
     assert peer["decode_tok_s"] > 0 and out["decode_tok_s"] > 0 and out["vs_llamacpp_ratio"] > 0
+
+
+def test_gguf_quantize_flag_applies_at_the_load(tmp_path, capsys, fake_llama_cpp):
+    path = tiny_gguf(tmp_path, "q4_0")
+    out = bench_json(capsys, "--model", str(path), "--vs", "llama.cpp", "--quantize", "int8")
+    assert out["quantize"] == "int8" and out["llamacpp"]["gguf_type"] == "Q4_0"  # llama.cpp: the file as it is
+    [(loaded, _)] = fake_llama_cpp
+    assert loaded.resolve() == path.resolve()
