@@ -1,5 +1,6 @@
 """`nabla bench` end to end on the smallest shape (numbers recorded, never asserted)."""
 
+import collections
 import importlib.util
 import json
 
@@ -74,3 +75,108 @@ def test_bench_vs_llama_cpp(capsys, quantize):
     out = json.loads(capsys.readouterr().out)
     assert out["llamacpp"]["gguf_type"] == ("q8_0" if quantize else "f32")
     assert out["llamacpp"]["decode_tok_s"] > 0 and out["vs_llamacpp_ratio"] > 0
+
+
+# ------------------------------------------------------------------ --model FILE.gguf --vs llama.cpp
+def tiny_gguf(tmp_path, qtype):
+    """A GGUF file of a tiny random Llama (Llama 2 tokenizer) in `qtype`, written by nabla."""
+    pytest.importorskip("gguf")
+    from conftest import LLAMA2_TOKENIZER, TINY_GQA, random_state
+
+    from nabla.checkpoint.gguf import write_gguf
+    from nabla.checkpoint.meta import args_from_params
+    from nabla.tokenizer import load_tokenizer
+
+    args = args_from_params(dict(TINY_GQA))
+    return write_gguf(tmp_path / f"tiny-{qtype}.gguf", random_state(args, 3), args,
+                      load_tokenizer(LLAMA2_TOKENIZER), qtype)
+
+
+class FakeLlamaCpp:
+    """Stands in for nabla.bench.llamacpp.LlamaCpp where llama.cpp is not installed: records what it loads."""
+    loaded: list = []
+
+    def __init__(self, gguf_path, batch_size, seq_len, threads, prompt_len=512):
+        from pathlib import Path
+
+        FakeLlamaCpp.loaded.append((Path(gguf_path), Path(gguf_path).read_bytes()))
+
+    def time(self, tokens, gen_len):
+        return 0.01, 0.02
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake_llama_cpp(monkeypatch):
+    from nabla.bench import llamacpp
+
+    FakeLlamaCpp.loaded = []
+    monkeypatch.setattr(llamacpp, "check_installed", lambda: None)
+    monkeypatch.setattr(llamacpp, "LlamaCpp", FakeLlamaCpp)
+    return FakeLlamaCpp.loaded
+
+
+def bench_json(capsys, *extra):
+    args = ["bench", "--gen-len", "2", "--prompt-len", "4", "--repeats", "1", "--threads", "1", "--json", *extra]
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_gguf_model_gives_llama_cpp_that_very_file(tmp_path, capsys, fake_llama_cpp, where):
+    path = tiny_gguf(tmp_path, "q4_0")
+    out = bench_json(capsys, "--model", str(path if where == "file" else tmp_path), "--vs", "llama.cpp")
+    [(loaded, data)] = fake_llama_cpp
+    assert loaded.resolve() == path.resolve() and data == path.read_bytes()  # the file itself, not a copy
+    peer = out["llamacpp"]
+    assert peer["gguf_file"] == str(loaded) and peer["gguf_type"] == "Q4_0"
+    import gguf
+
+    types = collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)
+    assert peer["gguf_types"] == out["gguf_types"] == dict(types) and "Q4_0" in types
+    assert out["quantize"] == "int4"  # nabla ran the file's Q4_0 blocks, as Llama.build loads them
+
+
+def test_gguf_report_names_the_tensor_types(tmp_path, capsys, fake_llama_cpp):
+    from nabla.bench.runner import format_report
+
+    out = bench_json(capsys, "--model", str(tiny_gguf(tmp_path, "q8_0")), "--vs", "llama.cpp")
+    text = format_report(out)
+    assert "GGUF tensor types: Q8_0 x" in text and "as int8" in text
+    assert "llama.cpp (the same file, Q8_0)" in text
+
+
+def test_non_gguf_model_vs_llama_cpp_still_writes_a_gguf(tmp_path, capsys, fake_llama_cpp, make_checkpoint):
+    from conftest import TINY_GQA
+
+    folder = make_checkpoint(dict(TINY_GQA), seed=3)
+    out = bench_json(capsys, "--model", str(folder), "--vs", "llama.cpp", "--quantize", "int8")
+    [(loaded, data)] = fake_llama_cpp
+    assert loaded.suffix == ".gguf" and folder not in loaded.parents and data[:4] == b"GGUF"
+    assert out["llamacpp"]["gguf_type"] == "q8_0" and out["llamacpp"]["gguf_file"] is None
+    assert out["gguf_types"] is None and not loaded.exists()  # the written copy is gone after the run
+
+
+def test_quantized_gguf_vs_hf_is_refused(tmp_path, capsys):
+    assert main(["bench", "--model", str(tiny_gguf(tmp_path, "q4_0")), "--vs", "hf", "--gen-len", "1"]) == 1
+    assert "--vs llama.cpp" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
+                    reason="llama-cpp-python and gguf not installed")
+def test_bench_gguf_file_vs_llama_cpp(tmp_path, capsys):
+    path = tiny_gguf(tmp_path, "q4_0")
+    out = bench_json(capsys, "--model", str(path), "--vs", "llama.cpp", "--batch-size", "2")
+    peer = out["llamacpp"]
+    assert peer["gguf_file"] == str(path) and peer["gguf_type"] == "Q4_0"
+    assert peer["decode_tok_s"] > 0 and out["decode_tok_s"] > 0 and out["vs_llamacpp_ratio"] > 0
+
+
+def test_gguf_quantize_flag_applies_at_the_load(tmp_path, capsys, fake_llama_cpp):
+    path = tiny_gguf(tmp_path, "q4_0")
+    out = bench_json(capsys, "--model", str(path), "--vs", "llama.cpp", "--quantize", "int8")
+    assert out["quantize"] == "int8" and out["llamacpp"]["gguf_type"] == "Q4_0"  # llama.cpp: the file as it is
+    [(loaded, _)] = fake_llama_cpp
+    assert loaded.resolve() == path.resolve()

@@ -38,6 +38,7 @@ class LlamaCpp:
     """One llama.cpp model and context for `batch_size` sequences of up to `seq_len` tokens each."""
 
     def __init__(self, gguf_path, batch_size: int, seq_len: int, threads: int, prompt_len: int = 512):
+        self.ctx = self.model = None  # close() has nothing to free if the import or the load fails
         import llama_cpp as lc
 
         self.lc = lc
@@ -65,8 +66,8 @@ class LlamaCpp:
         self.batch = lc.llama_batch_init(self.capacity, 0, batch_size)
 
     def close(self) -> None:
-        lc = self.lc
         if self.ctx:
+            lc = self.lc
             lc.llama_batch_free(self.batch)
             lc.llama_free(self.ctx)
             lc.llama_model_free(self.model)

@@ -3,7 +3,8 @@
 `hf_peer`: transformers' LlamaForCausalLM holding nabla's weights (q/k rows
 permuted to Hugging Face's order), timed by `time_hf` the way
 nabla.bench.timing times nabla. `llamacpp_peer`: llama.cpp on a GGUF file of
-the weights (nabla.bench.llamacpp).
+the weights (nabla.bench.llamacpp); `llamacpp_file_peer`: llama.cpp on a GGUF
+file as it is, the very file nabla loaded (`--model FILE.gguf`).
 
 Leaves out: other engines (vLLM, MLX) and peers' own quantization schemes
 beyond the GGUF types that match nabla's.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -98,4 +100,44 @@ def llamacpp_peer(model: Transformer, tokenizer, setup: Setup, say):
         folder.cleanup()
         raise
     cpp.gguf_type, cpp.folder = gguf_type, folder  # the file lives as long as the peer
+    cpp.gguf_file, cpp.gguf_types = None, None
+    return cpp
+
+
+def gguf_file(model: str | Path) -> Path | None:
+    """The GGUF file a --model argument loads (a .gguf file, or a folder holding one), else None."""
+    from nabla.checkpoint import detect_format
+    from nabla.checkpoint.gguf_read import find_gguf, is_gguf
+
+    path = Path(model)
+    if path.is_file():
+        return path if is_gguf(path) else None
+    if path.is_dir() and detect_format(path) == "gguf":
+        return find_gguf(path)
+    return None
+
+
+def file_type_name(types: dict[str, int], file_type: int | None = None) -> str:
+    """What a GGUF file is called: its `general.file_type` ("Q4_K_M") where the gguf package knows the
+    number, else the type most of its quantized tensors have ("Q4_0"), or F32/F16/BF16 for a float file."""
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(file_type).name.split("_", 1)[1]  # MOSTLY_Q4_K_M, ALL_F32
+    except (ValueError, TypeError):
+        pass
+    blocks = {t: n for t, n in types.items() if t not in ("F32", "F16", "BF16")}
+    pick = blocks or types
+    return max(pick, key=pick.get)
+
+
+def llamacpp_file_peer(path: Path, tensor_types: dict[str, int], file_type: int | None, setup: Setup, say):
+    """llama.cpp on the GGUF file at `path` itself, nothing rewritten: the same bytes nabla loaded."""
+    from nabla.bench.llamacpp import LlamaCpp
+
+    say(f"loading {path.name} in llama.cpp")
+    context = setup.prompt_len + setup.gen_len + 1
+    cpp = LlamaCpp(path, setup.batch_size, context, torch.get_num_threads(), setup.prompt_len)
+    cpp.gguf_type, cpp.folder = file_type_name(tensor_types, file_type), None
+    cpp.gguf_file, cpp.gguf_types = str(path), dict(tensor_types)
     return cpp

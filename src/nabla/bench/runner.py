@@ -9,7 +9,8 @@ reports decode as a fraction of the roofline. `--vs hf` times transformers'
 LlamaForCausalLM on the same weights in the same process, alternating runs;
 `--vs llama.cpp` writes the same weights to GGUF (f32, bf16, f16, or q8_0 /
 q4_0 beside nabla's int8 / int4) and times llama.cpp the same way
-(nabla.bench.llamacpp).
+(nabla.bench.llamacpp); with `--model FILE.gguf` both engines load that very
+file, nabla as Llama.build does (its Q4_0 blocks as they are).
 
 A checkpoint is built by Llama.build, random weights by
 nabla.model.prepare.prepare_model: the same dtype and kernel choices either
@@ -29,7 +30,7 @@ import torch
 
 from nabla import device as devices
 from nabla.bench.machine import available_memory, peak_rss, read_bandwidth
-from nabla.bench.peers import hf_peer, llamacpp_peer, time_hf
+from nabla.bench.peers import gguf_file, hf_peer, llamacpp_file_peer, llamacpp_peer, time_hf
 from nabla.bench.timing import rates, time_nabla
 from nabla.errors import ConfigError
 from nabla.model.args import ModelArgs, from_name, param_count
@@ -138,7 +139,34 @@ def run(setup: Setup, progress: bool = True) -> dict:
         elif setup.vs == "llama.cpp":
             cpp = llamacpp_peer(model, tokenizer, setup, say)
 
-    if setup.model:
+    gguf_path = gguf_file(setup.model) if setup.model else None
+    gguf_types = None
+    quantized = setup.quantize
+    if gguf_path is not None:
+        from nabla.api import Llama
+        from nabla.checkpoint import open_checkpoint
+
+        # A GGUF file runs as Llama.build loads it (Q4_0 blocks as they are, other blocks requantized once,
+        # --quantize applied at the load), and llama.cpp runs the very same file, not a rewritten copy.
+        ckpt = open_checkpoint(gguf_path)
+        gguf_types = dict(ckpt.tensor_types)
+        quantized = setup.quantize or ckpt.load_quantize
+        if setup.vs == "hf" and quantized:
+            raise ConfigError(f"--vs hf needs float weights but {gguf_path.name} loads as {quantized}; "
+                              "use --vs llama.cpp for a quantized GGUF file")
+        if setup.vs == "llama.cpp" and setup.adapter:
+            raise ConfigError("--adapter with --vs llama.cpp on a GGUF file: llama.cpp would run the file without "
+                              "the adapter; merge it into the model first (nabla convert --merge-adapter)")
+        llama = Llama.build(gguf_path, max_seq_len=context, max_batch_size=setup.batch_size, device=dev,
+                            dtype=setup.dtype, quantize=setup.quantize, adapter=setup.adapter,
+                            merge_adapter=not setup.adapter_unmerged)
+        model, args, tokenizer = llama.model, llama.model.args, llama.tokenizer
+        check_fits(args, dtype, setup, dev)
+        if setup.vs == "llama.cpp":
+            cpp = llamacpp_file_peer(gguf_path, gguf_types, ckpt.metadata.get("general.file_type"), setup, say)
+        else:
+            make_peer(model, tokenizer)
+    elif setup.model:
         from nabla.api import Llama
 
         # Prepared as for generation, but quantized only once the peer has copied the weights.
@@ -186,7 +214,8 @@ def run(setup: Setup, progress: bool = True) -> dict:
         if peer is not None:
             theirs.append(peer(G))
     result = {
-        "shape": setup.shape, "model": setup.model, "dtype": setup.dtype, "quantize": setup.quantize,
+        "shape": setup.shape, "model": setup.model, "dtype": setup.dtype, "quantize": quantized,
+        "gguf_types": gguf_types,
         "device": str(dev), "device_name": devices.describe(dev), "graphs": graphs,
         "batch_size": B, "prompt_len": P, "gen_len": G, "repeats": setup.repeats,
         "threads": torch.get_num_threads(), "params": param_count(args),
@@ -209,8 +238,11 @@ def run(setup: Setup, progress: bool = True) -> dict:
         peer_rates = rates(theirs, B, P, G)
         if cpp is not None:
             peer_rates["gguf_type"] = cpp.gguf_type
+            peer_rates["gguf_file"] = cpp.gguf_file  # None: a GGUF bench wrote of the weights
+            peer_rates["gguf_types"] = cpp.gguf_types
             cpp.close()
-            cpp.folder.cleanup()
+            if cpp.folder is not None:
+                cpp.folder.cleanup()
         result[name] = peer_rates
         result[f"vs_{name}_ratio"] = result["decode_tok_s"] / peer_rates["decode_tok_s"] if G else None
         result[f"vs_{name}_prefill_ratio"] = result["prefill_tok_s"] / peer_rates["prefill_tok_s"]
@@ -242,6 +274,10 @@ class _Progress:
             sys.stderr.flush()
 
 
+def _types(types: dict[str, int]) -> str:
+    return ", ".join(f"{t} x{n}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
+
+
 def format_report(r: dict) -> str:
     what = r["model"] or r["shape"]
     q = f", {r['quantize']}" if r["quantize"] else ""
@@ -251,6 +287,8 @@ def format_report(r: dict) -> str:
         + (f" ({r['threads']} threads)" if r["device"] == "cpu" else ""),
         "memory read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["bandwidth_probes_gb_s"].items())
         + f" (roofline uses {r['bandwidth_gb_s']:.1f})",
+        *([f"GGUF tensor types: {_types(r['gguf_types'])} (nabla runs the linear layers as "
+           f"{r['quantize'] or r['dtype']})"] if r.get("gguf_types") else []),
         f"weights read per step: {r['weight_bytes'] / 1e6:.1f} MB -> roofline {r['roofline_tok_s']:.1f} tok/s",
         f"prefill: {r['prefill_tok_s']:10.1f} tok/s",
         f"decode:  {r['decode_tok_s']:10.1f} tok/s  ({100 * r['roofline_fraction']:.0f}% of the roofline)",
@@ -261,6 +299,8 @@ def format_report(r: dict) -> str:
         if key in r:
             peer = r[key]
             kind = f" ({peer['gguf_type']})" if "gguf_type" in peer else ""
+            if peer.get("gguf_file"):
+                kind = f" (the same file, {peer['gguf_type']})"
             at_decode = f"{r[f'vs_{key}_ratio']:.2f}x at decode, " if r[f"vs_{key}_ratio"] else ""
             lines.append(f"{who}{kind}: prefill {peer['prefill_tok_s']:.1f} tok/s, decode "
                          f"{peer['decode_tok_s']:.1f} tok/s -> nabla is {at_decode}"

@@ -29,7 +29,8 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="measure prefill and decode speed against the memory limit",
                        description="Time prefill and greedy decode of a checkpoint, or of random weights of a "
                                    "named shape, and compare decode with the machine's memory read bandwidth.")
-    p.add_argument("--model", metavar="DIR", help="checkpoint folder (default: random weights of --shape)")
+    p.add_argument("--model", metavar="DIR", help="checkpoint folder or .gguf file (default: random weights of "
+                   "--shape); with --vs llama.cpp, llama.cpp runs a GGUF file as it is")
     p.add_argument("--shape", choices=list(SHAPES), help="named model shape for random weights (default: 110m)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
