@@ -145,3 +145,17 @@ def test_int8_vnni_rows_are_the_q8_0_product(N, K, B):
     want = q8_0_x(x) @ lin.dequantize().double().T
     got = cpu_kernels.rows_i8(x, lin.weight, lin.scales).double()
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_project_keeps_each_layers_bias(cls, monkeypatch):
+    """q, k, v in one call (Qwen2 has biases on them) equal each layer alone, bias included."""
+    monkeypatch.setattr(cpu_kernels, "MIN_WEIGHTS", 0)
+    lins = [cls(randn(64, 128), kernel="numba", bias=randn(64)) for _ in range(3)]
+    x = randn(1, 2, 128)
+    with torch.inference_mode():
+        together = cpu_kernels.project(x, *lins)
+        alone = [lin(x) for lin in lins]
+    for a, b, lin in zip(together, alone, lins):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert (a - (b - lin.bias)).abs().max() > 0.1  # the bias is there

@@ -212,17 +212,26 @@ def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
             return rows_f32_multi(x, [lin.weight for lin in linears])
         if all(getattr(lin, "kernel", None) == "numba" and lin.weight.dtype == torch.int8
                and lin.weight.numel() >= MIN_WEIGHTS for lin in linears):
-            return rows_i8_multi(x, [lin.weight for lin in linears], [lin.scales for lin in linears])
+            ys = rows_i8_multi(x, [lin.weight for lin in linears], [lin.scales for lin in linears])
+            return [y if lin.bias is None else y + lin.bias for y, lin in zip(ys, linears)]
         if all(getattr(lin, "kernel", None) == "numba" and hasattr(lin, "q4_arrays") for lin in linears):
             ys = rows_q4_multi(x, [lin.q4_arrays() for lin in linears])
             return [y if lin.bias is None else y + lin.bias for y, lin in zip(ys, linears)]
     return [lin(x) for lin in linears]
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether the kernels take this call: fp32 input on the CPU, outside autograd, a few rows."""
+def usable(x: torch.Tensor, any_rows: bool = False) -> bool:
+    """Whether the kernels take this call: fp32 input on the CPU, outside autograd, a few rows (or any
+    number, `any_rows`)."""
     return (_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() > 0
-            and not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1])
+            and not torch.is_grad_enabled() and (any_rows or x.numel() <= MAX_ROWS * x.shape[-1]))
+
+
+def int8_any_rows(x: torch.Tensor) -> bool:
+    """Whether int8 rows of any count (prefill too) run rows_i8: on CPUs with VNNI, where they are
+    llama.cpp's q8_0 product (x in int8 per block of 32). Elsewhere prefill takes FBGEMM, whose x is one
+    7-bit scale for the whole input."""
+    return I8_VNNI and x.shape[-1] % 32 == 0 and usable(x, any_rows=True)
 
 
 class RowKernelLinear(nn.Linear):

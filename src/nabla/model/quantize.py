@@ -172,7 +172,8 @@ class Int8Linear(nn.Module):
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
         if kernel == "numba":
-            if cpu_kernels.usable(x) and self.weight.numel() >= cpu_kernels.MIN_WEIGHTS:
+            if cpu_kernels.int8_any_rows(x) or (cpu_kernels.usable(x) and
+                                                self.weight.numel() >= cpu_kernels.MIN_WEIGHTS):
                 return cpu_kernels.rows_i8(x, self.weight, self.scales)
             kernel = "fbgemm" if _has_fbgemm() else "dequant"  # prefill, or a small layer
         if kernel == "fbgemm":
