@@ -217,12 +217,18 @@ def _quantize_u8(X, XU, DXE):  # pragma: no cover - compiled
                 DXE[b, i] = d
 
 
+_i8_dot_1 = simd.i8_dot_for(1)
+_i8_dot_tile = simd.i8_dot_for(simd.I8_TILE)
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
     # As _rows_i8, with x quantized to int8 per block of 32 (llama.cpp's q8_0) and the products in
-    # AVX-512 VNNI integer instructions (cpu_kernels_simd.i8_dot); K a multiple of 32.
+    # AVX-512 VNNI integer instructions (cpu_kernels_simd), I8_TILE rows of x per weight load; K a
+    # multiple of 32.
     _quantize_u8(X, XU, DXE)
     B, K = X.shape
+    tile = simd.I8_TILE
     ends = np.zeros(len(Ws), dtype=np.int64)
     total = 0
     for i in range(len(Ws)):
@@ -234,5 +240,14 @@ def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
             i += 1
         W, S, Y = Ws[i], scales[i], Ys[i]
         n = r - (ends[i] - W.shape[0])
-        for b in range(B):
-            Y[b, n] = simd.i8_dot(W[n], XU[b], DXE[b], K) * S[n]
+        out = np.empty(tile, dtype=np.float32)
+        b = 0
+        while b + tile <= B:
+            _i8_dot_tile(W[n], XU, DXE, b, K, out)
+            for j in range(tile):
+                Y[b + j, n] = out[j] * S[n]
+            b += tile
+        while b < B:
+            _i8_dot_1(W[n], XU, DXE, b, K, out)
+            Y[b, n] = out[0] * S[n]
+            b += 1

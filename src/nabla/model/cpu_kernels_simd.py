@@ -172,20 +172,26 @@ def _tail_function(module, kind):
     return fn
 
 
-def _i8_function(module):
-    """float nabla_i8_dot(i8* w, i8* xu, float* dxe, i64 k): the dot product of a row of int8 weights
-    with x quantized to int8 per block of 32 and stored as x + 128 (u8), so that vpdpbusd takes it:
-    per 4 bytes, sum((x + 128) w) - 128 sum(w) = sum(x w), the second sum by vpdpbusd of ones.
-    dxe holds each x block's scale once per 4 bytes (8 per block). k: the row's length, a multiple
-    of 32; a last 32 bytes are read with a masked load."""
-    name = "nabla_i8_dot_vnni512"
+I8_TILE = 4
+"""Rows of x that nabla_i8_dot_<rows> multiplies with each load of a weight row (prefill, batches)."""
+
+
+def _i8_function(module, rows: int):
+    """void nabla_i8_dot_<rows>(i8* w, i8* xu, i64 xstride, float* dxe, i64 dstride, i64 k, float* out):
+    the dot products of a row of int8 weights with `rows` rows of x, x quantized to int8 per block of 32
+    and stored as x + 128 (u8) so that vpdpbusd takes it: per 4 bytes, sum((x + 128) w) - 128 sum(w)
+    = sum(x w), the second sum by vpdpbusd of ones, once per weight load for all rows. dxe holds each x
+    block's scale once per 4 bytes (8 per block). k: the row's length, a multiple of 32; a last 32
+    bytes are read with a masked load. Row r of x starts at xu + r * xstride (dxe + r * dstride)."""
+    name = f"nabla_i8_dot_{rows}"
     ptr = lambda t: t.as_pointer()  # noqa: E731
-    fn = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [ptr(_I8), ptr(_I8), ptr(_F32), _I64]), name)
+    fnty = ir.FunctionType(ir.VoidType(), [ptr(_I8), ptr(_I8), _I64, ptr(_F32), _I64, _I64, ptr(_F32)])
+    fn = cgutils.get_or_insert_function(module, fnty, name)
     if not fn.is_declaration:
         return fn
     fn.linkage = "internal"
-    w, xu, dxe, k = fn.args
-    entry, loop, tail, done = (fn.append_basic_block(n) for n in ("entry", "loop", "tail", "done"))
+    w, xu, xstride, dxe, dstride, k, out = fn.args
+    entry, loop, tail = (fn.append_basic_block(n) for n in ("entry", "loop", "tail"))
     b = ir.IRBuilder(entry)
     zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
     groups = b.udiv(k, ir.Constant(_I64, 64))
@@ -195,75 +201,93 @@ def _i8_function(module):
     ones = ir.Constant(_vec(_I32, 16), [0x01010101] * 16)
     none = ir.Constant(_vec(_I32, 16), [0] * 16)
 
-    def step(acc, wv, xv, dv):
-        wv, xv = b.bitcast(wv, _vec(_I32, 16)), b.bitcast(xv, _vec(_I32, 16))
-        total = b.sub(b.call(dp, [none, xv, wv]), b.shl(b.call(dp, [none, ones, wv]), _splat(_I32, 16, 7)))
-        return b.fadd(acc, b.fmul(b.sitofp(total, _vec(_F32, 16)), dv))
+    def steps(accs, wv, xs, ds):
+        wv = b.bitcast(wv, _vec(_I32, 16))
+        w128 = b.shl(b.call(dp, [none, ones, wv]), _splat(_I32, 16, 7))  # 128 * sum(w), for every row
+        out = []
+        for acc, xv, dv in zip(accs, xs, ds):
+            exact = b.sub(b.call(dp, [none, b.bitcast(xv, _vec(_I32, 16)), wv]), w128)
+            out.append(b.fadd(acc, b.fmul(b.sitofp(exact, _vec(_F32, 16)), dv, flags=("contract",)),
+                              flags=("contract",)))  # one fused multiply-add
+        return out
+
+    def at(pointer, offset, t, n):
+        return b.bitcast(b.gep(pointer, [offset]), _vec(t, n).as_pointer())
 
     b.position_at_end(loop)
     g = b.phi(_I64)
-    acc = b.phi(_vec(_F32, 16))
+    accs = [b.phi(_vec(_F32, 16)) for _ in range(rows)]
     g.add_incoming(ir.Constant(_I64, 0), entry)
-    acc.add_incoming(zero, entry)
-    off = b.mul(g, ir.Constant(_I64, 64))
-
-    def load(pointer, offset, t, n, align):
-        return b.load(b.bitcast(b.gep(pointer, [offset]), _vec(t, n).as_pointer()), align=align)
-
-    acc_next = step(acc, load(w, off, _I8, 64, 1), load(xu, off, _I8, 64, 1),
-                    load(dxe, b.mul(g, ir.Constant(_I64, 16)), _F32, 16, 4))
+    for acc in accs:
+        acc.add_incoming(zero, entry)
+    off, doff = b.mul(g, ir.Constant(_I64, 64)), b.mul(g, ir.Constant(_I64, 16))
+    xs = [b.load(at(xu, b.add(off, b.mul(xstride, ir.Constant(_I64, r))), _I8, 64), align=1) for r in range(rows)]
+    ds = [b.load(at(dxe, b.add(doff, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), align=4) for r in range(rows)]
+    nexts = steps(accs, b.load(at(w, off, _I8, 64), align=1), xs, ds)
     g_next = b.add(g, ir.Constant(_I64, 1))
     g.add_incoming(g_next, loop)
-    acc.add_incoming(acc_next, loop)
+    for acc, nxt in zip(accs, nexts):
+        acc.add_incoming(nxt, loop)
     b.cbranch(b.icmp_signed("<", g_next, groups), loop, tail)
 
     b.position_at_end(tail)  # 32 bytes left, or none
-    acc_t = b.phi(_vec(_F32, 16))
-    acc_t.add_incoming(zero, entry)
-    acc_t.add_incoming(acc_next, loop)
+    accs_t = []
+    for nxt in nexts:
+        phi = b.phi(_vec(_F32, 16))
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(nxt, loop)
+        accs_t.append(phi)
     rest = b.sub(k, b.mul(groups, ir.Constant(_I64, 64)))
     mask = b.icmp_unsigned("<", ir.Constant(_vec(_I32, 16), list(range(16))), b.shuffle_vector(
         b.insert_element(none, b.trunc(b.udiv(rest, ir.Constant(_I64, 4)), _I32), ir.Constant(_I32, 0)),
         none, none))
 
-    def masked(pointer, offset, t, n, align):
+    def masked(pointer, t, n, align):
         vt = _vec(t, n)
         fn_ = cgutils.get_or_insert_function(
             module, ir.FunctionType(vt, [vt.as_pointer(), _I32, _vec(ir.IntType(1), n), vt]),
             f"llvm.masked.load.v{n}{'f32' if t == _F32 else f'i{t.width}'}.p0")
-        return b.call(fn_, [b.bitcast(b.gep(pointer, [offset]), vt.as_pointer()), ir.Constant(_I32, align), mask,
-                            ir.Constant(vt, [0] * n)])
+        return b.call(fn_, [pointer, ir.Constant(_I32, align), mask, ir.Constant(vt, [0] * n)])
 
-    base = b.mul(groups, ir.Constant(_I64, 64))
-    last = step(acc_t, b.bitcast(masked(w, base, _I32, 16, 1), _vec(_I8, 64)),
-                b.bitcast(masked(xu, base, _I32, 16, 1), _vec(_I8, 64)),
-                masked(dxe, b.mul(groups, ir.Constant(_I64, 16)), _F32, 16, 4))
-    b.branch(done)
-    b.position_at_end(done)
+    base, dbase = b.mul(groups, ir.Constant(_I64, 64)), b.mul(groups, ir.Constant(_I64, 16))
+    xs = [b.bitcast(masked(at(xu, b.add(base, b.mul(xstride, ir.Constant(_I64, r))), _I32, 16), _I32, 16, 1),
+                    _vec(_I8, 64)) for r in range(rows)]
+    ds = [masked(at(dxe, b.add(dbase, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), _F32, 16, 4)
+          for r in range(rows)]
+    lasts = steps(accs_t, b.bitcast(masked(at(w, base, _I32, 16), _I32, 16, 1), _vec(_I8, 64)), xs, ds)
     reduce = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]),
                                             "llvm.vector.reduce.fadd.v16f32")
-    out = b.call(reduce, [ir.Constant(_F32, 0.0), last])
-    out.fastmath.add("reassoc")
-    b.ret(out)
+    for r, last in enumerate(lasts):
+        total = b.call(reduce, [ir.Constant(_F32, 0.0), last])
+        total.fastmath.add("reassoc")
+        b.store(total, b.gep(out, [ir.Constant(_I64, r)]))
+    b.ret_void()
     return fn
 
 
-@intrinsic
-def i8_dot(typingctx, W, XU, DXE, k):
-    """(1-D int8 W, 1-D uint8 XU, 1-D float32 DXE, int k) -> float32 (AVX-512 VNNI only: see _i8_function)."""
-    sig = types.float32(W, XU, DXE, k)
+def i8_dot_for(rows: int):
+    """An @intrinsic (AVX-512 VNNI only): (1-D int8 W, 2-D uint8 XU, 2-D float32 DXE, int first row b,
+    int k, 1-D float32 out) -> None; out[r] = the dot of W with x row b + r, r < rows (_i8_function)."""
 
-    def codegen(context, builder, signature, args):
-        fn = _i8_function(builder.module)
+    @intrinsic
+    def i8_dot(typingctx, W, XU, DXE, first, k, out):
+        sig = types.void(W, XU, DXE, first, k, out)
 
-        def data(i, t):
-            return builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data,
-                                   t.as_pointer())
+        def codegen(context, builder, signature, args):
+            fn = _i8_function(builder.module, rows)
+            wa, xa, da, oa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 2, 5))
+            first, k = (builder.sext(v, _I64) if v.type != _I64 else v for v in (args[3], args[4]))
+            xstride = cgutils.unpack_tuple(builder, xa.strides)[0]  # bytes per row of XU
+            dstride = builder.udiv(cgutils.unpack_tuple(builder, da.strides)[0], ir.Constant(_I64, 4))
+            xrow = builder.gep(builder.bitcast(xa.data, _I8.as_pointer()), [builder.mul(first, xstride)])
+            drow = builder.gep(builder.bitcast(da.data, _F32.as_pointer()), [builder.mul(first, dstride)])
+            builder.call(fn, [builder.bitcast(wa.data, _I8.as_pointer()), xrow, xstride, drow, dstride, k,
+                              builder.bitcast(oa.data, _F32.as_pointer())])
+            return context.get_dummy_value()
 
-        n = builder.sext(args[3], _I64) if args[3].type != _I64 else args[3]
-        return builder.call(fn, [data(0, _I8), data(1, _I8), data(2, _F32), n])
+        return sig, codegen
 
-    return sig, codegen
+    return i8_dot
 
 
 def block_dot_for(kind: str, tail: bool = False):
