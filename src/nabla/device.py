@@ -240,9 +240,11 @@ def quantized_kernel(device: torch.device, mode: str) -> str:
     batch 8) while torch's weight-only int8/int4 kernels ran 20-40x slower than
     fp32; so x86 CPUs take FBGEMM for int8. For int4 torch's int4pack kernel
     beat rebuilding the weight per call (4x at batch 1) but stayed slower than
-    fp32 there. nabla's own numba kernels (weight-only, decode-sized calls)
-    read the int8 / int4 bytes at the memory's speed and win where numba is
-    installed; prefill then takes FBGEMM (int8) or a rebuilt weight (int4).
+    fp32 there. nabla's own numba kernels read the int8 / int4 bytes at the
+    memory's speed and win where numba is installed: int4 (Q4_0) in integer dot
+    products (AVX-512 VNNI or AVX2), int8 weight-only, or on VNNI CPUs in integer
+    dot products with x per block of 32 as llama.cpp does (prefill too); prefill
+    otherwise takes FBGEMM (int8) or a rebuilt weight (int4).
     Weights stay small; products run in fp32 or in the integer kernel, never in
     bf16 arithmetic the CPU lacks.
     """

@@ -238,6 +238,9 @@ def _i8_function(module, rows: int):
         phi.add_incoming(nxt, loop)
         accs_t.append(phi)
     rest = b.sub(k, b.mul(groups, ir.Constant(_I64, 64)))
+    last_block, finish = fn.append_basic_block("last"), fn.append_basic_block("finish")
+    b.cbranch(b.icmp_unsigned(">", rest, ir.Constant(_I64, 0)), last_block, finish)
+    b.position_at_end(last_block)
     mask = b.icmp_unsigned("<", ir.Constant(_vec(_I32, 16), list(range(16))), b.shuffle_vector(
         b.insert_element(none, b.trunc(b.udiv(rest, ir.Constant(_I64, 4)), _I32), ir.Constant(_I32, 0)),
         none, none))
@@ -254,7 +257,15 @@ def _i8_function(module, rows: int):
                     _vec(_I8, 64)) for r in range(rows)]
     ds = [masked(at(dxe, b.add(dbase, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), _F32, 16, 4)
           for r in range(rows)]
-    lasts = steps(accs_t, b.bitcast(masked(at(w, base, _I32, 16), _I32, 16, 1), _vec(_I8, 64)), xs, ds)
+    with_last = steps(accs_t, b.bitcast(masked(at(w, base, _I32, 16), _I32, 16, 1), _vec(_I8, 64)), xs, ds)
+    b.branch(finish)
+    b.position_at_end(finish)
+    lasts = []
+    for acc, more in zip(accs_t, with_last):
+        phi = b.phi(_vec(_F32, 16))
+        phi.add_incoming(acc, tail)
+        phi.add_incoming(more, last_block)
+        lasts.append(phi)
     reduce = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]),
                                             "llvm.vector.reduce.fadd.v16f32")
     for r, last in enumerate(lasts):
