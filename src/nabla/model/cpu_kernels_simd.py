@@ -32,7 +32,20 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_FEATURES = llvm.get_host_cpu_features()
+
+
+def _features() -> dict:
+    """The features of the CPU numba compiles for: NUMBA_CPU_FEATURES where set (numba then targets those,
+    e.g. to build for an older CPU), else this machine's."""
+    import numba
+
+    spec = numba.config.CPU_FEATURES
+    if spec:
+        return {f[1:]: f[0] == "+" for f in spec.split(",") if f[:1] in "+-" and len(f) > 1}
+    return llvm.get_host_cpu_features()
+
+
+_FEATURES = _features()
 KINDS = tuple(kind for kind, needs in (("vnni512", ("avx512vnni", "avx512bw", "f16c")), ("avx2", ("avx2", "f16c")))
               if all(_FEATURES.get(f) for f in needs))
 """The instruction sets this CPU runs block_dot in, best first (empty: cpu_kernels_jit's portable loop)."""
