@@ -33,7 +33,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
-
 def _features() -> dict:
     """The features of the CPU numba compiles for: NUMBA_CPU_FEATURES where set (numba then targets those,
     e.g. to build for an older CPU), else this machine's."""
