@@ -305,3 +305,18 @@ def test_q4_0_blocks_are_kept_as_they_are(tmp_path, head):
             want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
             np.testing.assert_array_equal(mod.dequantize().numpy(), want)
     assert isinstance(model.output, Int8Linear if head is None else Int4Linear)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_info_memory_is_what_the_quantized_model_holds(tmp_path, qtype):
+    """`nabla info`'s weight memory for a quantized file is the model Llama.build makes of it, not fp32."""
+    from nabla.checkpoint.info import checkpoint_info
+
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), qtype)
+    model = Llama.build(path, max_seq_len=32, max_batch_size=1).model
+    held = sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if ".cache." not in n and n != "rope")
+    estimate = checkpoint_info(path)["memory"]["weights_bytes"]
+    assert abs(estimate - held) <= 0.05 * held, (estimate, held)
+    assert estimate < 0.7 * sum(t.numel() * 4 for t in state.values())  # not the fp32 size (16.8 MB here)

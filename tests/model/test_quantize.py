@@ -122,3 +122,13 @@ def test_int8_greedy_agrees_with_fp32(make_checkpoint):
 def test_unknown_mode_is_a_config_error():
     with pytest.raises(ConfigError, match="int8, int4"):
         quantize_model(tiny_model(), "int3")
+
+
+def test_int8_layers_stay_int8_under_int4():
+    """A GGUF file's layers stored above 4 bits (Q4_K_M keeps some in Q6_K) stay int8 in an int4 model."""
+    model = Transformer(from_name("tiny"))
+    keep = {"layers.0.feed_forward.w2.weight", "layers.1.attention.wv.weight"}
+    quantize_model(model, "int4", int8_layers=keep, head="int4")
+    kinds = {f"{n}.weight": type(m) for n, m in model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    assert {k for k, t in kinds.items() if t is Int8Linear} == keep
+    assert kinds["output.weight"] is Int4Linear and kinds["layers.0.feed_forward.w1.weight"] is Int4Linear

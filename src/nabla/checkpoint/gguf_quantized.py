@@ -5,8 +5,9 @@ the file's own mode (int4 for a file of mostly 4-bit blocks, int8 for 8-bit and
 others; GGUFCheckpoint.load_quantize), tensor by tensor:
 
     Q4_0 under int4   -> kept: the same fp16 scales and nibbles, rearranged (pack_int4)
-    other types       -> dequantized with the gguf package, then quantized once to
-                         int4 (Q4_0) or int8 (one scale per output channel)
+    Q4_1, Q4_K        -> dequantized with the gguf package, then quantized once to int4 (Q4_0)
+    the other types   -> dequantized, then int8 (one scale per output channel), also in a
+                         mostly 4-bit file: Q4_K_M keeps some layers in Q6_K on purpose
     the output head   -> int4 where it is Q4_0 (kept), else int8 as quantize_model makes it
                          (from the embedding when tied)
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from nabla.checkpoint.gguf_families import from_gguf
-from nabla.checkpoint.gguf_read import GGUFCheckpoint
+from nabla.checkpoint.gguf_read import MODE_OF, GGUFCheckpoint
 from nabla.checkpoint.shards import Entry, LazyState
 from nabla.model.args import ModelArgs
 from nabla.model.quantize import GROUP_SIZE, int4_from_q4_0, pack_int4, quantize_int4, quantize_int8, quantized_weights
@@ -46,12 +47,15 @@ def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] |
     reader = gguf.GGUFReader(ckpt.path)
     arch = ckpt.metadata["general.architecture"]
     raw = {}  # Meta name -> what makes its raw Q4_0 block bytes (rows reordered or split as the floats')
+    eight = set()  # Meta names of layers stored above 4 bits in a 4-bit file (Q4_K_M's Q6_K ffn_down, ...)
     for t in reader.tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.Q4_0:
-            continue
         shape = tuple(int(n) for n in reversed(t.shape))
-        for name, _, make in from_gguf(t.name, shape, ckpt.args, arch) or []:
-            raw[name] = (lambda t=t, make=make: make(torch.from_numpy(np.array(t.data))))
+        parts = [name for name, _, _ in from_gguf(t.name, shape, ckpt.args, arch) or []]
+        if MODE_OF.get(t.tensor_type.name) != "int4":
+            eight.update(parts)
+        if t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
+            for name, _, make in from_gguf(t.name, shape, ckpt.args, arch) or []:
+                raw[name] = (lambda t=t, make=make: make(torch.from_numpy(np.array(t.data))))
     floats = ckpt.load_state()
     targets = quantized_weights(ckpt.args)
     if not targets <= set(floats):
@@ -78,7 +82,7 @@ def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] |
 
     for name, shape in ckpt.shapes.items():
         base = name[: -len("weight")]
-        if name in targets and mode == "int4" and shape[1] % GROUP_SIZE == 0:
+        if name in targets and mode == "int4" and shape[1] % GROUP_SIZE == 0 and name not in eight:
             make = blocks(name, shape) if name in raw else requantized(name, _int4)
             entries[name] = Entry(part(name, 0, make), (shape[0], shape[1] // 2), torch.uint8)
             entries[base + "scales"] = Entry(part(name, 1, make), (shape[0], shape[1] // GROUP_SIZE), torch.float16)
@@ -102,7 +106,9 @@ def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] |
         entries["output.weight"] = Entry(part("output.weight", 0, make), shape, torch.int8)
         entries["output.scales"] = Entry(part("output.weight", 1, make), (shape[0],), torch.float32)
     args = replace(ckpt.args, tie_word_embeddings=False)  # the quantized head is a copy of its own
-    return LazyState(entries), args, {"mode": mode, "group_size": GROUP_SIZE, "head": head_mode}
+    int8_layers = sorted(eight & targets) if mode == "int4" else []
+    return LazyState(entries), args, {"mode": mode, "group_size": GROUP_SIZE, "head": head_mode,
+                                      "int8_layers": int8_layers}
 
 
 def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,8 @@ people is the CLI's (nabla.cli.info).
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 from nabla.errors import NablaError
@@ -53,6 +55,17 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
     run_dtype = devices.parse_dtype(dtype) or ckpt.dtype or torch.float32
     nbytes = run_dtype.itemsize
     weights = ckpt.n_params * nbytes
+    mode = (ckpt.quantization or {}).get("mode") or getattr(ckpt, "load_quantize", None)
+    if mode is not None:  # stored or run quantized: the linear layers and the head at their own width
+        from nabla.model.quantize import quantized_weights
+
+        linear = sum(math.prod(ckpt.shapes[k]) for k in quantized_weights(a) if k in ckpt.shapes)
+        if ckpt.quantization is not None and mode == "int4":
+            linear *= 2  # the stored shapes are packed: two weights a byte
+        head = a.vocab_size * a.dim if a.vocab_size > 0 else 0
+        per = 0.5 + 2 / 32 if mode == "int4" else 1.0  # Q4_0: nibbles and an fp16 scale per 32
+        rest = max(ckpt.n_params - linear - (0 if a.tie_word_embeddings else head), 0)
+        weights = int(linear * per + head + rest * nbytes)
     kv = 2 * a.n_layers * batch * ctx * a.n_kv_heads * a.head_dim * nbytes
     info = {
         "path": str(ckpt.path), "format": ckpt.format, "files": [f.name for f in ckpt.files],

@@ -273,12 +273,14 @@ def _fbgemm_prepack(q: torch.Tensor, scales: torch.Tensor):
 # -------------------------------------------------------------- whole model
 def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
                    group_size: int = GROUP_SIZE, device: torch.device | None = None,
-                   head: str = "int8") -> nn.Module:
+                   head: str = "int8", int8_layers=()) -> nn.Module:
     """Swap the model's linear layers for quantized ones in place; returns the model.
 
     `kernel` None asks nabla.device for the fastest measured kernel on
     `device` (default: the model's). On a model on the meta device this only
     lays out the quantized buffers, for a saved quantized state to load into.
+    `head` "int4" makes the output head int4 too; `int8_layers` (Meta weight
+    names) stay int8 under int4 (a GGUF file's layers stored above 4 bits).
     """
     from nabla import device as devices
 
@@ -289,15 +291,19 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
     dev = device or model.tok_embeddings.weight.device
     k8 = kernel if kernel in ("numba", "fbgemm", "int8pack", "dequant") else devices.quantized_kernel(dev, "int8")
     k4 = kernel if kernel in ("numba", "int4pack", "dequant") else devices.quantized_kernel(dev, "int4")
-    targets = [(layer.attention, name) for layer in model.layers for name in ("wq", "wk", "wv", "wo")]
-    targets += [(layer.feed_forward, name) for layer in model.layers for name in ("w1", "w2", "w3")]
+    eight = set(int8_layers)
+    targets = [(layer, part, name) for layer in range(len(model.layers))
+               for part, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
+               for name in names]
     with torch.no_grad():
-        for parent, name in targets:
+        for layer, part, name in targets:
+            parent = getattr(model.layers[layer], part)
             lin = getattr(parent, name)
             if type(lin) not in PLAIN:
                 continue  # already quantized, or a layer type this module does not know
             w = lin.weight
-            if mode == "int4" and w.shape[1] % group_size == 0:
+            if mode == "int4" and w.shape[1] % group_size == 0 and \
+                    f"layers.{layer}.{part}.{name}.weight" not in eight:
                 new = Int4Linear(w, k4, group_size, bias=lin.bias)
             else:
                 new = Int8Linear(w, k8, bias=lin.bias)
