@@ -7,7 +7,6 @@ people is the CLI's (nabla.cli.info).
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 from nabla.errors import NablaError
