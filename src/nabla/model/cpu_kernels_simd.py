@@ -50,6 +50,7 @@ KINDS = tuple(kind for kind, needs in (("vnni512", ("avx512vnni", "avx512bw", "f
 """The instruction sets this CPU runs block_dot in, best first (empty: cpu_kernels_jit's portable loop)."""
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_PTR = {t: t.as_pointer() for t in (_I8, _I16, _I32, _F32)}
 
 
 def _vec(t, n):
@@ -60,12 +61,43 @@ def _splat(t, n, value):
     return ir.Constant(_vec(t, n), [value] * n)
 
 
+def _define(module, name: str, ret, args):
+    """(function `name` in `module`, whether its body is still to be written: True the first time)."""
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
+    if not fn.is_declaration:
+        return fn, False
+    fn.linkage = "internal"
+    return fn, True
+
+
+def _vpdpbusd(module):
+    """acc (16 x i32) + per lane the sum of four u8 x s8 products: AVX-512 VNNI's vpdpbusd."""
+    return cgutils.get_or_insert_function(module, ir.FunctionType(_vec(_I32, 16), [_vec(_I32, 16)] * 3),
+                                          "llvm.x86.avx512.vpdpbusd.512")
+
+
+def _masked_load(module, b, pointer, t, n: int, align: int, mask):
+    """The lanes of an n x t vector at `pointer` where `mask` is set (zeros elsewhere, nothing else read)."""
+    vt = _vec(t, n)
+    kind = "f32" if t == _F32 else f"i{t.width}"
+    fnty = ir.FunctionType(vt, [vt.as_pointer(), _I32, _vec(ir.IntType(1), n), vt])
+    fn = cgutils.get_or_insert_function(module, fnty, f"llvm.masked.load.v{n}{kind}.p0")
+    return b.call(fn, [b.bitcast(pointer, vt.as_pointer()), ir.Constant(_I32, align), mask, ir.Constant(vt, [0] * n)])
+
+
+def _sum_lanes(module, b, vec):
+    """The sum of a 16 x f32 vector's lanes, in any order."""
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]),
+                                        "llvm.vector.reduce.fadd.v16f32")
+    out = b.call(fn, [ir.Constant(_F32, 0.0), vec])
+    out.fastmath.add("reassoc")
+    return out
+
+
 def _dot4(module, b, kind, acc, u8, s8):
     """acc (16 x i32) + per lane the sum of four u8 x s8 products (64 bytes each)."""
     if kind == "vnni512":
-        fn = cgutils.get_or_insert_function(module, ir.FunctionType(_vec(_I32, 16), [_vec(_I32, 16)] * 3),
-                                            "llvm.x86.avx512.vpdpbusd.512")
-        return b.call(fn, [acc, b.bitcast(u8, _vec(_I32, 16)), b.bitcast(s8, _vec(_I32, 16))])
+        return b.call(_vpdpbusd(module), [acc, b.bitcast(u8, _vec(_I32, 16)), b.bitcast(s8, _vec(_I32, 16))])
     # AVX2: pairs of u8 x s8 to i16 (at most 2 * 15 * 127, no saturation), then pairs of i16 to i32.
     ubsw = cgutils.get_or_insert_function(module, ir.FunctionType(_vec(_I16, 16), [_vec(_I8, 32)] * 2),
                                           "llvm.x86.avx2.pmadd.ub.sw")
@@ -85,12 +117,10 @@ def _dot4(module, b, kind, acc, u8, s8):
 def _row_function(module, kind):
     """float nabla_q4_dot_<kind>(i8* p, i16* s, i8* xl, i8* xh, float* dx, i32* xs, i64 chunks)."""
     name = f"nabla_q4_dot_{kind}"
-    ptr = lambda t: t.as_pointer()  # noqa: E731
-    fnty = ir.FunctionType(_F32, [ptr(_I8), ptr(_I16), ptr(_I8), ptr(_I8), ptr(_F32), ptr(_I32), _I64])
-    fn = cgutils.get_or_insert_function(module, fnty, name)
-    if not fn.is_declaration:
+    fn, fresh = _define(module, name, _F32, [_PTR[_I8], _PTR[_I16], _PTR[_I8], _PTR[_I8], _PTR[_F32], _PTR[_I32],
+                                             _I64])
+    if not fresh:
         return fn
-    fn.linkage = "internal"
     p, s, xl, xh, dx, xs, chunks = fn.args
     entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
     b = ir.IRBuilder(entry)
@@ -128,11 +158,7 @@ def _row_function(module, kind):
     total = b.phi(_vec(_F32, 16))
     total.add_incoming(zero, entry)
     total.add_incoming(acc_next, loop)
-    reduce = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]),
-                                            "llvm.vector.reduce.fadd.v16f32")
-    out = b.call(reduce, [ir.Constant(_F32, 0.0), total])
-    out.fastmath.add("reassoc")
-    b.ret(out)
+    b.ret(_sum_lanes(module, b, total))
     return fn
 
 
@@ -141,12 +167,10 @@ def _tail_function(module, kind):
     chunk of m < 16 blocks, stored as four groups of 4m bytes; masked loads read only its own bytes
     (x's side is padded with zeros to a whole chunk)."""
     name = f"nabla_q4_tail_{kind}"
-    ptr = lambda t: t.as_pointer()  # noqa: E731
-    fnty = ir.FunctionType(_F32, [ptr(_I8), ptr(_I16), ptr(_I8), ptr(_I8), ptr(_F32), ptr(_I32), _I64])
-    fn = cgutils.get_or_insert_function(module, fnty, name)
-    if not fn.is_declaration:
+    fn, fresh = _define(module, name, _F32, [_PTR[_I8], _PTR[_I16], _PTR[_I8], _PTR[_I8], _PTR[_F32], _PTR[_I32],
+                                             _I64])
+    if not fresh:
         return fn
-    fn.linkage = "internal"
     p, s, xl, xh, dx, xs, m = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     lanes = ir.Constant(_vec(_I32, 16), list(range(16)))
@@ -156,12 +180,7 @@ def _tail_function(module, kind):
         ir.Constant(_vec(_I32, 16), [0] * 16), ir.Constant(_vec(_I32, 16), [0] * 16)))
 
     def masked(pointer, t, n, align):
-        vt = _vec(t, n)
-        fn_ = cgutils.get_or_insert_function(
-            module, ir.FunctionType(vt, [vt.as_pointer(), _I32, _vec(ir.IntType(1), n), vt]),
-            f"llvm.masked.load.v{n}i{t.width}.p0")
-        return b.call(fn_, [b.bitcast(pointer, vt.as_pointer()), ir.Constant(_I32, align), mask,
-                            ir.Constant(vt, [0] * n)])
+        return _masked_load(module, b, pointer, t, n, align, mask)
 
     def load(pointer, offset, t, n, align):
         return b.load(b.bitcast(b.gep(pointer, [ir.Constant(_I64, offset)]), _vec(t, n).as_pointer()), align=align)
@@ -176,11 +195,7 @@ def _tail_function(module, kind):
     scale = b.fpext(b.bitcast(masked(s, _I16, 16, 2), _vec(ir.HalfType(), 16)), _vec(_F32, 16))
     exact = b.sub(isum, b.shl(load(xs, 0, _I32, 16, 4), _splat(_I32, 16, 3)))
     step = b.fmul(b.sitofp(exact, _vec(_F32, 16)), b.fmul(scale, load(dx, 0, _F32, 16, 4)))
-    reduce = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]),
-                                            "llvm.vector.reduce.fadd.v16f32")
-    out = b.call(reduce, [ir.Constant(_F32, 0.0), step])
-    out.fastmath.add("reassoc")
-    b.ret(out)
+    b.ret(_sum_lanes(module, b, step))
     return fn
 
 
@@ -196,20 +211,16 @@ def _i8_function(module, rows: int):
     block's scale once per 4 bytes (8 per block). k: the row's length, a multiple of 32; a last 32
     bytes are read with a masked load. Row r of x starts at xu + r * xstride (dxe + r * dstride)."""
     name = f"nabla_i8_dot_{rows}"
-    ptr = lambda t: t.as_pointer()  # noqa: E731
-    fnty = ir.FunctionType(ir.VoidType(), [ptr(_I8), ptr(_I8), _I64, ptr(_F32), _I64, _I64, ptr(_F32)])
-    fn = cgutils.get_or_insert_function(module, fnty, name)
-    if not fn.is_declaration:
+    fn, fresh = _define(module, name, ir.VoidType(), [_PTR[_I8], _PTR[_I8], _I64, _PTR[_F32], _I64, _I64, _PTR[_F32]])
+    if not fresh:
         return fn
-    fn.linkage = "internal"
     w, xu, xstride, dxe, dstride, k, out = fn.args
     entry, loop, tail = (fn.append_basic_block(n) for n in ("entry", "loop", "tail"))
     b = ir.IRBuilder(entry)
     zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
     groups = b.udiv(k, ir.Constant(_I64, 64))
     b.cbranch(b.icmp_signed(">", groups, ir.Constant(_I64, 0)), loop, tail)
-    dp = cgutils.get_or_insert_function(module, ir.FunctionType(_vec(_I32, 16), [_vec(_I32, 16)] * 3),
-                                        "llvm.x86.avx512.vpdpbusd.512")
+    dp = _vpdpbusd(module)
     ones = ir.Constant(_vec(_I32, 16), [0x01010101] * 16)
     none = ir.Constant(_vec(_I32, 16), [0] * 16)
 
@@ -258,11 +269,7 @@ def _i8_function(module, rows: int):
         none, none))
 
     def masked(pointer, t, n, align):
-        vt = _vec(t, n)
-        fn_ = cgutils.get_or_insert_function(
-            module, ir.FunctionType(vt, [vt.as_pointer(), _I32, _vec(ir.IntType(1), n), vt]),
-            f"llvm.masked.load.v{n}{'f32' if t == _F32 else f'i{t.width}'}.p0")
-        return b.call(fn_, [pointer, ir.Constant(_I32, align), mask, ir.Constant(vt, [0] * n)])
+        return _masked_load(module, b, pointer, t, n, align, mask)
 
     base, dbase = b.mul(groups, ir.Constant(_I64, 64)), b.mul(groups, ir.Constant(_I64, 16))
     xs = [b.bitcast(masked(at(xu, b.add(base, b.mul(xstride, ir.Constant(_I64, r))), _I32, 16), _I32, 16, 1),
@@ -278,12 +285,8 @@ def _i8_function(module, rows: int):
         phi.add_incoming(acc, tail)
         phi.add_incoming(more, last_block)
         lasts.append(phi)
-    reduce = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]),
-                                            "llvm.vector.reduce.fadd.v16f32")
     for r, last in enumerate(lasts):
-        total = b.call(reduce, [ir.Constant(_F32, 0.0), last])
-        total.fastmath.add("reassoc")
-        b.store(total, b.gep(out, [ir.Constant(_I64, r)]))
+        b.store(_sum_lanes(module, b, last), b.gep(out, [ir.Constant(_I64, r)]))
     b.ret_void()
     return fn
 
