@@ -38,7 +38,10 @@ from nabla.model.quantize import GROUP_SIZE, int4_from_q4_0, pack_int4, quantize
 
 
 def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] | None:
-    """(state, args, {"mode", "group_size"}) for Llama.build, or None where the file does not map 1:1."""
+    """(state, args, quantized) for Llama.build, or None where the names do not map onto nabla's layers.
+
+    `quantized` is what nabla.model.prepare.materialize lays out: {"mode", "group_size", "head": "int4" or
+    "int8", "int8_layers": the layers kept in int8 under int4}."""
     import gguf
 
     mode = ckpt.load_quantize
@@ -50,11 +53,11 @@ def quantized_state(ckpt: GGUFCheckpoint) -> tuple[LazyState, ModelArgs, dict] |
     eight = set()  # Meta names of layers stored above 4 bits in a 4-bit file (Q4_K_M's Q6_K ffn_down, ...)
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))
-        parts = [name for name, _, _ in from_gguf(t.name, shape, ckpt.args, arch) or []]
+        parts = from_gguf(t.name, shape, ckpt.args, arch) or []
         if MODE_OF.get(t.tensor_type.name) != "int4":
-            eight.update(parts)
+            eight.update(name for name, _, _ in parts)
         if t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
-            for name, _, make in from_gguf(t.name, shape, ckpt.args, arch) or []:
+            for name, _, make in parts:
                 raw[name] = (lambda t=t, make=make: make(torch.from_numpy(np.array(t.data))))
     floats = ckpt.load_state()
     targets = quantized_weights(ckpt.args)
