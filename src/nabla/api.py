@@ -116,12 +116,12 @@ class Llama:
                                   f"model_parallel_size={mp} yet; split the original checkpoint instead")
             quantize = None
         stored = None  # a GGUF file's layers, quantized as they are read (checkpoint.gguf_quantized)
-        if ckpt.format == "gguf" and mp == 1 and ckpt.load_quantize and quantize in (None, ckpt.load_quantize):
+        if ckpt.format == "gguf" and mp == 1 and (quantize or ckpt.load_quantize):
             from nabla.checkpoint.gguf_quantized import quantized_state
 
-            stored = quantized_state(ckpt)
+            stored = quantized_state(ckpt, quantize)  # the file's own mode unless one is asked for
             if stored is None:
-                quantize = ckpt.load_quantize  # dequantized, then quantized as a whole
+                quantize = quantize or ckpt.load_quantize  # dequantized, then quantized as a whole
             else:
                 quantize, saved = None, stored[2]
         tok_path = tokenizer_path if tokenizer_path is not None else ckpt.tokenizer_path

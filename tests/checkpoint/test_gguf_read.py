@@ -320,3 +320,16 @@ def test_info_memory_is_what_the_quantized_model_holds(tmp_path, qtype):
     estimate = checkpoint_info(path)["memory"]["weights_bytes"]
     assert abs(estimate - held) <= 0.05 * held, (estimate, held)
     assert estimate < 0.7 * sum(t.numel() * 4 for t in state.values())  # not the fp32 size (16.8 MB here)
+
+
+@pytest.mark.parametrize("qtype,asked,layers", [("q4_0", "int8", "Int8Linear"), ("q8_0", "int4", "Int4Linear")])
+def test_asked_quantization_applies_to_every_layer(tmp_path, qtype, asked, layers):
+    """quantize= on a GGUF file puts every linear layer in that width, tensor by tensor as it is read."""
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), qtype)
+    model = Llama.build(path, max_seq_len=32, max_batch_size=1, quantize=asked).model
+    kinds = {type(model.get_submodule(f"layers.{i}.{p}")).__name__ for i in range(args.n_layers)
+             for p in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                       "feed_forward.w2", "feed_forward.w3")}
+    assert kinds == {layers}
+    assert "int8" in LOADS_AS["Q4_K"] and "int8" in LOADS_AS["Q4_1"]  # 4-bit k-quants are not requantized to 4 bits

@@ -14,8 +14,8 @@ state is read, with `gguf.quants.dequantize` (llama.cpp's own arithmetic):
     Q8_0, Q5_0, Q5_1,      -> dequantized to fp32, then the linear layers are stored as
     Q5_K, Q6_K                nabla int8 (one scale per output channel, requantized)
     Q4_0                   -> kept: nabla's int4 is Q4_0 (nabla.checkpoint.gguf_quantized)
-    Q4_1, Q4_K             -> dequantized to fp32, then the linear layers are stored as
-                              nabla int4 (Q4_0 blocks, requantized)
+    Q4_1, Q4_K             -> dequantized, then int8 like the types above: Q4_0 blocks of
+                              them would add more error than the 4-bit blocks have
 
 The int8 / int4 step (`load_quantize`, from the type most of the blocks' weights
 have) runs in Llama.build unless the caller passes its own `quantize`; the
@@ -46,9 +46,9 @@ LOADS_AS = {
     "F32": "fp32 (as stored)",
     "F16": "fp16 (as stored; computed in the run's dtype)",
     "BF16": "bf16 (as stored; computed in the run's dtype)",
-    **{t: "int8 per output channel (dequantized, requantized)" for t in ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")},
+    **{t: "int8 per output channel (dequantized, requantized)"
+       for t in ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q4_1", "Q4_K")},
     "Q4_0": "int4, the file's Q4_0 blocks as they are",
-    **{t: "int4 Q4_0 blocks (dequantized, requantized)" for t in ("Q4_1", "Q4_K")},
 }
 """What nabla makes of each GGUF tensor type it reads (linear layers; embedding and norms stay float)."""
 MODE_OF = {t: ("int8" if "int8" in v else "int4" if "int4" in v else None) for t, v in LOADS_AS.items()}
