@@ -88,31 +88,29 @@ def quantized_state(ckpt: GGUFCheckpoint, mode: str | None = None) -> tuple[Lazy
     def requantized(name, quantize):
         return lambda: quantize(floats[name].float())
 
-    for name, shape in ckpt.shapes.items():
+    def add(name: str, shape, make, width: str) -> None:
+        """The layer `name` (weight and scales) made by `make`, as int4 blocks or int8 rows."""
         base = name[: -len("weight")]
+        if width == "int4":
+            shapes = [((shape[0], shape[1] // 2), torch.uint8), ((shape[0], shape[1] // GROUP_SIZE), torch.float16)]
+        else:
+            shapes = [(shape, torch.int8), ((shape[0],), torch.float32)]
+        for which, (key, (part_shape, dtype)) in enumerate(zip((name, base + "scales"), shapes)):
+            entries[key] = Entry(part(name, which, make), part_shape, dtype)
+
+    for name, shape in ckpt.shapes.items():
         if name in targets and mode == "int4" and shape[1] % GROUP_SIZE == 0 and name not in eight:
-            make = blocks(name, shape) if name in raw else requantized(name, _int4)
-            entries[name] = Entry(part(name, 0, make), (shape[0], shape[1] // 2), torch.uint8)
-            entries[base + "scales"] = Entry(part(name, 1, make), (shape[0], shape[1] // GROUP_SIZE), torch.float16)
+            add(name, shape, blocks(name, shape) if name in raw else requantized(name, _int4), "int4")
         elif name in targets:
-            make = requantized(name, quantize_int8)
-            entries[name] = Entry(part(name, 0, make), shape, torch.int8)
-            entries[base + "scales"] = Entry(part(name, 1, make), (shape[0],), torch.float32)
+            add(name, shape, requantized(name, quantize_int8), "int8")
         elif name != "output.weight":
             entries[name] = floats._entries[name]
     head = "output.weight" if "output.weight" in floats else "tok_embeddings.weight"
     shape = ckpt.shapes[head]
-    head_mode = "int8"
-    if mode == "int4" and head in raw and shape[1] % GROUP_SIZE == 0:
-        head_mode = "int4"  # a 4-bit head as the file has it (llama.cpp's own quantizer uses Q6_K there)
-        make = blocks(head, shape)
-        entries["output.weight"] = Entry(part("output.weight", 0, make), (shape[0], shape[1] // 2), torch.uint8)
-        entries["output.scales"] = Entry(part("output.weight", 1, make), (shape[0], shape[1] // GROUP_SIZE),
-                                         torch.float16)
-    else:
-        make = requantized(head, quantize_int8)
-        entries["output.weight"] = Entry(part("output.weight", 0, make), shape, torch.int8)
-        entries["output.scales"] = Entry(part("output.weight", 1, make), (shape[0],), torch.float32)
+    # A 4-bit head as the file has it (llama.cpp's own quantizer uses Q6_K there), else int8.
+    head_mode = "int4" if mode == "int4" and head in raw and shape[1] % GROUP_SIZE == 0 else "int8"
+    add("output.weight", shape, blocks(head, shape) if head_mode == "int4" else requantized(head, quantize_int8),
+        head_mode)
     args = replace(ckpt.args, tie_word_embeddings=False)  # the quantized head is a copy of its own
     int8_layers = sorted(eight & targets) if mode == "int4" else []
     return LazyState(entries), args, {"mode": mode, "group_size": GROUP_SIZE, "head": head_mode,

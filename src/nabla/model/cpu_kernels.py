@@ -35,7 +35,6 @@ _jit = None  # nabla.model.cpu_kernels_jit once loaded
 _AVAILABLE = importlib.util.find_spec("numba") is not None
 
 MAX_ROWS = 16
-I8_VNNI = False  # set below: int8 rows in VNNI integer instructions (rows_i8_multi)
 # Below this many weights a layer stays on torch: a kernel launch costs ~60 us from Python
 # (measured here), more than torch spends on a matrix that small.
 MIN_WEIGHTS = 1 << 16
@@ -60,6 +59,7 @@ def _has_vnni() -> bool:
 
 
 I8_VNNI = _has_vnni()
+"""Whether int8 rows run in VNNI integer instructions (rows_i8_multi)."""
 
 
 def _kernels():

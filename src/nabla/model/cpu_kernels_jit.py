@@ -85,6 +85,18 @@ def _rms_norm(X, w, eps, Y):  # pragma: no cover - compiled
         for d in range(D):
             Y[b, d] = X[b, d] * r * w[d]
 
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _block_scale(X, b, k):  # pragma: no cover - compiled
+    # llama.cpp's q8_0 scale of x row b's block k of 32: d = max|x| / 127, and 1 / d (0 for a zero block).
+    amax = np.float32(0.0)
+    for i in range(32 * k, 32 * k + 32):
+        a = abs(X[b, i])
+        if a > amax:
+            amax = a
+    d = amax / np.float32(127.0)
+    return d, (np.float32(1.0) / d if d > 0 else np.float32(0.0))
+
+
 @njit(fastmath=True, cache=True, nogil=True)
 def _quantize_blocks(X, XL, XH, DX, XS):  # pragma: no cover - compiled
     # Each row of X (B, K) in blocks of 32, as llama.cpp's q8_0 does for the activations:
@@ -96,13 +108,7 @@ def _quantize_blocks(X, XL, XH, DX, XS):  # pragma: no cover - compiled
     B, K = X.shape
     for b in range(B):
         for k in range(K // 32):
-            amax = np.float32(0.0)
-            for i in range(32 * k, 32 * k + 32):
-                a = abs(X[b, i])
-                if a > amax:
-                    amax = a
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            d, inv = _block_scale(X, b, k)
             base = 256 * (k // 16) + 4 * (k % 16)
             total = 0
             for j in range(16):
@@ -204,13 +210,7 @@ def _quantize_u8(X, XU, DXE):  # pragma: no cover - compiled
     B, K = X.shape
     for b in range(B):
         for k in range(K // 32):
-            amax = np.float32(0.0)
-            for i in range(32 * k, 32 * k + 32):
-                a = abs(X[b, i])
-                if a > amax:
-                    amax = a
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            d, inv = _block_scale(X, b, k)
             for i in range(32 * k, 32 * k + 32):
                 XU[b, i] = np.uint8(np.int32(np.rint(X[b, i] * inv)) + 128)
             for i in range(8 * k, 8 * k + 8):

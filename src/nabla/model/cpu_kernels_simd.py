@@ -114,6 +114,26 @@ def _dot4(module, b, kind, acc, u8, s8):
     return b.add(acc, both)
 
 
+def _first_lanes(b, count):
+    """A 16-lane mask, true in the first `count` (i64) lanes."""
+    zeros = ir.Constant(_vec(_I32, 16), [0] * 16)
+    splat = b.shuffle_vector(b.insert_element(zeros, b.trunc(count, _I32), ir.Constant(_I32, 0)), zeros, zeros)
+    return b.icmp_unsigned("<", ir.Constant(_vec(_I32, 16), list(range(16))), splat)
+
+
+def _q4_chunk(module, b, kind, packed, xl, xh, scale_bits, xs, dx):
+    """The 16 blocks of one chunk, as 16 fp32 lanes: per block (int dot of q with x - 8 * sum of x) * d * dx.
+    packed / xl / xh: the four 64-byte groups (t = 0..3) of the weights and of x; scale_bits: the blocks'
+    fp16 d; xs, dx: the x blocks' sums and scales."""
+    isum = ir.Constant(_vec(_I32, 16), [0] * 16)
+    for group, low, high in zip(packed, xl, xh):  # four bytes of each of the 16 blocks per group
+        isum = _dot4(module, b, kind, isum, b.and_(group, _splat(_I8, 64, 15)), low)
+        isum = _dot4(module, b, kind, isum, b.lshr(group, _splat(_I8, 64, 4)), high)
+    scale = b.fpext(b.bitcast(scale_bits, _vec(ir.HalfType(), 16)), _vec(_F32, 16))
+    exact = b.sub(isum, b.shl(xs, _splat(_I32, 16, 3)))  # q - 8 per weight
+    return b.fmul(b.sitofp(exact, _vec(_F32, 16)), b.fmul(scale, dx))
+
+
 def _row_function(module, kind):
     """float nabla_q4_dot_<kind>(i8* p, i16* s, i8* xl, i8* xh, float* dx, i32* xs, i64 chunks)."""
     name = f"nabla_q4_dot_{kind}"
@@ -137,17 +157,11 @@ def _row_function(module, kind):
     def load(pointer, offset, t, n, align):
         return b.load(b.bitcast(b.gep(pointer, [offset]), _vec(t, n).as_pointer()), align=align)
 
-    isum = ir.Constant(_vec(_I32, 16), [0] * 16)
-    for t in range(4):  # four bytes of each of the 16 blocks per 64-byte load
-        off = b.add(base, ir.Constant(_I64, 64 * t))
-        packed = load(p, off, _I8, 64, 1)
-        isum = _dot4(module, b, kind, isum, b.and_(packed, _splat(_I8, 64, 15)), load(xl, off, _I8, 64, 1))
-        isum = _dot4(module, b, kind, isum, b.lshr(packed, _splat(_I8, 64, 4)), load(xh, off, _I8, 64, 1))
+    offs = [b.add(base, ir.Constant(_I64, 64 * t)) for t in range(4)]
     o16 = b.mul(c, ir.Constant(_I64, 16))
-    scale = b.fpext(b.bitcast(load(s, o16, _I16, 16, 2), _vec(ir.HalfType(), 16)), _vec(_F32, 16))
-    # q - 8 per weight: subtract 8 * (sum of the block's x) from the block's sum.
-    exact = b.sub(isum, b.shl(load(xs, o16, _I32, 16, 4), _splat(_I32, 16, 3)))
-    step = b.fmul(b.sitofp(exact, _vec(_F32, 16)), b.fmul(scale, load(dx, o16, _F32, 16, 4)))
+    step = _q4_chunk(module, b, kind, [load(p, off, _I8, 64, 1) for off in offs],
+                     [load(xl, off, _I8, 64, 1) for off in offs], [load(xh, off, _I8, 64, 1) for off in offs],
+                     load(s, o16, _I16, 16, 2), load(xs, o16, _I32, 16, 4), load(dx, o16, _F32, 16, 4))
     acc_next = b.fadd(acc, step)
     c_next = b.add(c, ir.Constant(_I64, 1))
     c.add_incoming(c_next, loop)
@@ -173,11 +187,7 @@ def _tail_function(module, kind):
         return fn
     p, s, xl, xh, dx, xs, m = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    lanes = ir.Constant(_vec(_I32, 16), list(range(16)))
-    m32 = b.trunc(m, _I32)
-    mask = b.icmp_unsigned("<", lanes, b.shuffle_vector(
-        b.insert_element(ir.Constant(_vec(_I32, 16), [0] * 16), m32, ir.Constant(_I32, 0)),
-        ir.Constant(_vec(_I32, 16), [0] * 16), ir.Constant(_vec(_I32, 16), [0] * 16)))
+    mask = _first_lanes(b, m)
 
     def masked(pointer, t, n, align):
         return _masked_load(module, b, pointer, t, n, align, mask)
@@ -185,16 +195,12 @@ def _tail_function(module, kind):
     def load(pointer, offset, t, n, align):
         return b.load(b.bitcast(b.gep(pointer, [ir.Constant(_I64, offset)]), _vec(t, n).as_pointer()), align=align)
 
-    isum = ir.Constant(_vec(_I32, 16), [0] * 16)
-    group = b.mul(m, ir.Constant(_I64, 4))
-    for t in range(4):
-        at = b.gep(p, [b.mul(group, ir.Constant(_I64, t))])
-        packed = b.bitcast(masked(at, _I32, 16, 1), _vec(_I8, 64))
-        isum = _dot4(module, b, kind, isum, b.and_(packed, _splat(_I8, 64, 15)), load(xl, 64 * t, _I8, 64, 1))
-        isum = _dot4(module, b, kind, isum, b.lshr(packed, _splat(_I8, 64, 4)), load(xh, 64 * t, _I8, 64, 1))
-    scale = b.fpext(b.bitcast(masked(s, _I16, 16, 2), _vec(ir.HalfType(), 16)), _vec(_F32, 16))
-    exact = b.sub(isum, b.shl(load(xs, 0, _I32, 16, 4), _splat(_I32, 16, 3)))
-    step = b.fmul(b.sitofp(exact, _vec(_F32, 16)), b.fmul(scale, load(dx, 0, _F32, 16, 4)))
+    group = b.mul(m, ir.Constant(_I64, 4))  # the chunk's groups are 4m bytes apart
+    packed = [b.bitcast(masked(b.gep(p, [b.mul(group, ir.Constant(_I64, t))]), _I32, 16, 1), _vec(_I8, 64))
+              for t in range(4)]
+    step = _q4_chunk(module, b, kind, packed, [load(xl, 64 * t, _I8, 64, 1) for t in range(4)],
+                     [load(xh, 64 * t, _I8, 64, 1) for t in range(4)], masked(s, _I16, 16, 2),
+                     load(xs, 0, _I32, 16, 4), load(dx, 0, _F32, 16, 4))
     b.ret(_sum_lanes(module, b, step))
     return fn
 
@@ -264,9 +270,7 @@ def _i8_function(module, rows: int):
     last_block, finish = fn.append_basic_block("last"), fn.append_basic_block("finish")
     b.cbranch(b.icmp_unsigned(">", rest, ir.Constant(_I64, 0)), last_block, finish)
     b.position_at_end(last_block)
-    mask = b.icmp_unsigned("<", ir.Constant(_vec(_I32, 16), list(range(16))), b.shuffle_vector(
-        b.insert_element(none, b.trunc(b.udiv(rest, ir.Constant(_I64, 4)), _I32), ir.Constant(_I32, 0)),
-        none, none))
+    mask = _first_lanes(b, b.udiv(rest, ir.Constant(_I64, 4)))
 
     def masked(pointer, t, n, align):
         return _masked_load(module, b, pointer, t, n, align, mask)
