@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nabla.device import complex_ok
-from nabla.model import cpu_kernels
+from nabla.model import cpu_kernels, cpu_step
 from nabla.model.args import ModelArgs
 from nabla.model.kv_cache import KVCache
 from nabla.model.rope import LENGTH_DEPENDENT, rope_frequencies, rope_kind, rope_table
@@ -245,6 +245,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_long", torch.empty(0, args.head_dim // 2, 2), persistent=False)
         self.rope_kind = rope_kind(args.rope_scaling)
         self.step_graphs = None  # nabla.model.graphs.StepGraphs, made by the first decode()
+        self.cpu_step = None  # (key, nabla.model.cpu_step.CpuStep or None), made by the first CPU pass
         self.set_dropout(dropout)
 
     def init_rope(self, max_seq_len: int | None = None) -> None:
@@ -304,6 +305,11 @@ class Transformer(nn.Module):
         positions, masked, so that every step has the same shapes (graphs).
         """
         B, T = tokens.shape
+        if start_pos is not None and tokens.device.type == "cpu" and rows is None and cache_len is None \
+                and not return_hidden:
+            step = cpu_step.step_for(self, tokens, start_pos)
+            if step is not None:  # the whole pass in a few compiled calls
+                return step(tokens, start_pos, last_only)
         h = self.tok_embeddings(tokens)
         if self.args.scale_embeddings:  # Gemma: sqrt(dim), rounded to the compute dtype first
             h = h * torch.tensor(self.args.dim ** 0.5, dtype=h.dtype)

@@ -1,0 +1,176 @@
+"""A decode step (or a short prefill) of a plain Llama on the CPU in one numba call per layer.
+
+A decode step of a 110M model in torch runs some 300 small operators around its 50 matrix
+products; on a 2-core CPU their dispatch took 4 of the step's 7 ms (int4, measured with
+torch.profiler, BENCHMARKS.md), where llama.cpp's whole step took 3. Here each layer is one
+compiled function (nabla.model.cpu_step_jit) that calls the product kernels of
+nabla.model.cpu_kernels_jit directly, and does the norms, the rotation, the cache write,
+attention and SwiGLU in plain loops between them.
+
+It takes a model whose layers already run those kernels (fp32 row kernels, int8 or int4 "numba"
+layers; `Transformer.norm.row_kernel` says nabla.model.cpu_kernels chose them) and whose layers
+are Llama's: Llama, Mistral and Qwen2-style q/k/v biases; no per-head norms, soft caps, (1 + w)
+norms, post-norms, GeGLU or length-dependent rotations (those keep the torch path, as do LoRA
+layers, which are other modules). A call takes it when every sequence is at the same position
+(`start_pos` an int, no `rows`), at most cpu_kernels.MAX_ROWS rows, outside autograd; the model
+then computes exactly what its torch layers compute, up to float32 rounding.
+
+Leaves out: the compiled functions (cpu_step_jit), the product kernels (cpu_kernels_jit), GPUs,
+per-sequence positions (the server's batches keep the torch path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from nabla.model import cpu_kernels
+from nabla.model.rope import LENGTH_DEPENDENT
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _format(lin: nn.Module):
+    """(kind, (weight arrays)) of a linear layer the kernels run, or None."""
+    from nabla.model.quantize import Int4Linear, Int8Linear
+
+    w = lin.weight
+    if type(lin) in (nn.Linear, cpu_kernels.RowKernelLinear) and w.dtype == torch.float32:
+        return "f32", (_np(w),)
+    if type(lin) is Int8Linear and lin.kernel == "numba":
+        vnni = cpu_kernels.I8_VNNI and lin.in_features % 32 == 0
+        return ("i8v" if vnni else "i8"), (_np(w), _np(lin.scales))
+    if type(lin) is Int4Linear and lin.kernel == "numba" and lin.group_size == 32:
+        return "q4", lin.q4_arrays()
+    return None
+
+
+def _group(*linears: nn.Module):
+    """(kind, weights) for linears sharing an input, in one kernel call: each weight format's
+    arrays as tuples (all of one format, else None)."""
+    formats = [_format(lin) for lin in linears]
+    if any(f is None for f in formats) or len({f[0] for f in formats}) != 1:
+        return None
+    kind = formats[0][0]
+    return kind, tuple(tuple(f[1][i] for f in formats) for i in range(len(formats[0][1])))
+
+
+def _bias(lin: nn.Module) -> np.ndarray:
+    b = getattr(lin, "bias", None)
+    if b is None:
+        return np.zeros(lin.out_features, dtype=np.float32)
+    return _np(b.float()).copy()
+
+
+def _plain(model) -> bool:
+    a = model.args
+    return (not a.qk_norm and not a.norm_unit_offset and not a.post_norms and a.hidden_act == "silu"
+            and a.attn_logit_softcap is None and a.final_logit_softcap is None and not a.scale_embeddings
+            and model.rope_kind not in LENGTH_DEPENDENT and a.head_dim % 2 == 0
+            and a.n_heads % a.n_kv_heads == 0)
+
+
+class CpuStep:
+    """The compiled layers of one model, with the arrays they read; made by `for_model`."""
+
+    def __init__(self, model, layers, head):
+        self.model, self.layers, self.head = model, layers, head
+        self.args = model.args
+        self._bufs: dict[int, tuple] = {}
+
+    @classmethod
+    def for_model(cls, model) -> CpuStep | None:
+        """The step for `model`, or None where its layers or architecture are not ones it runs."""
+        if not cpu_kernels._AVAILABLE or not getattr(model.norm, "row_kernel", False) or not _plain(model):
+            return None
+        if model.tok_embeddings.weight.device.type != "cpu" or model.tok_embeddings.weight.dtype != torch.float32:
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model):
+            return None  # a hook on a layer must see it run
+        layers = []
+        for layer in model.layers:
+            a, f = layer.attention, layer.feed_forward
+            groups = (_group(a.wq, a.wk, a.wv), _group(a.wo), _group(f.w1, f.w3), _group(f.w2))
+            norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
+            if any(g is None for g in groups) or a.cache is None or any(w.dtype != torch.float32 for w in norms):
+                return None
+            if getattr(f.w1, "bias", None) is not None or getattr(a.wo, "bias", None) is not None:
+                return None
+            layers.append((tuple(g[0] for g in groups), (
+                a.window or 0, float(a.scale if a.scale is not None else a.head_dim ** -0.5),
+                _np(norms[0]), _np(norms[1]),
+                groups[0][1], tuple(_bias(x) for x in (a.wq, a.wk, a.wv)),
+                groups[1][1], groups[2][1], groups[3][1], _np(a.cache.k), _np(a.cache.v))))
+        head = _group(model.output)
+        if head is None or model.norm.weight.dtype != torch.float32:
+            return None
+        return cls(model, layers, head)
+
+    def usable(self, tokens: torch.Tensor, start_pos) -> bool:
+        """Whether this call (tokens (B, T) at int start_pos, no rows) runs here."""
+        B, T = tokens.shape
+        m = self.model
+        return (isinstance(start_pos, int) and B * T <= cpu_kernels.MAX_ROWS and tokens.device.type == "cpu"
+                and not torch.is_grad_enabled() and not m.training
+                and 0 <= start_pos and start_pos + T <= self.layers[0][1][-1].shape[2]
+                and B <= self.layers[0][1][-1].shape[0] and m.rope.shape[0] >= start_pos + T)
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
+        """Logits (B, T or 1, vocab) in float32, as Transformer.forward."""
+        from nabla.model import cpu_step_jit as sj
+
+        B, T = tokens.shape
+        R = B * T
+        a = self.args
+        H = self.model.tok_embeddings(tokens).reshape(R, a.dim).contiguous()
+        h = H.numpy()
+        bufs, sd, sh = self._buffers(R)
+        rope = _np(self.model.rope)
+        eps = float(a.norm_eps)
+        out_rows = B if last_only else R
+        logits = torch.empty(out_rows, a.vocab_size, dtype=torch.float32)
+        with cpu_kernels._launch:  # the kernels' x buffers are shared: one step at a time
+            cpu_kernels._set_threads()
+            for kinds, args in self.layers:
+                window, scale, *rest = args
+                sj.layer_kernel(kinds)(h, bufs, sd, sh, T, start_pos, eps, window, scale, rope, *rest)
+            last = h if not last_only or T == 1 else np.ascontiguousarray(h[T - 1::T])
+            kind, ws = self.head
+            sj.head_kernel(kind)(last, np.empty_like(last), eps, _np(self.model.norm.weight), ws,
+                                 logits.numpy(), self._buffers(out_rows)[1])
+        return logits.view(B, 1 if last_only else T, a.vocab_size)
+
+    def _buffers(self, R: int):
+        if R not in self._bufs:
+            a = self.args
+            q_w, kv_w = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+            widths = (a.dim, q_w, kv_w, kv_w, q_w, a.dim, a.hidden_dim, a.hidden_dim)
+            bufs = tuple(np.zeros((R, n), dtype=np.float32) for n in widths)
+            self._bufs[R] = (bufs, self._scratch(R, a.dim), self._scratch(R, a.hidden_dim))
+        return self._bufs[R]
+
+    def _scratch(self, R: int, K: int):
+        """x's quantized buffers for R rows of inputs K wide: (int4 kernels' blocks, int8 VNNI's bytes)."""
+        q4 = tuple(np.zeros(b.shape, b.dtype) for b in cpu_kernels._x_buffers(R, K // 32))
+        return q4, (np.zeros((R, K), dtype=np.uint8), np.zeros((R, K // 4), dtype=np.float32))
+
+
+def step_for(model, tokens: torch.Tensor, start_pos) -> CpuStep | None:
+    """The model's CpuStep if this call runs in it, else None; made on first use and again whenever
+    the model's layers or cache changed (kept as `model.cpu_step`: (key, step or None))."""
+    key = _key(model)
+    if model.cpu_step is None or model.cpu_step[0] != key:
+        model.cpu_step = (key, CpuStep.for_model(model))
+    step = model.cpu_step[1]
+    return step if step is not None and step.usable(tokens, start_pos) else None
+
+
+def _key(model) -> tuple:
+    """What the step's arrays were taken from; a change (weights swapped, cache reallocated) remakes it."""
+    first, last = model.layers[0], model.layers[-1]
+    return (model.output.weight.data_ptr(), type(model.output), first.attention.wq.weight.data_ptr(),
+            type(first.attention.wq), last.feed_forward.w2.weight.data_ptr(), type(last.feed_forward.w2),
+            first.attention.cache.k.data_ptr() if first.attention.cache is not None else None)

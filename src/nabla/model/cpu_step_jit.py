@@ -1,0 +1,209 @@
+"""The numba side of nabla.model.cpu_step: one transformer layer, and the final norm and head, each
+compiled into one function that calls the product kernels of nabla.model.cpu_kernels_jit.
+
+A layer function is made per combination of weight formats (`layer_kernel(kinds)`), since each
+product group (q/k/v, wo, w1/w3, w2) calls the kernel of its format. Everything between the
+products (RMSNorm, biases, the rotation, the cache write, attention, SwiGLU, the residual adds)
+runs here in plain loops, where torch spends a few microseconds of dispatch on each.
+
+Leaves out: deciding which models and calls take this path, and the buffers (cpu_step).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from nabla.model import cpu_kernels_jit as kj
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _norm_rows(H, w, eps, XN):  # pragma: no cover - compiled
+    # RMSNorm of each row of H into XN, as RMSNorm.forward: x * rsqrt(mean(x^2) + eps) * w.
+    R, D = H.shape
+    for r in range(R):
+        ss = np.float32(0.0)
+        for d in range(D):
+            ss += H[r, d] * H[r, d]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
+        for d in range(D):
+            XN[r, d] = H[r, d] * inv * w[d]
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _rotate_and_cache(Q, K, V, QB, KB, VB, T, start, rope, KC, VC):  # pragma: no cover - compiled
+    # Add the biases, rotate q and k (pairs (2i, 2i + 1) of each head by rope[pos, i] = (cos, sin)),
+    # and write k and v at their positions of the cache (B, kv heads, length, head dim). Row r of
+    # Q/K/V is sequence r // T at position start + r % T.
+    R = Q.shape[0]
+    hd = KC.shape[3]
+    half = hd // 2
+    n_kv = KC.shape[1]
+    n_q = Q.shape[1] // hd
+    for r in range(R):
+        b = r // T
+        p = start + r % T
+        for c in range(Q.shape[1]):
+            Q[r, c] += QB[c]
+        for c in range(K.shape[1]):
+            K[r, c] += KB[c]
+            V[r, c] += VB[c]
+        for h in range(n_q):
+            o = h * hd
+            for i in range(half):
+                cos, sin = rope[p, i, 0], rope[p, i, 1]
+                x0, x1 = Q[r, o + 2 * i], Q[r, o + 2 * i + 1]
+                Q[r, o + 2 * i] = x0 * cos - x1 * sin
+                Q[r, o + 2 * i + 1] = x0 * sin + x1 * cos
+        for g in range(n_kv):
+            o = g * hd
+            for i in range(half):
+                cos, sin = rope[p, i, 0], rope[p, i, 1]
+                x0, x1 = K[r, o + 2 * i], K[r, o + 2 * i + 1]
+                KC[b, g, p, 2 * i] = x0 * cos - x1 * sin
+                KC[b, g, p, 2 * i + 1] = x0 * sin + x1 * cos
+            for d in range(hd):
+                VC[b, g, p, d] = V[r, o + d]
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _attend(Q, KC, VC, Y, T, start, window, scale):  # pragma: no cover - compiled
+    # Y[r, head] = softmax(q k^T * scale) v over the cached positions the query at row r may see:
+    # those up to its own, and with a window (> 0) only the last `window` of them. One task per
+    # (sequence, head); query heads share key/value heads in groups (GQA).
+    R = Q.shape[0]
+    hd = KC.shape[3]
+    n_kv = KC.shape[1]
+    n_q = Q.shape[1] // hd
+    group = n_q // n_kv
+    B = R // T
+    for task in prange(B * n_q):
+        b = task // n_q
+        h = task % n_q
+        g = h // group
+        o = h * hd
+        scores = np.empty(start + T, dtype=np.float32)
+        acc = np.empty(hd, dtype=np.float32)
+        for t in range(T):
+            r = b * T + t
+            p = start + t
+            lo = 0 if window <= 0 else max(0, p - window + 1)
+            top = np.float32(-np.inf)
+            for j in range(lo, p + 1):
+                s = np.float32(0.0)
+                for d in range(hd):
+                    s += Q[r, o + d] * KC[b, g, j, d]
+                s *= scale
+                scores[j] = s
+                if s > top:
+                    top = s
+            total = np.float32(0.0)
+            for j in range(lo, p + 1):
+                e = np.exp(scores[j] - top)
+                scores[j] = e
+                total += e
+            for d in range(hd):
+                acc[d] = 0.0
+            for j in range(lo, p + 1):
+                w = scores[j]
+                for d in range(hd):
+                    acc[d] += w * VC[b, g, j, d]
+            inv = np.float32(1.0) / total
+            for d in range(hd):
+                Y[r, o + d] = acc[d] * inv
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _add(H, Z):  # pragma: no cover - compiled
+    R, D = H.shape
+    for r in range(R):
+        for d in range(D):
+            H[r, d] += Z[r, d]
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _swiglu(G, U):  # pragma: no cover - compiled
+    # G = silu(G) * U, in place.
+    R, N = G.shape
+    for r in range(R):
+        for n in range(N):
+            g = G[r, n]
+            G[r, n] = g / (np.float32(1.0) + np.exp(-g)) * U[r, n]
+
+
+def products(kind: str):
+    """A numba function (ws, X, Ys, scratch) computing Ys[i] = X Ws[i]^T for one group of weights of
+    format `kind`: "f32" (ws = (weights,)), "i8" (ws = (weights, row scales)), "i8v" (the same,
+    VNNI), "q4" (ws = (packed, fp16 scale bits)). scratch: (the int4 kernels' x blocks, the int8
+    VNNI kernel's x bytes), as cpu_step allocates them."""
+    return _products(kind)
+
+
+@functools.cache
+def _products(kind: str):
+    if kind == "f32":
+        rows_f32 = kj._rows_f32
+
+        def run(ws, X, Ys, scratch):  # pragma: no cover - compiled
+            rows_f32(ws[0], X, Ys)
+    elif kind == "i8":
+        rows_i8 = kj._rows_i8
+
+        def run(ws, X, Ys, scratch):  # pragma: no cover - compiled
+            rows_i8(ws[0], ws[1], X, Ys)
+    elif kind == "i8v":
+        rows_i8_vnni = kj._rows_i8_vnni
+
+        def run(ws, X, Ys, scratch):  # pragma: no cover - compiled
+            rows_i8_vnni(ws[0], ws[1], X, scratch[1][0], scratch[1][1], Ys)
+    elif kind == "q4":
+        rows_q4 = kj._rows_q4
+
+        def run(ws, X, Ys, scratch):  # pragma: no cover - compiled
+            q = scratch[0]
+            rows_q4(ws[0], ws[1], X, q[0], q[1], q[2], q[3], Ys)
+    else:
+        raise ValueError(f"unknown weight format {kind!r}")
+    return njit(nogil=True)(run)
+
+
+@functools.cache
+def layer_kernel(kinds: tuple[str, str, str, str]):
+    """The numba function of one layer whose product groups (q/k/v, wo, w1/w3, w2) are in `kinds`."""
+    qkv, wo, w13, w2 = (products(k) for k in kinds)
+    norm, rotate, attend, add, swiglu = _norm_rows, _rotate_and_cache, _attend, _add, _swiglu
+
+    def layer(H, bufs, sd, sh, T, start, eps, window, scale, rope, w_attn_norm, w_ffn_norm,
+              qkv_ws, qkv_bias, wo_ws, w13_ws, w2_ws, KC, VC):  # pragma: no cover - compiled
+        # H (R, dim) in place: H += attention(norm(H)); H += feed_forward(norm(H)). bufs: the work
+        # rows (XN, Q, K, V, Y, Z, G, U); sd, sh: x's quantized buffers for dim-wide and
+        # hidden-wide inputs.
+        XN, Q, K, V, Y, Z, G, U = bufs
+        norm(H, w_attn_norm, eps, XN)
+        qkv(qkv_ws, XN, (Q, K, V), sd)
+        rotate(Q, K, V, qkv_bias[0], qkv_bias[1], qkv_bias[2], T, start, rope, KC, VC)
+        attend(Q, KC, VC, Y, T, start, window, scale)
+        wo(wo_ws, Y, (Z,), sd)
+        add(H, Z)
+        norm(H, w_ffn_norm, eps, XN)
+        w13(w13_ws, XN, (G, U), sd)
+        swiglu(G, U)
+        w2(w2_ws, G, (Z,), sh)
+        add(H, Z)
+
+    return njit(nogil=True)(layer)
+
+
+@functools.cache
+def head_kernel(kind: str):
+    """The numba function of the final norm and the output head in format `kind`."""
+    head = products(kind)
+    norm = _norm_rows
+
+    def final(H, XN, eps, w_norm, head_ws, out, sd):  # pragma: no cover - compiled
+        norm(H, w_norm, eps, XN)
+        head(head_ws, XN, (out,), sd)
+
+    return njit(nogil=True)(final)
