@@ -33,8 +33,8 @@ def model(fmt: str, monkeypatch, **switches) -> Transformer:
 def torch_path(m: Transformer, monkeypatch):
     """A copy of m whose passes never take the compiled step."""
     ref = copy.deepcopy(m)
-    real = cpu_step.step_for
-    monkeypatch.setattr(cpu_step, "step_for", lambda mod, *a: None if mod is ref else real(mod, *a))
+    real = cpu_step.run
+    monkeypatch.setattr(cpu_step, "run", lambda mod, *a: None if mod is ref else real(mod, *a))
     return ref
 
 
@@ -88,6 +88,30 @@ def test_prefill_and_decode_equal_the_torch_layers(fmt, switches, monkeypatch):
     assert sorted(seen)[len(seen) // 2:][0] < 1e-5 if seen else True
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+def test_sequences_at_their_own_positions_and_cache_rows(fmt, monkeypatch):
+    """The server's batches: each sequence in its own cache row (`rows`), at its own position."""
+    m = model(fmt, monkeypatch, sliding_window=4)
+    ref = torch_path(m, monkeypatch)
+    taken = steps_taken(monkeypatch)
+    prompts = torch.randint(0, 300, (3, 9), generator=GEN)
+    seen = []
+    with torch.inference_mode():
+        for x in (m, ref):
+            x.setup_cache(4, 32)
+        for slot, n in ((2, 5), (0, 7), (3, 2)):  # prompts of their own lengths into rows 2, 0, 3
+            rows, start = torch.tensor([slot]), torch.tensor([0])
+            p = prompts[slot % 3:slot % 3 + 1, :n]
+            close(m(p, start, rows=rows), ref(p, start, rows=rows), fmt, seen)
+        rows, pos = torch.tensor([2, 0, 3]), torch.tensor([5, 7, 2])
+        for _ in range(4):
+            last = torch.randint(0, 300, (3, 1), generator=GEN)
+            close(m(last, pos, rows=rows), ref(last, pos, rows=rows), fmt, seen)
+            pos = pos + 1
+    assert len(taken) == 7
+    assert sorted(seen)[len(seen) // 2:][0] < 1e-5 if seen else True
+
+
 def test_calls_it_does_not_take_run_the_torch_layers(monkeypatch):
     m = model("fp32", monkeypatch)
     ref = torch_path(m, monkeypatch)
@@ -97,8 +121,9 @@ def test_calls_it_does_not_take_run_the_torch_layers(monkeypatch):
         for x in (m, ref):
             x.setup_cache(2, 32)
         close(m(tokens[:, :9], 0), ref(tokens[:, :9], 0), "fp32")  # 18 rows: more than MAX_ROWS
-        start = torch.tensor([9, 9])  # per-sequence positions (the server's batches)
-        close(m(tokens[:, 9:10], start), ref(tokens[:, 9:10], start), "fp32")
+        close(m(tokens[:, :9], None), ref(tokens[:, :9], None), "fp32")  # no cache (scoring)
+        with pytest.raises(AssertionError, match="beyond the cache"):  # as the torch layers say
+            m(tokens[:, :2], 31)
     assert taken == []
     m = model("fp32", monkeypatch)
     m.setup_cache(2, 32)

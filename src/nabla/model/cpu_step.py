@@ -11,12 +11,12 @@ It takes a model whose layers already run those kernels (fp32 row kernels, int8 
 layers; `Transformer.norm.row_kernel` says nabla.model.cpu_kernels chose them) and whose layers
 are Llama's: Llama, Mistral and Qwen2-style q/k/v biases; no per-head norms, soft caps, (1 + w)
 norms, post-norms, GeGLU or length-dependent rotations (those keep the torch path, as do LoRA
-layers, which are other modules). A call takes it when every sequence is at the same position
-(`start_pos` an int, no `rows`), at most cpu_kernels.MAX_ROWS rows, outside autograd; the model
-then computes exactly what its torch layers compute, up to float32 rounding.
+layers, which are other modules). A call takes it when it has at most cpu_kernels.MAX_ROWS rows
+and runs outside autograd, with each sequence at its own position and cache row or not (the
+server's batches, `start_pos` a tensor and `rows`); the model then computes what its torch layers
+compute, up to float32 rounding.
 
-Leaves out: the compiled functions (cpu_step_jit), the product kernels (cpu_kernels_jit), GPUs,
-per-sequence positions (the server's batches keep the torch path).
+Leaves out: the compiled functions (cpu_step_jit), the product kernels (cpu_kernels_jit), GPUs.
 """
 
 from __future__ import annotations
@@ -109,16 +109,33 @@ class CpuStep:
             return None
         return cls(model, layers, head)
 
-    def usable(self, tokens: torch.Tensor, start_pos) -> bool:
-        """Whether this call (tokens (B, T) at int start_pos, no rows) runs here."""
+    def positions(self, tokens: torch.Tensor, start_pos, rows):
+        """(starts, cache rows) as int64 arrays (B,) where this call (tokens (B, T) at `start_pos`, an int
+        or a tensor, in cache `rows` or 0..B-1) runs here, else None."""
         B, T = tokens.shape
         m = self.model
-        return (isinstance(start_pos, int) and B * T <= cpu_kernels.MAX_ROWS and tokens.device.type == "cpu"
-                and not torch.is_grad_enabled() and not m.training
-                and 0 <= start_pos and start_pos + T <= self.layers[0][1][-1].shape[2]
-                and B <= self.layers[0][1][-1].shape[0] and m.rope.shape[0] >= start_pos + T)
+        if B * T > cpu_kernels.MAX_ROWS or tokens.device.type != "cpu" or torch.is_grad_enabled() or m.training:
+            return None
+        if isinstance(start_pos, int):
+            starts = np.full(B, start_pos, dtype=np.int64)
+        elif isinstance(start_pos, torch.Tensor) and start_pos.device.type == "cpu" and start_pos.numel() in (1, B) \
+                and not start_pos.is_floating_point():
+            starts = np.ascontiguousarray(start_pos.reshape(-1).expand(B).numpy(), dtype=np.int64)
+        else:
+            return None
+        if rows is None:
+            slots = np.arange(B, dtype=np.int64)
+        elif rows.device.type == "cpu" and rows.shape == (B,) and not rows.is_floating_point():
+            slots = np.ascontiguousarray(rows.numpy(), dtype=np.int64)
+        else:
+            return None
+        cache = self.layers[0][1][-1]  # (rows, kv heads, length, head dim)
+        if starts.min() < 0 or starts.max() + T > min(cache.shape[2], m.rope.shape[0]) \
+                or slots.min() < 0 or slots.max() >= cache.shape[0]:
+            return None  # the torch layers say what is wrong
+        return starts, slots
 
-    def __call__(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, starts: np.ndarray, slots: np.ndarray, last_only: bool) -> torch.Tensor:
         """Logits (B, T or 1, vocab) in float32, as Transformer.forward."""
         from nabla.model import cpu_step_jit as sj
 
@@ -136,7 +153,7 @@ class CpuStep:
             cpu_kernels._set_threads()
             for kinds, args in self.layers:
                 window, scale, *rest = args
-                sj.layer_kernel(kinds)(h, bufs, sd, sh, T, start_pos, eps, window, scale, rope, *rest)
+                sj.layer_kernel(kinds)(h, bufs, sd, sh, T, starts, slots, eps, window, scale, rope, *rest)
             last = h if not last_only or T == 1 else np.ascontiguousarray(h[T - 1::T])
             kind, ws = self.head
             sj.head_kernel(kind)(last, np.empty_like(last), eps, _np(self.model.norm.weight), ws,
@@ -158,14 +175,16 @@ class CpuStep:
         return q4, (np.zeros((R, K), dtype=np.uint8), np.zeros((R, K // 4), dtype=np.float32))
 
 
-def step_for(model, tokens: torch.Tensor, start_pos) -> CpuStep | None:
-    """The model's CpuStep if this call runs in it, else None; made on first use and again whenever
-    the model's layers or cache changed (kept as `model.cpu_step`: (key, step or None))."""
+def run(model, tokens: torch.Tensor, start_pos, rows, last_only: bool) -> torch.Tensor | None:
+    """The logits of this pass of `model` computed here, or None where it does not run here. The model's
+    CpuStep is made on first use and again whenever its layers or cache changed (kept as
+    `model.cpu_step`: (key, step or None))."""
     key = _key(model)
     if model.cpu_step is None or model.cpu_step[0] != key:
         model.cpu_step = (key, CpuStep.for_model(model))
     step = model.cpu_step[1]
-    return step if step is not None and step.usable(tokens, start_pos) else None
+    where = step.positions(tokens, start_pos, rows) if step is not None else None
+    return None if where is None else step(tokens, *where, last_only)
 
 
 def _key(model) -> tuple:

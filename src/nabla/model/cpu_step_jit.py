@@ -33,18 +33,18 @@ def _norm_rows(H, w, eps, XN):  # pragma: no cover - compiled
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _rotate_and_cache(Q, K, V, QB, KB, VB, T, start, rope, KC, VC):  # pragma: no cover - compiled
+def _rotate_and_cache(Q, K, V, QB, KB, VB, T, starts, slots, rope, KC, VC):  # pragma: no cover - compiled
     # Add the biases, rotate q and k (pairs (2i, 2i + 1) of each head by rope[pos, i] = (cos, sin)),
-    # and write k and v at their positions of the cache (B, kv heads, length, head dim). Row r of
-    # Q/K/V is sequence r // T at position start + r % T.
+    # and write k and v at their positions of the cache (rows, kv heads, length, head dim). Row r of
+    # Q/K/V is sequence b = r // T, at position starts[b] + r % T of cache row slots[b].
     R = Q.shape[0]
     hd = KC.shape[3]
     half = hd // 2
     n_kv = KC.shape[1]
     n_q = Q.shape[1] // hd
     for r in range(R):
-        b = r // T
-        p = start + r % T
+        b = slots[r // T]
+        p = starts[r // T] + r % T
         for c in range(Q.shape[1]):
             Q[r, c] += QB[c]
         for c in range(K.shape[1]):
@@ -69,10 +69,11 @@ def _rotate_and_cache(Q, K, V, QB, KB, VB, T, start, rope, KC, VC):  # pragma: n
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _attend(Q, KC, VC, Y, T, start, window, scale):  # pragma: no cover - compiled
-    # Y[r, head] = softmax(q k^T * scale) v over the cached positions the query at row r may see:
-    # those up to its own, and with a window (> 0) only the last `window` of them. One task per
-    # (sequence, head); query heads share key/value heads in groups (GQA).
+def _attend(Q, KC, VC, Y, T, starts, slots, window, scale):  # pragma: no cover - compiled
+    # Y[r, head] = softmax(q k^T * scale) v over the cached positions the query at row r may see
+    # (sequence r // T, in cache row slots[r // T]): those up to its own, and with a window (> 0)
+    # only the last `window` of them. One task per (sequence, head); query heads share key/value
+    # heads in groups (GQA).
     R = Q.shape[0]
     hd = KC.shape[3]
     n_kv = KC.shape[1]
@@ -80,25 +81,26 @@ def _attend(Q, KC, VC, Y, T, start, window, scale):  # pragma: no cover - compil
     group = n_q // n_kv
     B = R // T
     for task in prange(B * n_q):
-        b = task // n_q
+        s = task // n_q
+        b = slots[s]
         h = task % n_q
         g = h // group
         o = h * hd
-        scores = np.empty(start + T, dtype=np.float32)
+        scores = np.empty(starts[s] + T, dtype=np.float32)
         acc = np.empty(hd, dtype=np.float32)
         for t in range(T):
-            r = b * T + t
-            p = start + t
+            r = s * T + t
+            p = starts[s] + t
             lo = 0 if window <= 0 else max(0, p - window + 1)
             top = np.float32(-np.inf)
             for j in range(lo, p + 1):
-                s = np.float32(0.0)
+                e = np.float32(0.0)
                 for d in range(hd):
-                    s += Q[r, o + d] * KC[b, g, j, d]
-                s *= scale
-                scores[j] = s
-                if s > top:
-                    top = s
+                    e += Q[r, o + d] * KC[b, g, j, d]
+                e *= scale
+                scores[j] = e
+                if e > top:
+                    top = e
             total = np.float32(0.0)
             for j in range(lo, p + 1):
                 e = np.exp(scores[j] - top)
@@ -175,7 +177,7 @@ def layer_kernel(kinds: tuple[str, str, str, str]):
     qkv, wo, w13, w2 = (products(k) for k in kinds)
     norm, rotate, attend, add, swiglu = _norm_rows, _rotate_and_cache, _attend, _add, _swiglu
 
-    def layer(H, bufs, sd, sh, T, start, eps, window, scale, rope, w_attn_norm, w_ffn_norm,
+    def layer(H, bufs, sd, sh, T, starts, slots, eps, window, scale, rope, w_attn_norm, w_ffn_norm,
               qkv_ws, qkv_bias, wo_ws, w13_ws, w2_ws, KC, VC):  # pragma: no cover - compiled
         # H (R, dim) in place: H += attention(norm(H)); H += feed_forward(norm(H)). bufs: the work
         # rows (XN, Q, K, V, Y, Z, G, U); sd, sh: x's quantized buffers for dim-wide and
@@ -183,8 +185,8 @@ def layer_kernel(kinds: tuple[str, str, str, str]):
         XN, Q, K, V, Y, Z, G, U = bufs
         norm(H, w_attn_norm, eps, XN)
         qkv(qkv_ws, XN, (Q, K, V), sd)
-        rotate(Q, K, V, qkv_bias[0], qkv_bias[1], qkv_bias[2], T, start, rope, KC, VC)
-        attend(Q, KC, VC, Y, T, start, window, scale)
+        rotate(Q, K, V, qkv_bias[0], qkv_bias[1], qkv_bias[2], T, starts, slots, rope, KC, VC)
+        attend(Q, KC, VC, Y, T, starts, slots, window, scale)
         wo(wo_ws, Y, (Z,), sd)
         add(H, Z)
         norm(H, w_ffn_norm, eps, XN)

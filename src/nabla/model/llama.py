@@ -305,11 +305,10 @@ class Transformer(nn.Module):
         positions, masked, so that every step has the same shapes (graphs).
         """
         B, T = tokens.shape
-        if start_pos is not None and tokens.device.type == "cpu" and rows is None and cache_len is None \
-                and not return_hidden:
-            step = cpu_step.step_for(self, tokens, start_pos)
-            if step is not None:  # the whole pass in a few compiled calls
-                return step(tokens, start_pos, last_only)
+        if start_pos is not None and tokens.device.type == "cpu" and cache_len is None and not return_hidden:
+            logits = cpu_step.run(self, tokens, start_pos, rows, last_only)  # a few compiled calls
+            if logits is not None:
+                return logits
         h = self.tok_embeddings(tokens)
         if self.args.scale_embeddings:  # Gemma: sqrt(dim), rounded to the compute dtype first
             h = h * torch.tensor(self.args.dim ** 0.5, dtype=h.dtype)
