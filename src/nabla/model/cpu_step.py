@@ -165,7 +165,8 @@ class CpuStep:
             a = self.args
             q_w, kv_w = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
             widths = (a.dim, q_w, kv_w, kv_w, q_w, a.dim, a.hidden_dim, a.hidden_dim)
-            bufs = tuple(np.zeros((R, n), dtype=np.float32) for n in widths)
+            bufs = tuple(np.zeros((R, n), dtype=np.float32) for n in widths) + (
+                np.zeros((1, a.hidden_dim), dtype=np.float32), np.zeros((1, a.hidden_dim), dtype=np.int32))
             self._bufs[R] = (bufs, self._scratch(R, a.dim), self._scratch(R, a.hidden_dim))
         return self._bufs[R]
 
@@ -188,8 +189,14 @@ def run(model, tokens: torch.Tensor, start_pos, rows, last_only: bool) -> torch.
 
 
 def _key(model) -> tuple:
-    """What the step's arrays were taken from; a change (weights swapped, cache reallocated) remakes it."""
+    """What the step's arrays were taken from; a change (layers swapped or wrapped, weights or the cache
+    reallocated) remakes it."""
     first, last = model.layers[0], model.layers[-1]
-    return (model.output.weight.data_ptr(), type(model.output), first.attention.wq.weight.data_ptr(),
-            type(first.attention.wq), last.feed_forward.w2.weight.data_ptr(), type(last.feed_forward.w2),
-            first.attention.cache.k.data_ptr() if first.attention.cache is not None else None)
+    cache = first.attention.cache
+    return (_id(model.output), _id(first.attention.wq), _id(last.feed_forward.w2),
+            cache.k.data_ptr() if cache is not None else None)
+
+
+def _id(lin: nn.Module) -> tuple:
+    w = getattr(lin, "weight", None)
+    return type(lin), w.data_ptr() if isinstance(w, torch.Tensor) else None

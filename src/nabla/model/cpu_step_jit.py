@@ -125,14 +125,38 @@ def _add(H, Z):  # pragma: no cover - compiled
             H[r, d] += Z[r, d]
 
 
-@njit(fastmath=True, cache=True, nogil=True)
-def _swiglu(G, U):  # pragma: no cover - compiled
-    # G = silu(G) * U, in place.
+_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXACT = {"nnan", "ninf", "nsz", "arcp", "contract"}  # fastmath without reassociation: exp's split stays exact
+
+
+@njit(fastmath=_EXACT, cache=True, nogil=True)
+def _swiglu(G, U, P, E):  # pragma: no cover - compiled
+    # G = silu(G) * U = G / (1 + exp(-G)) * U, in place. exp(x) = 2^n e^f with n = round(x log2 e)
+    # and |f| <= ln 2 / 2 (a degree-7 polynomial, within 2 ulp), in two loops the compiler turns
+    # into vector code: the scalar exp of libm took 8 of a 110M layer's ~250 us (measured).
+    # P (float32) and E (int32) are scratch rows as wide as G.
     R, N = G.shape
+    Pr = P[0]
+    Er = E[0]
+    scale = Er.view(np.float32)
     for r in range(R):
-        for n in range(N):
-            g = G[r, n]
-            G[r, n] = g / (np.float32(1.0) + np.exp(-g)) * U[r, n]
+        g = G[r]
+        for i in range(N):
+            x = min(max(-g[i], np.float32(-87.0)), np.float32(88.0))
+            n = np.floor(x * _LOG2E + np.float32(0.5))
+            f = (x - n * _LN2_HI) - n * _LN2_LO
+            p = np.float32(1.0 / 5040.0)
+            p = p * f + np.float32(1.0 / 720.0)
+            p = p * f + np.float32(1.0 / 120.0)
+            p = p * f + np.float32(1.0 / 24.0)
+            p = p * f + np.float32(1.0 / 6.0)
+            p = p * f + np.float32(0.5)
+            p = p * f + np.float32(1.0)
+            Pr[i] = p * f + np.float32(1.0)
+            Er[i] = (np.int32(n) + np.int32(127)) << np.int32(23)
+        u = U[r]
+        for i in range(N):
+            g[i] = g[i] / (np.float32(1.0) + Pr[i] * scale[i]) * u[i]
 
 
 def products(kind: str):
@@ -180,9 +204,9 @@ def layer_kernel(kinds: tuple[str, str, str, str]):
     def layer(H, bufs, sd, sh, T, starts, slots, eps, window, scale, rope, w_attn_norm, w_ffn_norm,
               qkv_ws, qkv_bias, wo_ws, w13_ws, w2_ws, KC, VC):  # pragma: no cover - compiled
         # H (R, dim) in place: H += attention(norm(H)); H += feed_forward(norm(H)). bufs: the work
-        # rows (XN, Q, K, V, Y, Z, G, U); sd, sh: x's quantized buffers for dim-wide and
+        # rows (XN, Q, K, V, Y, Z, G, U, and P, E for SwiGLU); sd, sh: x's quantized buffers for dim-wide and
         # hidden-wide inputs.
-        XN, Q, K, V, Y, Z, G, U = bufs
+        XN, Q, K, V, Y, Z, G, U, P, E = bufs
         norm(H, w_attn_norm, eps, XN)
         qkv(qkv_ws, XN, (Q, K, V), sd)
         rotate(Q, K, V, qkv_bias[0], qkv_bias[1], qkv_bias[2], T, starts, slots, rope, KC, VC)
@@ -191,7 +215,7 @@ def layer_kernel(kinds: tuple[str, str, str, str]):
         add(H, Z)
         norm(H, w_ffn_norm, eps, XN)
         w13(w13_ws, XN, (G, U), sd)
-        swiglu(G, U)
+        swiglu(G, U, P, E)
         w2(w2_ws, G, (Z,), sh)
         add(H, Z)
 

@@ -1,0 +1,124 @@
+"""Where a CPU decode step's time goes: each part of nabla.model.cpu_step timed on its own.
+
+Builds a random model of a named shape (int4, int8 or fp32, as `nabla bench` does), then times
+one decode step as a whole (Transformer.decode) and each part of it over all layers: the product
+kernels (q/k/v, wo, w1/w3, w2 and the head, with their bytes read and GB/s), the norms, the
+rotation and cache write, attention and SwiGLU. Each part runs `--repeats` times inside one
+compiled loop, so Python's call cost is left out of the parts and shows in "rest" (the step
+minus its parts: Python, numba's dispatch, the embedding lookup).
+
+    PYTHONPATH=src python benchmarks/profile_cpu_step.py --shape 110m --quantize int4 [--rows 1] [--pos 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import numpy as np
+import torch
+from numba import njit
+
+from nabla import device as devices
+from nabla.bench.runner import random_weights
+from nabla.model import cpu_step_jit as sj
+from nabla.model.args import from_name
+from nabla.model.llama import Transformer
+from nabla.model.prepare import prepare_model
+
+
+@njit
+def _repeat(n, f, args):  # pragma: no cover - compiled
+    for _ in range(n):
+        f(*args)
+
+
+def _seconds(f, args, n: int) -> float:
+    _repeat(1, f, args)
+    t = time.perf_counter()
+    _repeat(n, f, args)
+    return (time.perf_counter() - t) / n
+
+
+def nbytes(ws) -> int:
+    return sum(a.nbytes for group in ws for a in group)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="110m")
+    p.add_argument("--quantize", choices=["int4", "int8", "fp32"], default="int4")
+    p.add_argument("--rows", type=int, default=1, help="sequences in the step (batch size)")
+    p.add_argument("--pos", type=int, default=64, help="the position decoded (context length before it)")
+    p.add_argument("--repeats", type=int, default=50)
+    a = p.parse_args()
+    devices.use_all_cores()
+    args = from_name(a.shape)
+    args.vocab_size = 32000
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = prepare_model(model, torch.device("cpu"), torch.float32, random_weights, max_batch_size=a.rows,
+                          max_seq_len=a.pos + 8, quantize=None if a.quantize == "fp32" else a.quantize)
+    tok = torch.randint(0, 32000, (a.rows, 1))
+    with torch.inference_mode():
+        model(torch.randint(0, 32000, (a.rows, a.pos)), 0)
+        step = model.cpu_step[1]
+        if step is None:
+            raise SystemExit("this model does not take the compiled step (see nabla.model.cpu_step)")
+        for _ in range(3):
+            model.decode(tok, a.pos)
+        t = time.perf_counter()
+        for _ in range(a.repeats):
+            model.decode(tok, a.pos)
+        whole = (time.perf_counter() - t) / a.repeats
+
+    R = a.rows
+    bufs, sd, sh = step._buffers(R)
+    XN, Q, K, V, Y, Z, G, U, P, E = bufs
+    H = np.random.default_rng(0).standard_normal((R, args.dim)).astype(np.float32)
+    for b in bufs[:8]:
+        b[:] = np.random.default_rng(1).standard_normal(b.shape)
+    starts, slots = np.full(R, a.pos, dtype=np.int64), np.arange(R, dtype=np.int64)
+    rope = model.rope.numpy()
+    parts: dict[str, float] = {}
+    read: dict[str, int] = {}
+    n = a.repeats
+
+    def add(name, f, fargs, nb=0):
+        parts[name] = parts.get(name, 0.0) + _seconds(f, fargs, n)
+        read[name] = read.get(name, 0) + nb
+
+    for kinds, (window, scale, wa, wf, qkv, qb, wo, w13, w2, KC, VC) in step.layers:
+        prod = [sj.products(k) for k in kinds]
+        add("norms", sj._norm_rows, (H, wa, 1e-5, XN))
+        add("norms", sj._norm_rows, (H, wf, 1e-5, XN))
+        add("q/k/v", prod[0], (qkv, XN, (Q, K, V), sd), nbytes(qkv))
+        add("rotate + cache write", sj._rotate_and_cache, (Q, K, V, qb[0], qb[1], qb[2], 1, starts, slots, rope, KC, VC))
+        add("attention", sj._attend, (Q, KC, VC, Y, 1, starts, slots, window, scale))
+        add("wo", prod[1], (wo, Y, (Z,), sd), nbytes(wo))
+        add("residual adds", sj._add, (H, Z))
+        add("residual adds", sj._add, (H, Z))
+        add("w1/w3", prod[2], (w13, XN, (G, U), sd), nbytes(w13))
+        add("swiglu", sj._swiglu, (G, U, P, E))
+        add("w2", prod[3], (w2, G, (Z,), sh), nbytes(w2))
+    kind, ws = step.head
+    head_bufs = step._buffers(R)[1]
+    logits = np.empty((R, args.vocab_size), dtype=np.float32)
+    add("head", sj.products(kind), (ws, XN, (logits,), head_bufs), nbytes(ws))
+    total = sum(parts.values())
+    print(f"{a.shape} {a.quantize}, {R} row(s) at position {a.pos}, {torch.get_num_threads()} threads: "
+          f"step {whole * 1e3:.2f} ms\n")
+    print("| part | ms per step | share | GB/s |")
+    print("|---|---:|---:|---:|")
+    for name, s in parts.items():
+        gbs = f"{read[name] / s / 1e9:.1f}" if read[name] else ""
+        print(f"| {name} | {s * 1e3:.3f} | {s / whole:.0%} | {gbs} |")
+    print(f"| rest (Python, dispatch, embedding) | {(whole - total) * 1e3:.3f} | {(whole - total) / whole:.0%} | |")
+    products = sum(parts[k] for k in ("q/k/v", "wo", "w1/w3", "w2", "head"))
+    nb = sum(read.values())
+    print(f"\nproducts: {products * 1e3:.2f} ms for {nb / 1e6:.1f} MB, {nb / products / 1e9:.1f} GB/s")
+
+
+if __name__ == "__main__":
+    functools.partial(main)()
