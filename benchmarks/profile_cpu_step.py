@@ -13,7 +13,6 @@ minus its parts: Python, numba's dispatch, the embedding lookup).
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import numpy as np
@@ -94,7 +93,8 @@ def main() -> None:
         add("norms", sj._norm_rows, (H, wa, 1e-5, XN))
         add("norms", sj._norm_rows, (H, wf, 1e-5, XN))
         add("q/k/v", prod[0], (qkv, XN, (Q, K, V), sd), nbytes(qkv))
-        add("rotate + cache write", sj._rotate_and_cache, (Q, K, V, qb[0], qb[1], qb[2], 1, starts, slots, rope, KC, VC))
+        add("rotate + cache write", sj._rotate_and_cache,
+            (Q, K, V, qb[0], qb[1], qb[2], 1, starts, slots, rope, KC, VC))
         add("attention", sj._attend, (Q, KC, VC, Y, 1, starts, slots, window, scale))
         add("wo", prod[1], (wo, Y, (Z,), sd), nbytes(wo))
         add("residual adds", sj._add, (H, Z))
@@ -121,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    functools.partial(main)()
+    main()
