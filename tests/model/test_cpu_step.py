@@ -64,8 +64,10 @@ def close(a, b, fmt, seen=None):
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
-@pytest.mark.parametrize("switches", [{}, {"qkv_bias": True}, {"sliding_window": 5}],
-                         ids=["llama", "qkv-bias", "window"])
+@pytest.mark.parametrize("switches", [
+    {}, {"qkv_bias": True}, {"sliding_window": 5},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}},
+], ids=["llama", "qkv-bias", "window", "yarn"])
 def test_prefill_and_decode_equal_the_torch_layers(fmt, switches, monkeypatch):
     m = model(fmt, monkeypatch, **switches)
     if switches.get("qkv_bias"):
