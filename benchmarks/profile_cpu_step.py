@@ -40,8 +40,8 @@ def _seconds(f, args, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def nbytes(ws) -> int:
-    return sum(a.nbytes for group in ws for a in group)
+def nbytes(group) -> int:
+    return sum(a.nbytes for field in group[1:] for a in field)
 
 
 def main() -> None:
@@ -88,24 +88,21 @@ def main() -> None:
         parts[name] = parts.get(name, 0.0) + _seconds(f, fargs, n)
         read[name] = read.get(name, 0) + nb
 
-    for kinds, (window, scale, wa, wf, qkv, qb, wo, w13, w2, KC, VC) in step.layers:
-        prod = [sj.products(k) for k in kinds]
+    for window, scale, wa, wf, qkv, qb, wo, w13, w2, KC, VC in step.layers:
         add("norms", sj._norm_rows, (H, wa, 1e-5, XN))
         add("norms", sj._norm_rows, (H, wf, 1e-5, XN))
-        add("q/k/v", prod[0], (qkv, XN, (Q, K, V), sd), nbytes(qkv))
+        add("q/k/v", sj._products, (qkv, XN, (Q, K, V), sd), nbytes(qkv))
         add("rotate + cache write", sj._rotate_and_cache,
             (Q, K, V, qb[0], qb[1], qb[2], 1, starts, slots, rope, KC, VC))
         add("attention", sj._attend, (Q, KC, VC, Y, 1, starts, slots, window, scale))
-        add("wo", prod[1], (wo, Y, (Z,), sd), nbytes(wo))
+        add("wo", sj._products, (wo, Y, (Z,), sd), nbytes(wo))
         add("residual adds", sj._add, (H, Z))
         add("residual adds", sj._add, (H, Z))
-        add("w1/w3", prod[2], (w13, XN, (G, U), sd), nbytes(w13))
+        add("w1/w3", sj._products, (w13, XN, (G, U), sd), nbytes(w13))
         add("swiglu", sj._swiglu, (G, U, P, E))
-        add("w2", prod[3], (w2, G, (Z,), sh), nbytes(w2))
-    kind, ws = step.head
-    head_bufs = step._buffers(R)[1]
+        add("w2", sj._products, (w2, G, (Z,), sh), nbytes(w2))
     logits = np.empty((R, args.vocab_size), dtype=np.float32)
-    add("head", sj.products(kind), (ws, XN, (logits,), head_bufs), nbytes(ws))
+    add("head", sj._products, (step.head, XN, (logits,), sd), nbytes(step.head))
     total = sum(parts.values())
     print(f"{a.shape} {a.quantize}, {R} row(s) at position {a.pos}, {torch.get_num_threads()} threads: "
           f"step {whole * 1e3:.2f} ms\n")

@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("numba")
 
 from nabla.model import Transformer, cpu_kernels, cpu_step  # noqa: E402
+from nabla.model import cpu_step_jit as sj
 from nabla.model.args import ModelArgs  # noqa: E402
 from nabla.model.quantize import quantize_model  # noqa: E402
 
@@ -51,16 +52,21 @@ def steps_taken(monkeypatch) -> list:
 
 
 def close(a, b, fmt, seen=None):
-    """a equals b up to float32 rounding. With int8/int4 layers x is quantized per block in both, and
-    a rounding difference can move one int8 value of x by one: such a call differs by up to ~2% in
-    these 64-wide models. Each call must stay within 3%, and most (`seen` collects them) within 1e-5."""
+    """a equals b up to float32 rounding. With int8/int4 layers x is quantized per block in both, and a
+    rounding difference can move one int8 value of x by one: that position's logits then differ by up
+    to ~2% in these 64-wide models, and so do its sequence's later ones (its keys and values differ).
+    Each position must stay within 3%, and most (`seen` collects them, see `mostly_exact`) within 1e-5."""
     if fmt == "fp32":
         torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-5)
         return
-    rel = float((a - b).norm() / b.norm())
-    assert rel < 0.03
+    rel = ((a - b).norm(dim=-1) / b.norm(dim=-1)).flatten().tolist()
+    assert max(rel) < 0.03
     if seen is not None:
-        seen.append(rel)
+        seen.extend(rel)
+
+
+def mostly_exact(seen: list[float]) -> bool:
+    return sum(r < 1e-5 for r in seen) >= len(seen) / 2
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
@@ -87,7 +93,7 @@ def test_prefill_and_decode_equal_the_torch_layers(fmt, switches, monkeypatch):
         for p in range(8, 14):
             close(m.decode(tokens[:, p:p + 1], p), ref.decode(tokens[:, p:p + 1], p), fmt, seen)
     assert len(taken) == 8
-    assert sorted(seen)[len(seen) // 2:][0] < 1e-5 if seen else True
+    assert not seen or mostly_exact(seen), seen
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int4"])
@@ -111,7 +117,7 @@ def test_sequences_at_their_own_positions_and_cache_rows(fmt, monkeypatch):
             close(m(last, pos, rows=rows), ref(last, pos, rows=rows), fmt, seen)
             pos = pos + 1
     assert len(taken) == 7
-    assert sorted(seen)[len(seen) // 2:][0] < 1e-5 if seen else True
+    assert not seen or mostly_exact(seen), seen
 
 
 def test_calls_it_does_not_take_run_the_torch_layers(monkeypatch):
@@ -157,7 +163,7 @@ def test_a_model_changed_after_its_first_step_is_taken_again(monkeypatch):
             quantize_model(x, "int4", kernel="numba")
             x.setup_cache(1, 16)
         close(m(tokens, 0), ref(tokens, 0), "int4")
-    assert m.cpu_step[1] is not first and m.cpu_step[1].layers[0][0] == ("q4", "q4", "q4", "q4")
+    assert m.cpu_step[1] is not first and all(m.cpu_step[1].layers[0][i][0] == sj.Q4 for i in (4, 6, 7, 8))
 
 
 def test_a_hook_on_a_layer_keeps_the_torch_layers(monkeypatch):

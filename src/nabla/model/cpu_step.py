@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nabla.model import cpu_kernels
+from nabla.model import cpu_step_jit as sj
 from nabla.model.rope import LENGTH_DEPENDENT
 
 
@@ -33,29 +34,34 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+_EMPTY = (np.empty((0, 0), np.float32), np.empty((0, 0), np.int8), np.empty(0, np.float32),
+          np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint16))
+
+
 def _format(lin: nn.Module):
-    """(kind, (weight arrays)) of a linear layer the kernels run, or None."""
+    """(format, {field: array}) of a linear layer the kernels run (fields of cpu_step_jit._products'
+    groups: 1 fp32 weight, 2 int8 weight, 3 row scales, 4 int4 blocks, 5 their scales), or None."""
     from nabla.model.quantize import Int4Linear, Int8Linear
 
     w = lin.weight
     if type(lin) in (nn.Linear, cpu_kernels.RowKernelLinear) and w.dtype == torch.float32:
-        return "f32", (_np(w),)
+        return sj.F32, {1: _np(w)}
     if type(lin) is Int8Linear and lin.kernel == "numba":
         vnni = cpu_kernels.I8_VNNI and lin.in_features % 32 == 0
-        return ("i8v" if vnni else "i8"), (_np(w), _np(lin.scales))
+        return (sj.I8_VNNI if vnni else sj.I8), {2: _np(w), 3: _np(lin.scales)}
     if type(lin) is Int4Linear and lin.kernel == "numba" and lin.group_size == 32:
-        return "q4", lin.q4_arrays()
+        packed, scales = lin.q4_arrays()
+        return sj.Q4, {4: packed, 5: scales}
     return None
 
 
 def _group(*linears: nn.Module):
-    """(kind, weights) for linears sharing an input, in one kernel call: each weight format's
-    arrays as tuples (all of one format, else None)."""
+    """The product group of linears sharing an input, in one kernel call (cpu_step_jit._products), or
+    None unless all are in one format the kernels run."""
     formats = [_format(lin) for lin in linears]
     if any(f is None for f in formats) or len({f[0] for f in formats}) != 1:
         return None
-    kind = formats[0][0]
-    return kind, tuple(tuple(f[1][i] for f in formats) for i in range(len(formats[0][1])))
+    return (formats[0][0], *(tuple(f[1].get(i, _EMPTY[i - 1]) for f in formats) for i in range(1, 6)))
 
 
 def _bias(lin: nn.Module) -> np.ndarray:
@@ -99,11 +105,10 @@ class CpuStep:
                 return None
             if getattr(f.w1, "bias", None) is not None or getattr(a.wo, "bias", None) is not None:
                 return None
-            layers.append((tuple(g[0] for g in groups), (
+            layers.append((
                 a.window or 0, float(a.scale if a.scale is not None else a.head_dim ** -0.5),
-                _np(norms[0]), _np(norms[1]),
-                groups[0][1], tuple(_bias(x) for x in (a.wq, a.wk, a.wv)),
-                groups[1][1], groups[2][1], groups[3][1], _np(a.cache.k), _np(a.cache.v))))
+                _np(norms[0]), _np(norms[1]), groups[0], tuple(_bias(x) for x in (a.wq, a.wk, a.wv)),
+                *groups[1:], _np(a.cache.k), _np(a.cache.v)))
         head = _group(model.output)
         if head is None or model.norm.weight.dtype != torch.float32:
             return None
@@ -129,7 +134,7 @@ class CpuStep:
             slots = np.ascontiguousarray(rows.numpy(), dtype=np.int64)
         else:
             return None
-        cache = self.layers[0][1][-1]  # (rows, kv heads, length, head dim)
+        cache = self.layers[0][-1]  # (rows, kv heads, length, head dim)
         if starts.min() < 0 or starts.max() + T > min(cache.shape[2], m.rope.shape[0]) \
                 or slots.min() < 0 or slots.max() >= cache.shape[0]:
             return None  # the torch layers say what is wrong
@@ -137,8 +142,6 @@ class CpuStep:
 
     def __call__(self, tokens: torch.Tensor, starts: np.ndarray, slots: np.ndarray, last_only: bool) -> torch.Tensor:
         """Logits (B, T or 1, vocab) in float32, as Transformer.forward."""
-        from nabla.model import cpu_step_jit as sj
-
         B, T = tokens.shape
         R = B * T
         a = self.args
@@ -151,13 +154,11 @@ class CpuStep:
         logits = torch.empty(out_rows, a.vocab_size, dtype=torch.float32)
         with cpu_kernels._launch:  # the kernels' x buffers are shared: one step at a time
             cpu_kernels._set_threads()
-            for kinds, args in self.layers:
-                window, scale, *rest = args
-                sj.layer_kernel(kinds)(h, bufs, sd, sh, T, starts, slots, eps, window, scale, rope, *rest)
+            for args in self.layers:
+                sj.layer(h, bufs, sd, sh, T, starts, slots, eps, *args[:2], rope, *args[2:])
             last = h if not last_only or T == 1 else np.ascontiguousarray(h[T - 1::T])
-            kind, ws = self.head
-            sj.head_kernel(kind)(last, np.empty_like(last), eps, _np(self.model.norm.weight), ws,
-                                 logits.numpy(), self._buffers(out_rows)[1])
+            sj.head(last, np.empty_like(last), eps, _np(self.model.norm.weight), self.head, logits.numpy(),
+                    self._buffers(out_rows)[1])
         return logits.view(B, 1 if last_only else T, a.vocab_size)
 
     def _buffers(self, R: int):

@@ -1,8 +1,10 @@
 """The numba side of nabla.model.cpu_step: one transformer layer, and the final norm and head, each
 compiled into one function that calls the product kernels of nabla.model.cpu_kernels_jit.
 
-A layer function is made per combination of weight formats (`layer_kernel(kinds)`), since each
-product group (q/k/v, wo, w1/w3, w2) calls the kernel of its format. Everything between the
+Each product group (q/k/v, wo, w1/w3, w2, the head) carries its weight format, and one compiled
+function serves every combination (and so is cached on disk: numba keeps no closures there; a
+change to cpu_kernels_jit's kernels needs this module's cache cleared too, as numba tracks only a
+function's own file). Everything between the
 products (RMSNorm, biases, the rotation, the cache write, attention, SwiGLU, the residual adds)
 runs here in plain loops, where torch spends a few microseconds of dispatch on each.
 
@@ -10,8 +12,6 @@ Leaves out: deciding which models and calls take this path, and the buffers (cpu
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 from numba import njit, prange
@@ -159,77 +159,51 @@ def _swiglu(G, U, P, E):  # pragma: no cover - compiled
             g[i] = g[i] / (np.float32(1.0) + Pr[i] * scale[i]) * u[i]
 
 
-def products(kind: str):
-    """A numba function (ws, X, Ys, scratch) computing Ys[i] = X Ws[i]^T for one group of weights of
-    format `kind`: "f32" (ws = (weights,)), "i8" (ws = (weights, row scales)), "i8v" (the same,
-    VNNI), "q4" (ws = (packed, fp16 scale bits)). scratch: (the int4 kernels' x blocks, the int8
-    VNNI kernel's x bytes), as cpu_step allocates them."""
-    return _products(kind)
+F32, I8, I8_VNNI, Q4 = 0, 1, 2, 3
+"""The weight formats of a product group (its first field): fp32; int8 with row scales (plain loops, or
+VNNI with x in int8 per block); int4 blocks (Q4_0)."""
 
 
-@functools.cache
-def _products(kind: str):
-    if kind == "f32":
-        rows_f32 = kj._rows_f32
-
-        def run(ws, X, Ys, scratch):  # pragma: no cover - compiled
-            rows_f32(ws[0], X, Ys)
-    elif kind == "i8":
-        rows_i8 = kj._rows_i8
-
-        def run(ws, X, Ys, scratch):  # pragma: no cover - compiled
-            rows_i8(ws[0], ws[1], X, Ys)
-    elif kind == "i8v":
-        rows_i8_vnni = kj._rows_i8_vnni
-
-        def run(ws, X, Ys, scratch):  # pragma: no cover - compiled
-            rows_i8_vnni(ws[0], ws[1], X, scratch[1][0], scratch[1][1], Ys)
-    elif kind == "q4":
-        rows_q4 = kj._rows_q4
-
-        def run(ws, X, Ys, scratch):  # pragma: no cover - compiled
-            q = scratch[0]
-            rows_q4(ws[0], ws[1], X, q[0], q[1], q[2], q[3], Ys)
+@njit(nogil=True, cache=True)
+def _products(group, X, Ys, scratch):  # pragma: no cover - compiled
+    # Ys[i] = X Ws[i]^T for one group of weights sharing X. group = (format, fp32 weights, int8
+    # weights, their row scales, int4 blocks, their fp16 scale bits): the fields of the group's
+    # format hold its weights, the others empty arrays (one compiled function for every format).
+    # scratch = (the int4 kernel's x blocks, the int8 VNNI kernel's x bytes).
+    kind = group[0]
+    if kind == F32:
+        kj._rows_f32(group[1], X, Ys)
+    elif kind == I8:
+        kj._rows_i8(group[2], group[3], X, Ys)
+    elif kind == I8_VNNI:
+        kj._rows_i8_vnni(group[2], group[3], X, scratch[1][0], scratch[1][1], Ys)
     else:
-        raise ValueError(f"unknown weight format {kind!r}")
-    return njit(nogil=True)(run)
+        q = scratch[0]
+        kj._rows_q4(group[4], group[5], X, q[0], q[1], q[2], q[3], Ys)
 
 
-@functools.cache
-def layer_kernel(kinds: tuple[str, str, str, str]):
-    """The numba function of one layer whose product groups (q/k/v, wo, w1/w3, w2) are in `kinds`."""
-    qkv, wo, w13, w2 = (products(k) for k in kinds)
-    norm, rotate, attend, add, swiglu = _norm_rows, _rotate_and_cache, _attend, _add, _swiglu
-
-    def layer(H, bufs, sd, sh, T, starts, slots, eps, window, scale, rope, w_attn_norm, w_ffn_norm,
-              qkv_ws, qkv_bias, wo_ws, w13_ws, w2_ws, KC, VC):  # pragma: no cover - compiled
-        # H (R, dim) in place: H += attention(norm(H)); H += feed_forward(norm(H)). bufs: the work
-        # rows (XN, Q, K, V, Y, Z, G, U, and P, E for SwiGLU); sd, sh: x's quantized buffers for dim-wide and
-        # hidden-wide inputs.
-        XN, Q, K, V, Y, Z, G, U, P, E = bufs
-        norm(H, w_attn_norm, eps, XN)
-        qkv(qkv_ws, XN, (Q, K, V), sd)
-        rotate(Q, K, V, qkv_bias[0], qkv_bias[1], qkv_bias[2], T, starts, slots, rope, KC, VC)
-        attend(Q, KC, VC, Y, T, starts, slots, window, scale)
-        wo(wo_ws, Y, (Z,), sd)
-        add(H, Z)
-        norm(H, w_ffn_norm, eps, XN)
-        w13(w13_ws, XN, (G, U), sd)
-        swiglu(G, U, P, E)
-        w2(w2_ws, G, (Z,), sh)
-        add(H, Z)
-
-    return njit(nogil=True)(layer)
+@njit(nogil=True, cache=True)
+def layer(H, bufs, sd, sh, T, starts, slots, eps, window, scale, rope, w_attn_norm, w_ffn_norm,
+          qkv, qkv_bias, wo, w13, w2, KC, VC):  # pragma: no cover - compiled
+    """H (R, dim) += attention(norm(H)), then H += feed_forward(norm(H)), in place. bufs: the work rows
+    (XN, Q, K, V, Y, Z, G, U, and P, E for SwiGLU); sd, sh: x's quantized buffers for dim-wide and
+    hidden-wide inputs; qkv, wo, w13, w2: product groups (see _products)."""
+    XN, Q, K, V, Y, Z, G, U, P, E = bufs
+    _norm_rows(H, w_attn_norm, eps, XN)
+    _products(qkv, XN, (Q, K, V), sd)
+    _rotate_and_cache(Q, K, V, qkv_bias[0], qkv_bias[1], qkv_bias[2], T, starts, slots, rope, KC, VC)
+    _attend(Q, KC, VC, Y, T, starts, slots, window, scale)
+    _products(wo, Y, (Z,), sd)
+    _add(H, Z)
+    _norm_rows(H, w_ffn_norm, eps, XN)
+    _products(w13, XN, (G, U), sd)
+    _swiglu(G, U, P, E)
+    _products(w2, G, (Z,), sh)
+    _add(H, Z)
 
 
-@functools.cache
-def head_kernel(kind: str):
-    """The numba function of the final norm and the output head in format `kind`."""
-    head = products(kind)
-    norm = _norm_rows
-
-    def final(H, XN, eps, w_norm, head_ws, out, sd):  # pragma: no cover - compiled
-        norm(H, w_norm, eps, XN)
-        head(head_ws, XN, (out,), sd)
-
-    return njit(nogil=True)(final)
+@njit(nogil=True, cache=True)
+def head(H, XN, eps, w_norm, group, out, sd):  # pragma: no cover - compiled
+    """out = the final norm of H times the output head (a product group)."""
+    _norm_rows(H, w_norm, eps, XN)
+    _products(group, XN, (out,), sd)
