@@ -125,6 +125,35 @@ def test_tiles_of_x_rows_and_blocks_of_weight_rows_match_the_reference(kind, B, 
         assert np.abs(y.double().numpy() - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.skipif(not cpu_kernels_simd.KINDS, reason="no AVX2 / AVX-512 VNNI")
+@pytest.mark.parametrize("K", [32, 800, 2048])
+def test_vector_quantization_of_x_matches_the_loop(K):
+    # The two quantizers of x agree on every int8 value and block sum; d is max|x| / 127 as q8_0 has it.
+    from numba import njit
+
+    @njit
+    def vector(X, XL, XH, DX, XS):
+        for b in range(X.shape[0]):
+            cpu_kernels_simd.q8_blocks(X, b, XL, XH, DX, XS)
+
+    g = np.random.default_rng(K)
+    X = (g.standard_normal((3, K)) * g.choice([1e-3, 1.0, 1e3], (3, K))).astype(np.float32)
+    X[0, :32] = 0
+    X[2, -32:] = 0.5  # ties at +-127
+    X[2, -5] = -0.5
+    G = K // 32
+    padded = -(-G // 16) * 16
+    outs = []
+    for fn in (vector, cpu_kernels_jit._quantize_blocks):
+        bufs = (np.zeros((3, 16 * padded), np.int8), np.zeros((3, 16 * padded), np.int8),
+                np.zeros((3, padded), np.float32), np.zeros((3, padded), np.int32))
+        fn(X, *bufs)
+        outs.append(bufs)
+    (xl, xh, dx, xs), (xl0, xh0, _, xs0) = outs
+    assert np.array_equal(xl, xl0) and np.array_equal(xh, xh0) and np.array_equal(xs, xs0)
+    assert np.array_equal(dx[:, :G], np.abs(X.reshape(3, G, 32)).max(axis=-1) / np.float32(127))
+
+
 def test_int4_linear_runs_the_kernel_within_x_quantization_of_the_float_product():
     w = weights(48, 768)
     fast, plain = Int4Linear(w, "numba"), Int4Linear(w, "dequant")

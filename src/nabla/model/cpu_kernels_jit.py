@@ -177,7 +177,11 @@ def _rows_q4_source(_rows_1, _rows_tile):
         # bits), P (N, K/2) in pack_int4's layout; X (B, K) is first quantized by _quantize_blocks into
         # XL, XH, DX, XS. Each block of rows is one call into cpu_kernels_simd per Q4_TILE rows of x
         # (each weight chunk unpacked once for all of them), then one per row of x left over.
-        _quantize_blocks(X, XL, XH, DX, XS)
+        if X.strides[1] == 4:  # rows contiguous: x quantized in whole vectors (~4x faster, measured)
+            for b in range(X.shape[0]):
+                simd.q8_blocks(X, b, XL, XH, DX, XS)
+        else:
+            _quantize_blocks(X, XL, XH, DX, XS)
         G = Ss[0].shape[1]
         full = G // 16
         m = G - 16 * full

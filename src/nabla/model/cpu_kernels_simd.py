@@ -405,3 +405,77 @@ def q4_rows_for(kind: str, tile: int):
         return sig, codegen
 
     return q4_rows
+
+
+def _q8_function(module):
+    """void nabla_q8_blocks(float* x, i64 blocks, i8* xl, i8* xh, float* dx, i32* xs): one row of x in blocks
+    of 32 as llama.cpp's q8_0 (cpu_kernels_jit._quantize_blocks, whose result this is, in whole vectors)."""
+    fn, fresh = _define(module, "nabla_q8_blocks", ir.VoidType(),
+                        [_PTR[_F32], _I64, _PTR[_I8], _PTR[_I8], _PTR[_F32], _PTR[_I32]])
+    if not fresh:
+        return fn
+    x, count, xl, xh, dx, xs = fn.args
+    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    b.cbranch(b.icmp_signed(">", count, i64(0)), loop, done)
+    b.position_at_end(loop)
+    k = b.phi(_I64)
+    k.add_incoming(i64(0), entry)
+    f16 = _vec(_F32, 16)
+
+    def call(name, ret, args, fastmath=()):
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        return b.call(cgutils.get_or_insert_function(module, fnty, name), args, fastmath=fastmath)
+
+    halves = [b.load(b.bitcast(b.gep(x, [b.add(b.mul(k, i64(32)), i64(16 * h))]), f16.as_pointer()), align=4)
+              for h in range(2)]
+    mags = [call("llvm.fabs.v16f32", f16, [v]) for v in halves]
+    amax = call("llvm.vector.reduce.fmax.v16f32", _F32, [call("llvm.maxnum.v16f32", f16, mags, ("nnan",))],
+                ("nnan",))  # x holds no NaN (a NaN would make the block's d NaN either way)
+    d = b.fdiv(amax, ir.Constant(_F32, 127.0))
+    inv = b.select(b.fcmp_ordered(">", d, ir.Constant(_F32, 0.0)), b.fdiv(ir.Constant(_F32, 1.0), d),
+                   ir.Constant(_F32, 0.0))
+    splat = b.shuffle_vector(b.insert_element(ir.Constant(f16, [0.0] * 16), inv, ir.Constant(_I32, 0)),
+                             ir.Constant(f16, [0.0] * 16), ir.Constant(_vec(_I32, 16), [0] * 16))
+    qs = [b.fptosi(call("llvm.rint.v16f32", f16, [b.fmul(v, splat)]), _vec(_I32, 16)) for v in halves]
+    total = call("llvm.vector.reduce.add.v16i32", _I32, [b.add(qs[0], qs[1])])
+    base = b.add(b.mul(b.udiv(k, i64(16)), i64(256)), b.mul(b.urem(k, i64(16)), i64(4)))
+    for q, out in zip(qs, (xl, xh)):  # bytes 4t..4t+3 of the block to 64t + 4kk of its chunk
+        words = b.bitcast(b.trunc(q, _vec(_I8, 16)), _vec(_I32, 4))
+        for t in range(4):
+            at = b.bitcast(b.gep(out, [b.add(base, i64(64 * t))]), _PTR[_I32])
+            b.store(b.extract_element(words, ir.Constant(_I32, t)), at, align=1)
+    b.store(d, b.gep(dx, [k]))
+    b.store(total, b.gep(xs, [k]))
+    k_next = b.add(k, i64(1))
+    k.add_incoming(k_next, loop)
+    b.cbranch(b.icmp_signed("<", k_next, count), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def q8_blocks(typingctx, X, row, XL, XH, DX, XS):
+    """(2-D float32 X, int row, 2-D int8 XL, XH, 2-D float32 DX, 2-D int32 XS) -> None: x row `row` quantized
+    as cpu_kernels_jit._quantize_blocks does (X's rows contiguous, K a multiple of 32); any CPU (plain LLVM
+    vector operations)."""
+    sig = types.void(X, row, XL, XH, DX, XS)
+
+    def codegen(context, builder, signature, args):
+        fn = _q8_function(builder.module)
+        row = builder.sext(args[1], _I64) if args[1].type != _I64 else args[1]
+        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5)]
+
+        def row_of(arr, t):
+            stride = cgutils.unpack_tuple(builder, arr.strides)[0]  # bytes
+            return builder.bitcast(builder.gep(builder.bitcast(arr.data, _PTR[_I8]), [builder.mul(row, stride)]),
+                                   t.as_pointer())
+
+        K = cgutils.unpack_tuple(builder, arrays[0].shape)[1]
+        x, xl, xh, dx, xs = (row_of(a, t) for a, t in zip(arrays, (_F32, _I8, _I8, _F32, _I32)))
+        builder.call(fn, [x, builder.udiv(K, ir.Constant(_I64, 32)), xl, xh, dx, xs])
+        return context.get_dummy_value()
+
+    return sig, codegen
