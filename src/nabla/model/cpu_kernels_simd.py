@@ -26,6 +26,10 @@ One call covers a block of weight rows (the parallel loop's per-task cost is
 paid once per block, not per row), and each weight chunk is unpacked once for
 `tile` rows of x (prefill).
 
+    q8_blocks(X, row, XL, XH, DX, XS)
+        x's row quantized and laid out as above, in whole vectors (any CPU:
+        plain LLVM vector operations); cpu_kernels_jit._quantize_blocks's result
+
 Leaves out: choosing kernels and the parallel loop (cpu_kernels_jit).
 """
 
@@ -243,7 +247,8 @@ def i8_dot_for(rows: int):
 
 Q4_TILE = 4
 """Rows of x that nabla_q4_rows_<kind>_<tile> multiplies with each unpacked weight chunk (prefill, batches).
-Measured against 8: 4 as fast or faster (8 runs out of registers)."""
+Measured: 8, and two weight rows per pass, no faster; 16 rows of x then cost ~11-12x one row (the vpdpbusd
+count, B * N * K / 64, is what is left)."""
 
 
 def _q4_unpack(b, packed):
