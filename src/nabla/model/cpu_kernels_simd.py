@@ -247,8 +247,11 @@ def i8_dot_for(rows: int):
 
 Q4_TILE = 4
 """Rows of x that nabla_q4_rows_<kind>_<tile> multiplies with each unpacked weight chunk (prefill, batches).
-Measured: 8, and two weight rows per pass, no faster; 16 rows of x then cost ~11-12x one row (the vpdpbusd
-count, B * N * K / 64, is what is left)."""
+Measured (one Zen 5 core): 8 no faster. What is left is loading x, one 64-byte load per vpdpbusd: with a
+load each, vpdpbusd ran at 2.2 G/s against 3.7 G/s from registers. Two or four weight rows per pass share
+those loads (10-20% faster with the weights in L2) but lose more when the weights come from L3 or memory
+(several streams), so one row it is; fewer other instructions per block (-8 * sum precomputed, one chain)
+measured the same."""
 
 
 def _q4_unpack(b, packed):
