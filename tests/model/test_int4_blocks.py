@@ -5,6 +5,8 @@ restated in NumPy by llama.cpp's authors), and a float64 product of the dequanti
 with the int8-quantized activations, restated here from llama.cpp's quantize_row_q8_0.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -81,16 +83,75 @@ def run_kernel(kernel, w, x):
 KINDS = list(cpu_kernels_simd.KINDS) + [None]  # None: the portable loop
 
 
+@functools.cache
+def kernel_for(kind):
+    return cpu_kernels_jit.rows_q4_kernel(kind)
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=[k or "portable" for k in KINDS])
 @pytest.mark.parametrize("N,K,B", [(40, 288, 1), (33, 768, 3), (64, 2048, 1), (20, 5632, 16), (17, 96, 2)])
 def test_every_kernel_computes_q4_0_times_q8_0(kind, N, K, B):
-    kernel = cpu_kernels_jit.rows_q4_kernel(kind)
+    kernel = kernel_for(kind)
     w = weights(N, K, seed=N)
     x = torch.randn(B, K, generator=torch.Generator().manual_seed(K)) * 3
     x[0, :32] = 0  # an all-zero block of x
     want = reference(w, x)
     got = run_kernel(kernel, w, x)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k or "portable" for k in KINDS])
+@pytest.mark.parametrize("B", [1, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("K", [800, 2048])
+def test_tiles_of_x_rows_and_blocks_of_weight_rows_match_the_reference(kind, B, K):
+    # Tiles of x rows (cpu_kernels_simd.Q4_TILE) and the rows left over; weights of several row counts
+    # in one call, blocks of weight rows (cpu_kernels_jit.Q4_ROWS) with a short last block; K = 800:
+    # 25 blocks, a chunk of 16 then a short one of 9.
+    from nabla.model.cpu_kernels import rows_q4_multi
+
+    kernel = kernel_for(kind)
+    ws = [weights(N, K, seed=N) for N in (70, 33, 2)]
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(B)) * 3
+    lins = [Int4Linear(w) for w in ws]
+    saved = cpu_kernels_jit._rows_q4
+    cpu_kernels_jit._rows_q4 = kernel
+    try:
+        got = rows_q4_multi(x, [lin.q4_arrays() for lin in lins])
+    finally:
+        cpu_kernels_jit._rows_q4 = saved
+    for w, y in zip(ws, got):
+        want = reference(w, x)
+        assert y.shape == (B, w.shape[0])
+        assert np.abs(y.double().numpy() - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.skipif(not cpu_kernels_simd.KINDS, reason="no AVX2 / AVX-512 VNNI")
+@pytest.mark.parametrize("K", [32, 800, 2048])
+def test_vector_quantization_of_x_matches_the_loop(K):
+    # The two quantizers of x agree on every int8 value and block sum; d is max|x| / 127 as q8_0 has it.
+    from numba import njit
+
+    @njit
+    def vector(X, XL, XH, DX, XS):
+        for b in range(X.shape[0]):
+            cpu_kernels_simd.q8_blocks(X, b, XL, XH, DX, XS)
+
+    g = np.random.default_rng(K)
+    X = (g.standard_normal((3, K)) * g.choice([1e-3, 1.0, 1e3], (3, K))).astype(np.float32)
+    X[0, :32] = 0
+    X[2, -32:] = 0.5  # ties at +-127
+    X[2, -5] = -0.5
+    G = K // 32
+    padded = -(-G // 16) * 16
+    outs = []
+    for fn in (vector, cpu_kernels_jit._quantize_blocks):
+        bufs = (np.zeros((3, 16 * padded), np.int8), np.zeros((3, 16 * padded), np.int8),
+                np.zeros((3, padded), np.float32), np.zeros((3, padded), np.int32))
+        fn(X, *bufs)
+        outs.append(bufs)
+    (xl, xh, dx, xs), (xl0, xh0, _, xs0) = outs
+    assert np.array_equal(xl, xl0) and np.array_equal(xh, xh0) and np.array_equal(xs, xs0)
+    assert np.array_equal(dx[:, :G], np.abs(X.reshape(3, G, 32)).max(axis=-1) / np.float32(127))
 
 
 def test_int4_linear_runs_the_kernel_within_x_quantization_of_the_float_product():

@@ -6,8 +6,8 @@ gives ~50 GB/s, 100 G 4-bit weights/s, to two cores. What llama.cpp does
 instead, and this module does too: the activations are int8 (per block of 32,
 as q8_0), and four adjacent bytes of a weight block times four of x are summed
 into one int32 lane by one instruction: `vpdpbusd` (AVX-512 VNNI), or
-`vpmaddubsw` + `vpmaddwd` (AVX2). The function below is emitted straight into
-the numba kernel (`block_dot_for(kind)`, an @intrinsic) so that nothing is compiled at
+`vpmaddubsw` + `vpmaddwd` (AVX2). The functions below are emitted straight into
+the numba kernel (`q4_rows_for(kind, tile)`, an @intrinsic) so that nothing is compiled at
 install time and a CPU without those instructions takes the portable loop.
 
 The layout both sides agree on (nabla.model.quantize.pack_int4 for the
@@ -15,13 +15,22 @@ weights, cpu_kernels_jit._quantize_blocks for x): a row's blocks go in chunks
 of 16; in a chunk, byte j of block kk (j < 16: low nibble weight j, high
 nibble weight 16 + j, as in Q4_0) sits at 64 * (j // 4) + 4 * kk + j % 4. So
 one 64-byte load holds four bytes of each of 16 blocks, and the four bytes
-that one instruction sums belong to the same block.
+that one instruction sums belong to the same block. A row whose block count
+is not a multiple of 16 ends in a short chunk of four 4m-byte groups.
 
-    block_dot(P, S, XL, XH, DX, XS, n) -> float32
-        sum over the first n chunks of: (int dot of the block - 8 * XS) * fp16 S * DX
+    q4_rows(P, S, n0, n1, XL, XH, DX, XS, b0, Y, full, m)
+        Y[b0 + t, n] for n0 <= n < n1, t < tile: sum over the row's blocks of
+        (int dot of the block - 8 * XS) * fp16 S * DX
 
-Leaves out: the tail of a row with fewer than 16 blocks (the caller copies it
-into a zero-padded chunk), choosing kernels (cpu_kernels_jit), int8 weights.
+One call covers a block of weight rows (the parallel loop's per-task cost is
+paid once per block, not per row), and each weight chunk is unpacked once for
+`tile` rows of x (prefill).
+
+    q8_blocks(X, row, XL, XH, DX, XS)
+        x's row quantized and laid out as above, in whole vectors (any CPU:
+        plain LLVM vector operations); cpu_kernels_jit._quantize_blocks's result
+
+Leaves out: choosing kernels and the parallel loop (cpu_kernels_jit).
 """
 
 from __future__ import annotations
@@ -119,90 +128,6 @@ def _first_lanes(b, count):
     zeros = ir.Constant(_vec(_I32, 16), [0] * 16)
     splat = b.shuffle_vector(b.insert_element(zeros, b.trunc(count, _I32), ir.Constant(_I32, 0)), zeros, zeros)
     return b.icmp_unsigned("<", ir.Constant(_vec(_I32, 16), list(range(16))), splat)
-
-
-def _q4_chunk(module, b, kind, packed, xl, xh, scale_bits, xs, dx):
-    """The 16 blocks of one chunk, as 16 fp32 lanes: per block (int dot of q with x - 8 * sum of x) * d * dx.
-    packed / xl / xh: the four 64-byte groups (t = 0..3) of the weights and of x; scale_bits: the blocks'
-    fp16 d; xs, dx: the x blocks' sums and scales."""
-    isum = ir.Constant(_vec(_I32, 16), [0] * 16)
-    for group, low, high in zip(packed, xl, xh):  # four bytes of each of the 16 blocks per group
-        isum = _dot4(module, b, kind, isum, b.and_(group, _splat(_I8, 64, 15)), low)
-        isum = _dot4(module, b, kind, isum, b.lshr(group, _splat(_I8, 64, 4)), high)
-    scale = b.fpext(b.bitcast(scale_bits, _vec(ir.HalfType(), 16)), _vec(_F32, 16))
-    exact = b.sub(isum, b.shl(xs, _splat(_I32, 16, 3)))  # q - 8 per weight
-    return b.fmul(b.sitofp(exact, _vec(_F32, 16)), b.fmul(scale, dx))
-
-
-def _row_function(module, kind):
-    """float nabla_q4_dot_<kind>(i8* p, i16* s, i8* xl, i8* xh, float* dx, i32* xs, i64 chunks)."""
-    name = f"nabla_q4_dot_{kind}"
-    fn, fresh = _define(module, name, _F32, [_PTR[_I8], _PTR[_I16], _PTR[_I8], _PTR[_I8], _PTR[_F32], _PTR[_I32],
-                                             _I64])
-    if not fresh:
-        return fn
-    p, s, xl, xh, dx, xs, chunks = fn.args
-    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
-    b = ir.IRBuilder(entry)
-    zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
-    b.cbranch(b.icmp_signed(">", chunks, ir.Constant(_I64, 0)), loop, done)
-
-    b.position_at_end(loop)
-    c = b.phi(_I64)
-    acc = b.phi(_vec(_F32, 16))
-    c.add_incoming(ir.Constant(_I64, 0), entry)
-    acc.add_incoming(zero, entry)
-    base = b.mul(c, ir.Constant(_I64, 256))
-
-    def load(pointer, offset, t, n, align):
-        return b.load(b.bitcast(b.gep(pointer, [offset]), _vec(t, n).as_pointer()), align=align)
-
-    offs = [b.add(base, ir.Constant(_I64, 64 * t)) for t in range(4)]
-    o16 = b.mul(c, ir.Constant(_I64, 16))
-    step = _q4_chunk(module, b, kind, [load(p, off, _I8, 64, 1) for off in offs],
-                     [load(xl, off, _I8, 64, 1) for off in offs], [load(xh, off, _I8, 64, 1) for off in offs],
-                     load(s, o16, _I16, 16, 2), load(xs, o16, _I32, 16, 4), load(dx, o16, _F32, 16, 4))
-    acc_next = b.fadd(acc, step)
-    c_next = b.add(c, ir.Constant(_I64, 1))
-    c.add_incoming(c_next, loop)
-    acc.add_incoming(acc_next, loop)
-    b.cbranch(b.icmp_signed("<", c_next, chunks), loop, done)
-
-    b.position_at_end(done)
-    total = b.phi(_vec(_F32, 16))
-    total.add_incoming(zero, entry)
-    total.add_incoming(acc_next, loop)
-    b.ret(_sum_lanes(module, b, total))
-    return fn
-
-
-def _tail_function(module, kind):
-    """float nabla_q4_tail_<kind>(i8* p, i16* s, i8* xl, i8* xh, float* dx, i32* xs, i64 m): a row's last
-    chunk of m < 16 blocks, stored as four groups of 4m bytes; masked loads read only its own bytes
-    (x's side is padded with zeros to a whole chunk)."""
-    name = f"nabla_q4_tail_{kind}"
-    fn, fresh = _define(module, name, _F32, [_PTR[_I8], _PTR[_I16], _PTR[_I8], _PTR[_I8], _PTR[_F32], _PTR[_I32],
-                                             _I64])
-    if not fresh:
-        return fn
-    p, s, xl, xh, dx, xs, m = fn.args
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    mask = _first_lanes(b, m)
-
-    def masked(pointer, t, n, align):
-        return _masked_load(module, b, pointer, t, n, align, mask)
-
-    def load(pointer, offset, t, n, align):
-        return b.load(b.bitcast(b.gep(pointer, [ir.Constant(_I64, offset)]), _vec(t, n).as_pointer()), align=align)
-
-    group = b.mul(m, ir.Constant(_I64, 4))  # the chunk's groups are 4m bytes apart
-    packed = [b.bitcast(masked(b.gep(p, [b.mul(group, ir.Constant(_I64, t))]), _I32, 16, 1), _vec(_I8, 64))
-              for t in range(4)]
-    step = _q4_chunk(module, b, kind, packed, [load(xl, 64 * t, _I8, 64, 1) for t in range(4)],
-                     [load(xh, 64 * t, _I8, 64, 1) for t in range(4)], masked(s, _I16, 16, 2),
-                     load(xs, 0, _I32, 16, 4), load(dx, 0, _F32, 16, 4))
-    b.ret(_sum_lanes(module, b, step))
-    return fn
 
 
 I8_TILE = 4
@@ -320,28 +245,245 @@ def i8_dot_for(rows: int):
     return i8_dot
 
 
-def block_dot_for(kind: str, tail: bool = False):
-    """block_dot as an @intrinsic in one of KINDS' instruction sets (`tail`: its last-chunk form, whose
-    last argument is the chunk's block count m < 16)."""
+Q4_TILE = 4
+"""Rows of x that nabla_q4_rows_<kind>_<tile> multiplies with each unpacked weight chunk (prefill, batches).
+Measured (one Zen 5 core): 8 no faster. What is left is loading x, one 64-byte load per vpdpbusd: with a
+load each, vpdpbusd ran at 2.2 G/s against 3.7 G/s from registers. Two or four weight rows per pass share
+those loads (10-20% faster with the weights in L2) but lose more when the weights come from L3 or memory
+(several streams), so one row it is; fewer other instructions per block (-8 * sum precomputed, one chain)
+measured the same."""
+
+
+def _q4_unpack(b, packed):
+    """The four 64-byte groups of a chunk as eight u8 vectors: the low nibbles of each group, then the high."""
+    return ([b.and_(g, _splat(_I8, 64, 15)) for g in packed], [b.lshr(g, _splat(_I8, 64, 4)) for g in packed])
+
+
+def _q4_step(module, b, kind, lows, highs, scale, xl, xh, xs, dx, acc):
+    """acc + one chunk's 16 block products with one row of x (weights already unpacked; scale: the blocks'
+    d as fp32). The low and the high nibbles sum in two chains, so that the instructions overlap."""
+    zero = ir.Constant(_vec(_I32, 16), [0] * 16)
+    lo_sum, hi_sum = zero, zero
+    for low, high, x_low, x_high in zip(lows, highs, xl, xh):
+        lo_sum = _dot4(module, b, kind, lo_sum, low, x_low)
+        hi_sum = _dot4(module, b, kind, hi_sum, high, x_high)
+    exact = b.sub(b.add(lo_sum, hi_sum), b.shl(xs, _splat(_I32, 16, 3)))  # q - 8 per weight
+    return b.fadd(acc, b.fmul(b.sitofp(exact, _vec(_F32, 16)), b.fmul(scale, dx), flags=("contract",)),
+                  flags=("contract",))
+
+
+def _q4_rows_function(module, kind, tile: int):
+    """void nabla_q4_rows_<kind>_<tile>(i8* p, i64 pstride, i16* s, i64 sstride, i64 rows, i8* xl, i8* xh,
+    i64 xstride, float* dx, i32* xs, i64 dstride, float* y, i64 ystride, i64 full, i64 m):
+    y[t * ystride + r] = block_dot of weight row r (at p + r * pstride, its scales at s + r * sstride) with x
+    row t (xl / xh + t * xstride, dx / xs + t * dstride), for r < rows and t < tile. Each weight chunk is
+    loaded and unpacked once for all `tile` rows of x. A row: `full` chunks of 16 blocks, then m < 16 more
+    blocks in a short chunk (four groups of 4m bytes, read with masked loads; x's side is zero-padded)."""
+    name = f"nabla_q4_rows_{kind}_{tile}"
+    fn, fresh = _define(module, name, ir.VoidType(),
+                        [_PTR[_I8], _I64, _PTR[_I16], _I64, _I64, _PTR[_I8], _PTR[_I8], _I64, _PTR[_F32], _PTR[_I32],
+                         _I64, _PTR[_F32], _I64, _I64, _I64])
+    if not fresh:
+        return fn
+    p, pstride, s, sstride, rows, xl, xh, xstride, dx, xs, dstride, y, ystride, full, m = fn.args
+    blocks = {n: fn.append_basic_block(n) for n in ("entry", "row", "chunk", "chunks_done", "tail", "store", "exit")}
+    b = ir.IRBuilder(blocks["entry"])
+    i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
+    b.cbranch(b.icmp_signed(">", rows, i64(0)), blocks["row"], blocks["exit"])
+
+    def at(pointer, offset, t, n):
+        return b.bitcast(b.gep(pointer, [offset]), _vec(t, n).as_pointer())
+
+    def x_side(offset, offset16):
+        """Per x row: (xl groups, xh groups, xs, dx) at byte offset / block offset16 of the row."""
+        out = []
+        for t in range(tile):
+            xo, do = b.add(offset, b.mul(xstride, i64(t))), b.add(offset16, b.mul(dstride, i64(t)))
+            out.append(([b.load(at(xl, b.add(xo, i64(64 * g)), _I8, 64), align=1) for g in range(4)],
+                        [b.load(at(xh, b.add(xo, i64(64 * g)), _I8, 64), align=1) for g in range(4)],
+                        b.load(at(xs, do, _I32, 16), align=4), b.load(at(dx, do, _F32, 16), align=4)))
+        return out
+
+    def half_to_float(bits):
+        return b.fpext(b.bitcast(bits, _vec(ir.HalfType(), 16)), _vec(_F32, 16))
+
+    # one weight row per pass
+    b.position_at_end(blocks["row"])
+    r = b.phi(_I64)
+    r.add_incoming(i64(0), blocks["entry"])
+    prow, srow = b.gep(p, [b.mul(r, pstride)]), b.gep(s, [b.mul(r, sstride)])
+    b.cbranch(b.icmp_signed(">", full, i64(0)), blocks["chunk"], blocks["chunks_done"])
+
+    # its whole chunks
+    b.position_at_end(blocks["chunk"])
+    c = b.phi(_I64)
+    accs = [b.phi(_vec(_F32, 16)) for _ in range(tile)]
+    c.add_incoming(i64(0), blocks["row"])
+    for acc in accs:
+        acc.add_incoming(zero, blocks["row"])
+    off, off16 = b.mul(c, i64(256)), b.mul(c, i64(16))
+    lows, highs = _q4_unpack(b, [b.load(at(prow, b.add(off, i64(64 * g)), _I8, 64), align=1) for g in range(4)])
+    scale = half_to_float(b.load(at(srow, off16, _I16, 16), align=2))
+    nexts = [_q4_step(module, b, kind, lows, highs, scale, *xside, acc)
+             for xside, acc in zip(x_side(off, off16), accs)]
+    c_next = b.add(c, i64(1))
+    c.add_incoming(c_next, blocks["chunk"])
+    for acc, nxt in zip(accs, nexts):
+        acc.add_incoming(nxt, blocks["chunk"])
+    b.cbranch(b.icmp_signed("<", c_next, full), blocks["chunk"], blocks["chunks_done"])
+
+    b.position_at_end(blocks["chunks_done"])
+    done = []
+    for nxt in nexts:
+        phi = b.phi(_vec(_F32, 16))
+        phi.add_incoming(zero, blocks["row"])
+        phi.add_incoming(nxt, blocks["chunk"])
+        done.append(phi)
+    b.cbranch(b.icmp_signed(">", m, i64(0)), blocks["tail"], blocks["store"])
+
+    # the short last chunk
+    b.position_at_end(blocks["tail"])
+    mask = _first_lanes(b, m)
+    base, base16 = b.mul(full, i64(256)), b.mul(full, i64(16))
+    group = b.mul(m, i64(4))
+    tail_row = b.gep(prow, [base])
+    packed = [b.bitcast(_masked_load(module, b, b.gep(tail_row, [b.mul(group, i64(g))]), _I32, 16, 1, mask),
+                        _vec(_I8, 64)) for g in range(4)]
+    lows, highs = _q4_unpack(b, packed)
+    scale = half_to_float(_masked_load(module, b, b.gep(srow, [base16]), _I16, 16, 2, mask))
+    tails = [_q4_step(module, b, kind, lows, highs, scale, *xside, acc)
+             for xside, acc in zip(x_side(base, base16), done)]
+    b.branch(blocks["store"])
+
+    b.position_at_end(blocks["store"])
+    finals = []
+    for acc, with_tail in zip(done, tails):
+        phi = b.phi(_vec(_F32, 16))
+        phi.add_incoming(acc, blocks["chunks_done"])
+        phi.add_incoming(with_tail, blocks["tail"])
+        finals.append(phi)
+    for t, final in enumerate(finals):
+        b.store(_sum_lanes(module, b, final), b.gep(y, [b.add(r, b.mul(ystride, i64(t)))]))
+    r_next = b.add(r, i64(1))
+    r.add_incoming(r_next, blocks["store"])
+    b.cbranch(b.icmp_signed("<", r_next, rows), blocks["row"], blocks["exit"])
+
+    b.position_at_end(blocks["exit"])
+    b.ret_void()
+    return fn
+
+
+def q4_rows_for(kind: str, tile: int):
+    """An @intrinsic in one of KINDS' instruction sets: (2-D uint8 P, 2-D uint16 S, int n0, int n1, 2-D int8
+    XL, XH, 2-D float32 DX, 2-D int32 XS, int b0, 2-D float32 Y, int full, int m) -> None; Y[b0 + t, n] =
+    block_dot of P[n] with x row b0 + t, for n0 <= n < n1 and t < tile (_q4_rows_function). Rows of every
+    array contiguous."""
     if kind not in KINDS:
         raise ValueError(f"this CPU has no {kind} (it has: {', '.join(KINDS) or 'neither'})")
 
     @intrinsic
-    def block_dot(typingctx, P, S, XL, XH, DX, XS, n):
-        """(1-D uint8 P, 1-D uint16 S, 1-D int8 XL, XH, 1-D float32 DX, 1-D int32 XS, int n chunks) -> float32."""
-        sig = types.float32(P, S, XL, XH, DX, XS, n)
+    def q4_rows(typingctx, P, S, n0, n1, XL, XH, DX, XS, b0, Y, full, m):
+        sig = types.void(P, S, n0, n1, XL, XH, DX, XS, b0, Y, full, m)
 
         def codegen(context, builder, signature, args):
-            fn = (_tail_function if tail else _row_function)(builder.module, kind)
+            fn = _q4_rows_function(builder.module, kind, tile)
+            n0, n1, b0, full, m = (builder.sext(v, _I64) if v.type != _I64 else v
+                                   for v in (args[2], args[3], args[8], args[10], args[11]))
 
-            def data(i, t):
+            def rows_of(i, t, first):
+                """(pointer to row `first` of array argument i, as t*; its row stride in elements of t)."""
                 arr = context.make_array(signature.args[i])(context, builder, args[i])
-                return builder.bitcast(arr.data, t.as_pointer())
+                size = ir.Constant(_I64, 4 if t == _F32 else t.width // 8)
+                stride = builder.udiv(cgutils.unpack_tuple(builder, arr.strides)[0], size)
+                return builder.gep(builder.bitcast(arr.data, t.as_pointer()), [builder.mul(first, stride)]), stride
 
-            chunks = builder.sext(args[6], _I64) if args[6].type != _I64 else args[6]
-            return builder.call(fn, [data(0, _I8), data(1, _I16), data(2, _I8), data(3, _I8), data(4, _F32),
-                                     data(5, _I32), chunks])
+            p, pstride = rows_of(0, _I8, n0)
+            s, sstride = rows_of(1, _I16, n0)
+            xl, xstride = rows_of(4, _I8, b0)
+            xh, _ = rows_of(5, _I8, b0)
+            dx, dstride = rows_of(6, _F32, b0)
+            xs, _ = rows_of(7, _I32, b0)
+            y, ystride = rows_of(9, _F32, b0)
+            y = builder.gep(y, [n0])
+            builder.call(fn, [p, pstride, s, sstride, builder.sub(n1, n0), xl, xh, xstride, dx, xs, dstride, y,
+                              ystride, full, m])
+            return context.get_dummy_value()
 
         return sig, codegen
 
-    return block_dot
+    return q4_rows
+
+
+def _q8_function(module):
+    """void nabla_q8_blocks(float* x, i64 blocks, i8* xl, i8* xh, float* dx, i32* xs): one row of x in blocks
+    of 32 as llama.cpp's q8_0 (cpu_kernels_jit._quantize_blocks, whose result this is, in whole vectors)."""
+    fn, fresh = _define(module, "nabla_q8_blocks", ir.VoidType(),
+                        [_PTR[_F32], _I64, _PTR[_I8], _PTR[_I8], _PTR[_F32], _PTR[_I32]])
+    if not fresh:
+        return fn
+    x, count, xl, xh, dx, xs = fn.args
+    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    b.cbranch(b.icmp_signed(">", count, i64(0)), loop, done)
+    b.position_at_end(loop)
+    k = b.phi(_I64)
+    k.add_incoming(i64(0), entry)
+    f16 = _vec(_F32, 16)
+
+    def call(name, ret, args, fastmath=()):
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        return b.call(cgutils.get_or_insert_function(module, fnty, name), args, fastmath=fastmath)
+
+    halves = [b.load(b.bitcast(b.gep(x, [b.add(b.mul(k, i64(32)), i64(16 * h))]), f16.as_pointer()), align=4)
+              for h in range(2)]
+    mags = [call("llvm.fabs.v16f32", f16, [v]) for v in halves]
+    amax = call("llvm.vector.reduce.fmax.v16f32", _F32, [call("llvm.maxnum.v16f32", f16, mags, ("nnan",))],
+                ("nnan",))  # x holds no NaN (a NaN would make the block's d NaN either way)
+    d = b.fdiv(amax, ir.Constant(_F32, 127.0))
+    inv = b.select(b.fcmp_ordered(">", d, ir.Constant(_F32, 0.0)), b.fdiv(ir.Constant(_F32, 1.0), d),
+                   ir.Constant(_F32, 0.0))
+    splat = b.shuffle_vector(b.insert_element(ir.Constant(f16, [0.0] * 16), inv, ir.Constant(_I32, 0)),
+                             ir.Constant(f16, [0.0] * 16), ir.Constant(_vec(_I32, 16), [0] * 16))
+    qs = [b.fptosi(call("llvm.rint.v16f32", f16, [b.fmul(v, splat)]), _vec(_I32, 16)) for v in halves]
+    total = call("llvm.vector.reduce.add.v16i32", _I32, [b.add(qs[0], qs[1])])
+    base = b.add(b.mul(b.udiv(k, i64(16)), i64(256)), b.mul(b.urem(k, i64(16)), i64(4)))
+    for q, out in zip(qs, (xl, xh)):  # bytes 4t..4t+3 of the block to 64t + 4kk of its chunk
+        words = b.bitcast(b.trunc(q, _vec(_I8, 16)), _vec(_I32, 4))
+        for t in range(4):
+            at = b.bitcast(b.gep(out, [b.add(base, i64(64 * t))]), _PTR[_I32])
+            b.store(b.extract_element(words, ir.Constant(_I32, t)), at, align=1)
+    b.store(d, b.gep(dx, [k]))
+    b.store(total, b.gep(xs, [k]))
+    k_next = b.add(k, i64(1))
+    k.add_incoming(k_next, loop)
+    b.cbranch(b.icmp_signed("<", k_next, count), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def q8_blocks(typingctx, X, row, XL, XH, DX, XS):
+    """(2-D float32 X, int row, 2-D int8 XL, XH, 2-D float32 DX, 2-D int32 XS) -> None: x row `row` quantized
+    as cpu_kernels_jit._quantize_blocks does (X's rows contiguous, K a multiple of 32); any CPU (plain LLVM
+    vector operations)."""
+    sig = types.void(X, row, XL, XH, DX, XS)
+
+    def codegen(context, builder, signature, args):
+        fn = _q8_function(builder.module)
+        row = builder.sext(args[1], _I64) if args[1].type != _I64 else args[1]
+        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5)]
+
+        def row_of(arr, t):
+            stride = cgutils.unpack_tuple(builder, arr.strides)[0]  # bytes
+            return builder.bitcast(builder.gep(builder.bitcast(arr.data, _PTR[_I8]), [builder.mul(row, stride)]),
+                                   t.as_pointer())
+
+        K = cgutils.unpack_tuple(builder, arrays[0].shape)[1]
+        x, xl, xh, dx, xs = (row_of(a, t) for a, t in zip(arrays, (_F32, _I8, _I8, _F32, _I32)))
+        builder.call(fn, [x, builder.udiv(K, ir.Constant(_I64, 32)), xl, xh, dx, xs])
+        return context.get_dummy_value()
+
+    return sig, codegen
