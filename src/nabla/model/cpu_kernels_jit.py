@@ -301,3 +301,33 @@ def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
             _i8_dot_1(W[n], XU, DXE, b, K, out)
             Y[b, n] = out[0] * S[n]
             b += 1
+
+
+def drop_stale_cache(namespace: dict, *deps: str) -> None:
+    """Flush the disk cache of the cached numba functions in `namespace` (a module's globals) when a file
+    in `deps` changed since it was filled. numba reuses a function's cache while the function's own
+    file is unchanged, yet the cache holds the compiled code of what it calls from other files (the
+    IR of cpu_kernels_simd, the kernels here): an edit there alone would leave it stale."""
+    import os
+
+    from numba.core.registry import CPUDispatcher
+
+    funcs = [f for f in namespace.values() if isinstance(f, CPUDispatcher) and f._cache.cache_path]
+    if not funcs:
+        return
+    try:
+        stamp = ";".join(f"{os.path.basename(d)}:{os.stat(d).st_mtime_ns}:{os.stat(d).st_size}" for d in deps)
+        mark = os.path.join(funcs[0]._cache.cache_path, os.path.basename(namespace["__file__"]) + ".deps")
+        if os.path.exists(mark):
+            with open(mark) as f:
+                if f.read() == stamp:
+                    return
+        for f in funcs:
+            f._cache.flush()
+        with open(mark, "w") as f:
+            f.write(stamp)
+    except (OSError, AttributeError):  # a read-only or odd cache: numba's own checks stand
+        pass
+
+
+drop_stale_cache(globals(), simd.__file__)

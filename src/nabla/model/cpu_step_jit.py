@@ -207,3 +207,6 @@ def head(H, XN, eps, w_norm, group, out, sd):  # pragma: no cover - compiled
     """out = the final norm of H times the output head (a product group)."""
     _norm_rows(H, w_norm, eps, XN)
     _products(group, XN, (out,), sd)
+
+
+kj.drop_stale_cache(globals(), kj.__file__, kj.simd.__file__)
