@@ -28,15 +28,19 @@ from nabla.model.prepare import prepare_model
 
 
 @njit
-def _repeat(n, f, args):  # pragma: no cover - compiled
+def _repeat(n, f, calls):  # pragma: no cover - compiled
     for _ in range(n):
-        f(*args)
+        for i in range(len(calls)):
+            f(*calls[i])
 
 
-def _seconds(f, args, n: int) -> float:
-    _repeat(1, f, args)
+def _seconds(f, calls: list[tuple], n: int) -> float:
+    """Seconds per round of f(*args) for each args in `calls` (one per layer: the weights of every
+    layer in turn, so that they come from memory as in a step)."""
+    calls = tuple(calls)
+    _repeat(1, f, calls)
     t = time.perf_counter()
-    _repeat(n, f, args)
+    _repeat(n, f, calls)
     return (time.perf_counter() - t) / n
 
 
@@ -84,25 +88,23 @@ def main() -> None:
     read: dict[str, int] = {}
     n = a.repeats
 
-    def add(name, f, fargs, nb=0):
-        parts[name] = parts.get(name, 0.0) + _seconds(f, fargs, n)
+    def add(name, f, calls, nb=0):
+        parts[name] = parts.get(name, 0.0) + _seconds(f, calls, n)
         read[name] = read.get(name, 0) + nb
 
-    for window, scale, wa, wf, qkv, qb, wo, w13, w2, KC, VC in step.layers:
-        add("norms", sj._norm_rows, (H, wa, 1e-5, XN))
-        add("norms", sj._norm_rows, (H, wf, 1e-5, XN))
-        add("q/k/v", sj._products, (qkv, XN, (Q, K, V), sd), nbytes(qkv))
-        add("rotate + cache write", sj._rotate_and_cache,
-            (Q, K, V, qb[0], qb[1], qb[2], 1, starts, slots, rope, KC, VC))
-        add("attention", sj._attend, (Q, KC, VC, Y, 1, starts, slots, window, scale))
-        add("wo", sj._products, (wo, Y, (Z,), sd), nbytes(wo))
-        add("residual adds", sj._add, (H, Z))
-        add("residual adds", sj._add, (H, Z))
-        add("w1/w3", sj._products, (w13, XN, (G, U), sd), nbytes(w13))
-        add("swiglu", sj._swiglu, (G, U, P, E))
-        add("w2", sj._products, (w2, G, (Z,), sh), nbytes(w2))
+    L = step.layers  # (window, scale, attention norm, ffn norm, qkv, biases, wo, w13, w2, K cache, V cache)
+    add("norms", sj._norm_rows, [(H, x[2], 1e-5, XN) for x in L] + [(H, x[3], 1e-5, XN) for x in L])
+    add("q/k/v", sj._products, [(x[4], XN, (Q, K, V), sd) for x in L], sum(nbytes(x[4]) for x in L))
+    add("rotate + cache write", sj._rotate_and_cache,
+        [(Q, K, V, x[5][0], x[5][1], x[5][2], 1, starts, slots, rope, x[9], x[10]) for x in L])
+    add("attention", sj._attend, [(Q, x[9], x[10], Y, 1, starts, slots, x[0], x[1]) for x in L])
+    add("wo", sj._products, [(x[6], Y, (Z,), sd) for x in L], sum(nbytes(x[6]) for x in L))
+    add("residual adds", sj._add, [(H, Z)] * (2 * len(L)))
+    add("w1/w3", sj._products, [(x[7], XN, (G, U), sd) for x in L], sum(nbytes(x[7]) for x in L))
+    add("swiglu", sj._swiglu, [(G, U, P, E)] * len(L))
+    add("w2", sj._products, [(x[8], G, (Z,), sh) for x in L], sum(nbytes(x[8]) for x in L))
     logits = np.empty((R, args.vocab_size), dtype=np.float32)
-    add("head", sj._products, (step.head, XN, (logits,), sd), nbytes(step.head))
+    add("head", sj._products, [(step.head, XN, (logits,), sd)], nbytes(step.head))
     total = sum(parts.values())
     print(f"{a.shape} {a.quantize}, {R} row(s) at position {a.pos}, {torch.get_num_threads()} threads: "
           f"step {whole * 1e3:.2f} ms\n")
