@@ -6,35 +6,72 @@ models that never use them, do not pay for numba's start-up.
 Leaves out: the torch side (layers, fallbacks, threading; nabla.model.cpu_kernels).
 """
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from nabla.model import cpu_kernels_simd as simd
 
+_F32_WT, _F32_XT = simd.F32_TILE
+_f32_tile = simd.f32_dot_for(_F32_WT, _F32_XT)  # a block of w rows times a tile of x rows
+_f32_tile_1 = simd.f32_dot_for(_F32_WT, 1)  # the same w rows times one x row (x's last rows)
+_f32_1 = simd.f32_dot_for(1, 1)
+_F32_RUN = 4 * _F32_WT  # rows per prange task (numba gives each thread one contiguous range of tasks)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _f32_block(W, n, m, X, Y):  # pragma: no cover - compiled
+    # Y[:, n:n + m] = X @ W[n:n + m].T for m (<= _F32_WT) rows of W, all rows of X. One or two rows
+    # of x: each w row on its own (one stream of memory reads; interleaving several w rows' streams
+    # halved the read speed of one-row products, measured). More: blocks of _F32_WT w rows times
+    # _F32_XT x rows, one accumulator each, so a w load serves several x rows and an x load several w
+    # rows (one product per (w row, x row) pair was load-bound at 2 loads per multiply-add).
+    B = X.shape[0]
+    if B < _F32_XT or m < _F32_WT:
+        for i in range(n, n + m):
+            for b in range(B):
+                _f32_1(W, i, X, b, Y)
+        return
+    b = 0
+    while b + _F32_XT <= B:
+        _f32_tile(W, n, X, b, Y)
+        b += _F32_XT
+    while b < B:
+        _f32_tile_1(W, n, X, b, Y)
+        b += 1
+
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
-    # Ys[i] = X @ Ws[i].T for one or several weights that read the same X (q, k, v; or
-    # w1, w3), in one parallel loop over all their rows.
+    # Ys[i] = X @ Ws[i].T for one or several weights that read the same X (q, k, v; or w1, w3), in
+    # one parallel loop over all their rows, in runs of _F32_RUN rows, blocks of _f32_block.
     B = X.shape[0]
     ends = np.zeros(len(Ws), dtype=np.int64)
     total = 0
+    unit = X.strides[1] == 4
     for i in range(len(Ws)):
         total += Ws[i].shape[0]
         ends[i] = total
-    for r in prange(total):
+        unit = unit and Ws[i].strides[1] == 4 and Ys[i].strides[1] == 4
+    for t in prange((total + _F32_RUN - 1) // _F32_RUN):
+        r, hi = t * _F32_RUN, min(total, (t + 1) * _F32_RUN)
         i = 0
-        while r >= ends[i]:
-            i += 1
-        W, Y = Ws[i], Ys[i]
-        n = r - (ends[i] - W.shape[0])
-        K = W.shape[1]
-        for b in range(B):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += W[n, k] * X[b, k]
-            Y[b, n] = acc
+        while r < hi:
+            while r >= ends[i]:
+                i += 1
+            W, Y = Ws[i], Ys[i]
+            n = r - (ends[i] - W.shape[0])
+            m = min(_F32_WT, min(hi, ends[i]) - r)
+            if unit:
+                _f32_block(W, n, m, X, Y)
+            else:  # rows that are not contiguous: the plain loop
+                for j in range(n, n + m):
+                    for b in range(B):
+                        acc = np.float32(0.0)
+                        for k in range(W.shape[1]):
+                            acc += W[j, k] * X[b, k]
+                        Y[b, j] = acc
+            r += m
+
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_i8(Ws, scales, X, Ys):  # pragma: no cover - compiled
@@ -220,14 +257,16 @@ def _quantize_u8(X, XU, DXE):  # pragma: no cover - compiled
 
 _i8_dot_1 = simd.i8_dot_for(1)
 _i8_dot_tile = simd.i8_dot_for(simd.I8_TILE)
+_I8_RUN = 32
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
     # As _rows_i8, with x quantized to int8 per block of 32 (llama.cpp's q8_0) and the products in
     # AVX-512 VNNI integer instructions (cpu_kernels_simd), I8_TILE rows of x per weight load; K a
-    # multiple of 32. Each thread takes one contiguous range of the rows (of all weights in turn):
-    # one prange task per row allocated its output per row and cost ~25% at K = 768 (measured).
+    # multiple of 32. One prange task per _I8_RUN rows (of all weights in turn; numba hands each
+    # thread one contiguous range of tasks): one task per row allocated `out` per row, ~25% of the
+    # time at K = 768 (measured). (numba.get_num_threads() in here would keep it from being cached.)
     _quantize_u8(X, XU, DXE)
     B, K = X.shape
     tile = simd.I8_TILE
@@ -236,11 +275,10 @@ def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
     for i in range(len(Ws)):
         total += Ws[i].shape[0]
         ends[i] = total
-    parts = min(numba.get_num_threads(), total)
-    for t in prange(parts):
+    for t in prange((total + _I8_RUN - 1) // _I8_RUN):
         out = np.empty(tile, dtype=np.float32)
         i = 0
-        for r in range(total * t // parts, total * (t + 1) // parts):
+        for r in range(t * _I8_RUN, min(total, (t + 1) * _I8_RUN)):
             while r >= ends[i]:
                 i += 1
             W, S, Y = Ws[i], scales[i], Ys[i]
