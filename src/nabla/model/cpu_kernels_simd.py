@@ -320,6 +320,77 @@ def i8_dot_for(rows: int):
     return i8_dot
 
 
+def _q8_function(module):
+    """void nabla_q8_u8(float* x, i64 k, i8* xu, float* dxe): a row of k floats (k a multiple of 32) in
+    blocks of 32 as llama.cpp's quantize_row_q8_0: d = max|x| / 127, q = rint(x / d) by x * (1 / d)
+    (0 for a zero block), stored as q + 128 (u8, for vpdpbusd); dxe[8j..8j + 7] = block j's d, once
+    per 4 bytes as nabla_i8_dot reads it. The divisions are IEEE ones, as in C."""
+    fn, fresh = _define(module, "nabla_q8_u8", ir.VoidType(), [_PTR[_F32], _I64, _PTR[_I8], _PTR[_F32]])
+    if not fresh:
+        return fn
+    x, k, xu, dxe = fn.args
+    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    blocks = b.udiv(k, ir.Constant(_I64, 32))
+    b.cbranch(b.icmp_signed(">", blocks, ir.Constant(_I64, 0)), loop, done)
+    b.position_at_end(loop)
+    j = b.phi(_I64)
+    j.add_incoming(ir.Constant(_I64, 0), entry)
+    v16 = _vec(_F32, 16)
+
+    def intrinsic_fn(name, ret, args):
+        return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
+
+    fabs = intrinsic_fn("llvm.fabs.v16f32", v16, [v16])
+    fmax = intrinsic_fn("llvm.maxnum.v16f32", v16, [v16, v16])
+    rmax = intrinsic_fn("llvm.vector.reduce.fmax.v16f32", _F32, [v16])
+    rint = intrinsic_fn("llvm.rint.v16f32", v16, [v16])
+    base = b.mul(j, ir.Constant(_I64, 32))
+    halves = [b.load(b.bitcast(b.gep(x, [b.add(base, ir.Constant(_I64, 16 * h))]), v16.as_pointer()), align=4)
+              for h in range(2)]
+    amax = b.call(rmax, [b.call(fmax, [b.call(fabs, [halves[0]]), b.call(fabs, [halves[1]])])])
+    d = b.fdiv(amax, ir.Constant(_F32, 127.0))
+    inv = b.select(b.fcmp_ordered(">", d, ir.Constant(_F32, 0.0)), b.fdiv(ir.Constant(_F32, 1.0), d),
+                   ir.Constant(_F32, 0.0))
+    inv16 = b.shuffle_vector(b.insert_element(ir.Constant(v16, [0.0] * 16), inv, ir.Constant(_I32, 0)),
+                             ir.Constant(v16, [0.0] * 16), ir.Constant(_vec(_I32, 16), [0] * 16))
+    for h, v in enumerate(halves):
+        q = b.add(b.fptosi(b.call(rint, [b.fmul(v, inv16)]), _vec(_I32, 16)), _splat(_I32, 16, 128))
+        b.store(b.trunc(q, _vec(_I8, 16)), b.bitcast(b.gep(xu, [b.add(base, ir.Constant(_I64, 16 * h))]),
+                                                    _vec(_I8, 16).as_pointer()), align=1)
+    d8 = b.shuffle_vector(b.insert_element(ir.Constant(_vec(_F32, 8), [0.0] * 8), d, ir.Constant(_I32, 0)),
+                          ir.Constant(_vec(_F32, 8), [0.0] * 8), ir.Constant(_vec(_I32, 8), [0] * 8))
+    b.store(d8, b.bitcast(b.gep(dxe, [b.mul(j, ir.Constant(_I64, 8))]), _vec(_F32, 8).as_pointer()), align=4)
+    j_next = b.add(j, ir.Constant(_I64, 1))
+    j.add_incoming(j_next, loop)
+    b.cbranch(b.icmp_signed("<", j_next, blocks), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def q8_u8_row(typingctx, X, XU, DXE, row):
+    """(2-D float32 X, 2-D uint8 XU, 2-D float32 DXE, int row) -> None: row `row` of X quantized into XU,
+    DXE (nabla_q8_u8); rows contiguous, X's length a multiple of 32."""
+    sig = types.void(X, XU, DXE, row)
+
+    def codegen(context, builder, signature, args):
+        fn = _q8_function(builder.module)
+        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in range(3)]
+        row = builder.sext(args[3], _I64) if args[3].type != _I64 else args[3]
+        ptrs = []
+        for a, t in zip(arrays, (_F32, _I8, _F32)):
+            stride = cgutils.unpack_tuple(builder, a.strides)[0]  # bytes
+            ptrs.append(builder.bitcast(builder.gep(builder.bitcast(a.data, _PTR[_I8]), [builder.mul(row, stride)]),
+                                        t.as_pointer()))
+        k = cgutils.unpack_tuple(builder, arrays[0].shape)[1]
+        builder.call(fn, [ptrs[0], k, ptrs[1], ptrs[2]])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 F32_LANES = 16 if _FEATURES.get("avx512f") else 8
 """fp32 lanes per vector in nabla_f32_dot: a zmm register's, else a ymm's (AVX2, or scalarised by LLVM)."""
 F32_TILE = (4, 4) if F32_LANES == 16 else (2, 4)
