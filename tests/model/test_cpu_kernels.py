@@ -29,7 +29,7 @@ def test_rows_f32_equals_linear(rows, N, K):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 16, 17])
-@pytest.mark.parametrize("Ns,K", [((9, 6, 13), 200), ((64, 7), 768), ((5,), 70), ((33,), 16)])
+@pytest.mark.parametrize("Ns,K", [((9, 6, 13), 200), ((64, 7), 768), ((5,), 70), ((33,), 16), ((6, 9), 1048)])
 def test_rows_f32_tiles_equal_the_float64_product(rows, Ns, K):
     # Row counts around the kernel's tiles (cpu_kernels_simd.F32_TILE), weights whose row counts are not
     # a multiple of the tile (and meet inside a tile), K not a multiple of the vector width.

@@ -14,22 +14,33 @@ from nabla.model import cpu_kernels_simd as simd
 _F32_WT, _F32_XT = simd.F32_TILE
 _f32_tile = simd.f32_dot_for(_F32_WT, _F32_XT)  # a block of w rows times a tile of x rows
 _f32_tile_1 = simd.f32_dot_for(_F32_WT, 1)  # the same w rows times one x row (x's last rows)
-_f32_1 = simd.f32_dot_for(1, 1)
 _F32_RUN = 4 * _F32_WT  # rows per prange task (numba gives each thread one contiguous range of tasks)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
+def _f32_rows_plain(W, n, m, X, Y):  # pragma: no cover - compiled
+    # Y[:, n:n + m] = X @ W[n:n + m].T one (w row, x row) pair at a time: numba vectorises the loop
+    # over k with several accumulators; a w row read once per x row, from memory the first time.
+    for j in range(n, n + m):
+        for b in range(X.shape[0]):
+            acc = np.float32(0.0)
+            for k in range(W.shape[1]):
+                acc += W[j, k] * X[b, k]
+            Y[b, j] = acc
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def _f32_block(W, n, m, X, Y):  # pragma: no cover - compiled
-    # Y[:, n:n + m] = X @ W[n:n + m].T for m (<= _F32_WT) rows of W, all rows of X. One or two rows
-    # of x: each w row on its own (one stream of memory reads; interleaving several w rows' streams
-    # halved the read speed of one-row products, measured). More: blocks of _F32_WT w rows times
-    # _F32_XT x rows, one accumulator each, so a w load serves several x rows and an x load several w
-    # rows (one product per (w row, x row) pair was load-bound at 2 loads per multiply-add).
+    # Y[:, n:n + m] = X @ W[n:n + m].T for m (<= _F32_WT) rows of W, all rows of X. Few x rows:
+    # one product at a time (_f32_rows_plain; for one row that reads at the memory's speed, and
+    # nabla_f32_dot's 1 x 1 form was 10-35% slower, measured). Else blocks of _F32_WT w rows times
+    # _F32_XT x rows, one accumulator each, so a w load serves several x rows and an x load several
+    # w rows: one product per pair is load-bound at 2 loads per multiply-add (8 and 16 rows took ~5x
+    # and ~8x one row). Measured on one core (Zen 5), blocks over one product at a time: 8 rows
+    # 1.8-2.3x, 16 rows 2.2-2.8x, 4-5 rows 1.5-1.8x at K = 2048 and 5632 but 0.8x at K = 768.
     B = X.shape[0]
-    if B < _F32_XT or m < _F32_WT:
-        for i in range(n, n + m):
-            for b in range(B):
-                _f32_1(W, i, X, b, Y)
+    if B < _F32_XT or m < _F32_WT or (B < 8 and W.shape[1] <= 1024):
+        _f32_rows_plain(W, n, m, X, Y)
         return
     b = 0
     while b + _F32_XT <= B:
@@ -44,7 +55,6 @@ def _f32_block(W, n, m, X, Y):  # pragma: no cover - compiled
 def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
     # Ys[i] = X @ Ws[i].T for one or several weights that read the same X (q, k, v; or w1, w3), in
     # one parallel loop over all their rows, in runs of _F32_RUN rows, blocks of _f32_block.
-    B = X.shape[0]
     ends = np.zeros(len(Ws), dtype=np.int64)
     total = 0
     unit = X.strides[1] == 4
@@ -64,12 +74,7 @@ def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
             if unit:
                 _f32_block(W, n, m, X, Y)
             else:  # rows that are not contiguous: the plain loop
-                for j in range(n, n + m):
-                    for b in range(B):
-                        acc = np.float32(0.0)
-                        for k in range(W.shape[1]):
-                            acc += W[j, k] * X[b, k]
-                        Y[b, j] = acc
+                _f32_rows_plain(W, n, m, X, Y)
             r += m
 
 
