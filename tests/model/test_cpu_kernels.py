@@ -157,7 +157,7 @@ def q8_0_x(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.skipif(not cpu_kernels.I8_VNNI, reason="this CPU has no AVX-512 VNNI: int8 rows stay weight-only")
 @pytest.mark.parametrize("N,K,B", [(64, 288, 1), (48, 768, 5), (300, 2048, 3), (40, 96, 16), (77, 160, 8),
-                                   (33, 64, 17)])
+                                   (33, 64, 17), (21, 1056, 8), (19, 544, 17)])  # the last two: compact scales
 def test_int8_vnni_rows_are_the_q8_0_product(N, K, B):
     w = randn(N, K) * 0.02
     lin = Int8Linear(w, kernel="numba")
@@ -182,7 +182,8 @@ def test_project_keeps_each_layers_bias(cls, monkeypatch):
         assert (a - (b - lin.bias)).abs().max() > 0.1  # the bias is there
 
 
-def test_quantize_u8_vector_form_equals_the_loop():
+@pytest.mark.parametrize("compact", [False, True])
+def test_quantize_u8_vector_form_equals_the_loop(compact):
     # cpu_kernels_simd.q8_u8_row (contiguous rows) against the plain loop (strided rows), and against q8_0.
     jit = cpu_kernels._kernels()
     gen = torch.Generator().manual_seed(1)
@@ -190,10 +191,11 @@ def test_quantize_u8_vector_form_equals_the_loop():
     x[0, 0, :32] = 0
     xs = x.numpy()[:, 0]  # rows 2 floats apart: the loop
     got = [(np.zeros((3, 96), np.uint8), np.zeros((3, 24), np.float32)) for _ in range(2)]
-    jit._quantize_u8(np.ascontiguousarray(xs), *got[0])
-    jit._quantize_u8(xs, *got[1])
+    jit._quantize_u8(np.ascontiguousarray(xs), *got[0], compact)
+    jit._quantize_u8(xs, *got[1], compact)
     for a, b in zip(*got):
         np.testing.assert_array_equal(a, b)
-    back = (got[0][0].astype(np.float32) - 128).reshape(3, 3, 32) * got[0][1][:, ::8, None]
+    scales = got[0][1][:, :3] if compact else got[0][1][:, ::8]
+    back = (got[0][0].astype(np.float32) - 128).reshape(3, 3, 32) * scales[:, :, None]
     # the same q (one step apart would be ~1/127 of the block's largest value)
     np.testing.assert_allclose(back.reshape(3, 96), q8_0_x(torch.from_numpy(xs)).numpy(), rtol=1e-6, atol=1e-9)

@@ -209,14 +209,17 @@ I8_TILE = 4
 """Rows of x that nabla_i8_dot_<rows> multiplies with each load of a weight row (prefill, batches)."""
 
 
-def _i8_function(module, rows: int):
+def _i8_function(module, rows: int, compact: bool = False):
     """void nabla_i8_dot_<rows>(i8* w, i8* xu, i64 xstride, float* dxe, i64 dstride, i64 k, float* out):
     the dot products of a row of int8 weights with `rows` rows of x, x quantized to int8 per block of 32
     and stored as x + 128 (u8) so that vpdpbusd takes it: per 4 bytes, sum((x + 128) w) - 128 sum(w)
     = sum(x w), the second sum by vpdpbusd of ones, once per weight load for all rows. dxe holds each x
-    block's scale once per 4 bytes (8 per block). k: the row's length, a multiple of 32; a last 32
-    bytes are read with a masked load. Row r of x starts at xu + r * xstride (dxe + r * dstride)."""
-    name = f"nabla_i8_dot_{rows}"
+    block's scale once per 4 bytes (8 per block), or, `compact`, once per block (spread here over its 8
+    lanes, a shuffle per load: one float per 4 bytes makes x's side 2x xu's bytes, and 8-16 rows of it
+    outgrow the L1 cache). k: the row's
+    length, a multiple of 32; a last 32 bytes are read with a masked load. Row r of x starts at
+    xu + r * xstride (dxe + r * dstride)."""
+    name = f"nabla_i8_dot_{rows}" + ("_compact" if compact else "")
     fn, fresh = _define(module, name, ir.VoidType(), [_PTR[_I8], _PTR[_I8], _I64, _PTR[_F32], _I64, _I64, _PTR[_F32]])
     if not fresh:
         return fn
@@ -249,9 +252,17 @@ def _i8_function(module, rows: int):
     g.add_incoming(ir.Constant(_I64, 0), entry)
     for acc in accs:
         acc.add_incoming(zero, entry)
-    off, doff = b.mul(g, ir.Constant(_I64, 64)), b.mul(g, ir.Constant(_I64, 16))
+    per_group = 2 if compact else 16  # dxe floats per 64 bytes of x
+    off, doff = b.mul(g, ir.Constant(_I64, 64)), b.mul(g, ir.Constant(_I64, per_group))
     xs = [b.load(at(xu, b.add(off, b.mul(xstride, ir.Constant(_I64, r))), _I8, 64), align=1) for r in range(rows)]
-    ds = [b.load(at(dxe, b.add(doff, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), align=4) for r in range(rows)]
+    if compact:
+        halves = ir.Constant(_vec(_I32, 16), [0] * 8 + [1] * 8)  # each block's scale over its 8 lanes
+        ds = [b.shuffle_vector(pair, pair, halves) for pair in
+              (b.load(at(dxe, b.add(doff, b.mul(dstride, ir.Constant(_I64, r))), _F32, 2), align=4)
+               for r in range(rows))]
+    else:
+        ds = [b.load(at(dxe, b.add(doff, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), align=4)
+              for r in range(rows)]
     nexts = steps(accs, b.load(at(w, off, _I8, 64), align=1), xs, ds)
     g_next = b.add(g, ir.Constant(_I64, 1))
     g.add_incoming(g_next, loop)
@@ -275,11 +286,17 @@ def _i8_function(module, rows: int):
     def masked(pointer, t, n, align):
         return _masked_load(module, b, pointer, t, n, align, mask)
 
-    base, dbase = b.mul(groups, ir.Constant(_I64, 64)), b.mul(groups, ir.Constant(_I64, 16))
+    base, dbase = b.mul(groups, ir.Constant(_I64, 64)), b.mul(groups, ir.Constant(_I64, per_group))
     xs = [b.bitcast(masked(at(xu, b.add(base, b.mul(xstride, ir.Constant(_I64, r))), _I32, 16), _I32, 16, 1),
                     _vec(_I8, 64)) for r in range(rows)]
-    ds = [masked(at(dxe, b.add(dbase, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), _F32, 16, 4)
-          for r in range(rows)]
+    if compact:
+        zeros16 = ir.Constant(_vec(_I32, 16), [0] * 16)
+        ds = [b.shuffle_vector(one, one, zeros16) for one in  # the last block's scale, in every lane
+              (b.load(at(dxe, b.add(dbase, b.mul(dstride, ir.Constant(_I64, r))), _F32, 1), align=4)
+               for r in range(rows))]
+    else:
+        ds = [masked(at(dxe, b.add(dbase, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), _F32, 16, 4)
+              for r in range(rows)]
     with_last = steps(accs_t, b.bitcast(masked(at(w, base, _I32, 16), _I32, 16, 1), _vec(_I8, 64)), xs, ds)
     b.branch(finish)
     b.position_at_end(finish)
@@ -295,7 +312,7 @@ def _i8_function(module, rows: int):
     return fn
 
 
-def i8_dot_for(rows: int):
+def i8_dot_for(rows: int, compact: bool = False):
     """An @intrinsic (AVX-512 VNNI only): (1-D int8 W, 2-D uint8 XU, 2-D float32 DXE, int first row b,
     int k, 1-D float32 out) -> None; out[r] = the dot of W with x row b + r, r < rows (_i8_function)."""
 
@@ -304,7 +321,7 @@ def i8_dot_for(rows: int):
         sig = types.void(W, XU, DXE, first, k, out)
 
         def codegen(context, builder, signature, args):
-            fn = _i8_function(builder.module, rows)
+            fn = _i8_function(builder.module, rows, compact)
             wa, xa, da, oa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 2, 5))
             first, k = (builder.sext(v, _I64) if v.type != _I64 else v for v in (args[3], args[4]))
             xstride = cgutils.unpack_tuple(builder, xa.strides)[0]  # bytes per row of XU
@@ -320,12 +337,13 @@ def i8_dot_for(rows: int):
     return i8_dot
 
 
-def _q8_function(module):
+def _q8_function(module, compact: bool = False):
     """void nabla_q8_u8(float* x, i64 k, i8* xu, float* dxe): a row of k floats (k a multiple of 32) in
     blocks of 32 as llama.cpp's quantize_row_q8_0: d = max|x| / 127, q = rint(x / d) by x * (1 / d)
-    (0 for a zero block), stored as q + 128 (u8, for vpdpbusd); dxe[8j..8j + 7] = block j's d, once
-    per 4 bytes as nabla_i8_dot reads it. The divisions are IEEE ones, as in C."""
-    fn, fresh = _define(module, "nabla_q8_u8", ir.VoidType(), [_PTR[_F32], _I64, _PTR[_I8], _PTR[_F32]])
+    (0 for a zero block), stored as q + 128 (u8, for vpdpbusd); dxe[8j..8j + 7] = block j's d (once
+    per 4 bytes, as nabla_i8_dot reads it), or dxe[j] (`compact`). The divisions are IEEE ones, as in C."""
+    fn, fresh = _define(module, "nabla_q8_u8" + ("_compact" if compact else ""), ir.VoidType(),
+                        [_PTR[_F32], _I64, _PTR[_I8], _PTR[_F32]])
     if not fresh:
         return fn
     x, k, xu, dxe = fn.args
@@ -358,9 +376,12 @@ def _q8_function(module):
         q = b.add(b.fptosi(b.call(rint, [b.fmul(v, inv16)]), _vec(_I32, 16)), _splat(_I32, 16, 128))
         b.store(b.trunc(q, _vec(_I8, 16)), b.bitcast(b.gep(xu, [b.add(base, ir.Constant(_I64, 16 * h))]),
                                                     _vec(_I8, 16).as_pointer()), align=1)
-    d8 = b.shuffle_vector(b.insert_element(ir.Constant(_vec(_F32, 8), [0.0] * 8), d, ir.Constant(_I32, 0)),
-                          ir.Constant(_vec(_F32, 8), [0.0] * 8), ir.Constant(_vec(_I32, 8), [0] * 8))
-    b.store(d8, b.bitcast(b.gep(dxe, [b.mul(j, ir.Constant(_I64, 8))]), _vec(_F32, 8).as_pointer()), align=4)
+    if compact:
+        b.store(d, b.gep(dxe, [j]))
+    else:
+        d8 = b.shuffle_vector(b.insert_element(ir.Constant(_vec(_F32, 8), [0.0] * 8), d, ir.Constant(_I32, 0)),
+                              ir.Constant(_vec(_F32, 8), [0.0] * 8), ir.Constant(_vec(_I32, 8), [0] * 8))
+        b.store(d8, b.bitcast(b.gep(dxe, [b.mul(j, ir.Constant(_I64, 8))]), _vec(_F32, 8).as_pointer()), align=4)
     j_next = b.add(j, ir.Constant(_I64, 1))
     j.add_incoming(j_next, loop)
     b.cbranch(b.icmp_signed("<", j_next, blocks), loop, done)
@@ -369,26 +390,30 @@ def _q8_function(module):
     return fn
 
 
-@intrinsic
-def q8_u8_row(typingctx, X, XU, DXE, row):
-    """(2-D float32 X, 2-D uint8 XU, 2-D float32 DXE, int row) -> None: row `row` of X quantized into XU,
-    DXE (nabla_q8_u8); rows contiguous, X's length a multiple of 32."""
-    sig = types.void(X, XU, DXE, row)
+def q8_u8_row_for(compact: bool = False):
+    """An @intrinsic: (2-D float32 X, 2-D uint8 XU, 2-D float32 DXE, int row) -> None: row `row` of X
+    quantized into XU, DXE (nabla_q8_u8, `compact` or not); rows contiguous, X's length a multiple of 32."""
 
-    def codegen(context, builder, signature, args):
-        fn = _q8_function(builder.module)
-        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in range(3)]
-        row = builder.sext(args[3], _I64) if args[3].type != _I64 else args[3]
-        ptrs = []
-        for a, t in zip(arrays, (_F32, _I8, _F32)):
-            stride = cgutils.unpack_tuple(builder, a.strides)[0]  # bytes
-            ptrs.append(builder.bitcast(builder.gep(builder.bitcast(a.data, _PTR[_I8]), [builder.mul(row, stride)]),
-                                        t.as_pointer()))
-        k = cgutils.unpack_tuple(builder, arrays[0].shape)[1]
-        builder.call(fn, [ptrs[0], k, ptrs[1], ptrs[2]])
-        return context.get_dummy_value()
+    @intrinsic
+    def q8_u8_row(typingctx, X, XU, DXE, row):
+        sig = types.void(X, XU, DXE, row)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            fn = _q8_function(builder.module, compact)
+            arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in range(3)]
+            row = builder.sext(args[3], _I64) if args[3].type != _I64 else args[3]
+            ptrs = []
+            for a, t in zip(arrays, (_F32, _I8, _F32)):
+                stride = cgutils.unpack_tuple(builder, a.strides)[0]  # bytes
+                ptrs.append(builder.bitcast(builder.gep(builder.bitcast(a.data, _PTR[_I8]), [builder.mul(row, stride)]),
+                                            t.as_pointer()))
+            k = cgutils.unpack_tuple(builder, arrays[0].shape)[1]
+            builder.call(fn, [ptrs[0], k, ptrs[1], ptrs[2]])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return q8_u8_row
 
 
 F32_LANES = 16 if _FEATURES.get("avx512f") else 8
