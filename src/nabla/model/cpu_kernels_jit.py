@@ -294,15 +294,31 @@ def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
     # multiple of 32. One prange task per _I8_RUN rows (of all weights in turn; numba hands each
     # thread one contiguous range of tasks): one task per row allocated `out` per row, ~25% of the
     # time at K = 768 (measured). (numba.get_num_threads() in here would keep it from being cached.)
+    # One row of x: each run in one call of simd.i8_rows, 5-12% faster than a call per row (one
+    # core, measured), the same numbers.
     B, K = X.shape
     tile = simd.I8_TILE
     compact = B >= tile and B * K > _I8_COMPACT_FROM
     _quantize_u8(X, XU, DXE, compact)
     ends = np.zeros(len(Ws), dtype=np.int64)
     total = 0
+    runs = B == 1  # one row of x: a run of weight rows per call (simd.i8_rows), where rows are contiguous
     for i in range(len(Ws)):
         total += Ws[i].shape[0]
         ends[i] = total
+        runs = runs and Ys[i].strides[1] == 4 and scales[i].strides[0] == 4
+    if runs:
+        for t in prange((total + _I8_RUN - 1) // _I8_RUN):
+            r, hi = t * _I8_RUN, min(total, (t + 1) * _I8_RUN)
+            i = 0
+            while r < hi:
+                while r >= ends[i]:
+                    i += 1
+                n = r - (ends[i] - Ws[i].shape[0])
+                m = min(hi, ends[i]) - r
+                simd.i8_rows(Ws[i], scales[i], n, m, XU, DXE, Ys[i])
+                r += m
+        return
     for t in prange((total + _I8_RUN - 1) // _I8_RUN):
         out = np.empty(tile, dtype=np.float32)
         i = 0

@@ -337,6 +337,58 @@ def i8_dot_for(rows: int, compact: bool = False):
     return i8_dot
 
 
+def _i8_rows_function(module):
+    """void nabla_i8_rows(i8* w, i64 wstride, i64 rows, i8* xu, float* dxe, i64 k, float* scale, float* y):
+    y[n] = scale[n] * (the dot of w row n, at w + n * wstride, with one row of x), n < rows
+    (nabla_i8_dot_1 per row, x's scales once per 4 bytes). One call for a run of rows: with one row of x
+    a row of int8 weights is only ~12-90 vector steps, and numba's bookkeeping per row (finding the
+    weight, a view, a call, the output through memory) was a large part of the time."""
+    fn, fresh = _define(module, "nabla_i8_rows", ir.VoidType(),
+                        [_PTR[_I8], _I64, _I64, _PTR[_I8], _PTR[_F32], _I64, _PTR[_F32], _PTR[_F32]])
+    if not fresh:
+        return fn
+    dot = _i8_function(module, 1)
+    w, wstride, rows, xu, dxe, k, scale, y = fn.args
+    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", rows, ir.Constant(_I64, 0)), loop, done)
+    b.position_at_end(loop)
+    n = b.phi(_I64)
+    n.add_incoming(ir.Constant(_I64, 0), entry)
+    out = b.gep(y, [n])
+    b.call(dot, [b.gep(w, [b.mul(n, wstride)]), xu, ir.Constant(_I64, 0), dxe, ir.Constant(_I64, 0), k, out])
+    b.store(b.fmul(b.load(out), b.load(b.gep(scale, [n]))), out)
+    n_next = b.add(n, ir.Constant(_I64, 1))
+    n.add_incoming(n_next, loop)
+    b.cbranch(b.icmp_signed("<", n_next, rows), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def i8_rows(typingctx, W, S, first, count, XU, DXE, Y):
+    """(2-D int8 W, 1-D float32 S, int first, int count, 2-D uint8 XU, 2-D float32 DXE, 2-D float32 Y) -> None:
+    Y[0, n] = S[n] * the dot of W[n] with x row 0 (XU, DXE; scales once per 4 bytes), first <= n < first +
+    count (nabla_i8_rows). W's and Y's rows contiguous, S contiguous."""
+    sig = types.void(W, S, first, count, XU, DXE, Y)
+
+    def codegen(context, builder, signature, args):
+        fn = _i8_rows_function(builder.module)
+        wa, sa, xa, da, ya = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 4, 5, 6))
+        first, count = (builder.sext(v, _I64) if v.type != _I64 else v for v in (args[2], args[3]))
+        wstride = cgutils.unpack_tuple(builder, wa.strides)[0]
+        k = cgutils.unpack_tuple(builder, wa.shape)[1]
+        wp = builder.gep(builder.bitcast(wa.data, _PTR[_I8]), [builder.mul(first, wstride)])
+        sp = builder.gep(builder.bitcast(sa.data, _PTR[_F32]), [first])
+        yp = builder.gep(builder.bitcast(ya.data, _PTR[_F32]), [first])
+        builder.call(fn, [wp, wstride, count, builder.bitcast(xa.data, _PTR[_I8]), builder.bitcast(da.data, _PTR[_F32]),
+                          k, sp, yp])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _q8_function(module, compact: bool = False):
     """void nabla_q8_u8(float* x, i64 k, i8* xu, float* dxe): a row of k floats (k a multiple of 32) in
     blocks of 32 as llama.cpp's quantize_row_q8_0: d = max|x| / 127, q = rint(x / d) by x * (1 / d)
