@@ -294,8 +294,8 @@ def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
     # multiple of 32. One prange task per _I8_RUN rows (of all weights in turn; numba hands each
     # thread one contiguous range of tasks): one task per row allocated `out` per row, ~25% of the
     # time at K = 768 (measured). (numba.get_num_threads() in here would keep it from being cached.)
-    # One row of x: each run in one call of simd.i8_rows, 5-12% faster than a call per row (one
-    # core, measured), the same numbers.
+    # One row of x: each run in one call of simd.i8_rows (1-4% faster than a call per row at two
+    # threads, measured; the same numbers).
     B, K = X.shape
     tile = simd.I8_TILE
     compact = B >= tile and B * K > _I8_COMPACT_FROM
