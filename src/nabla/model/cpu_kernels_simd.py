@@ -470,10 +470,11 @@ def q8_u8_row_for(compact: bool = False):
 
 F32_LANES = 16 if _FEATURES.get("avx512f") else 8
 """fp32 lanes per vector in nabla_f32_dot: a zmm register's, else a ymm's (AVX2, or scalarised by LLVM)."""
-F32_TILE = (4, 4) if F32_LANES == 16 else (2, 4)
-"""(rows of w, rows of x) per nabla_f32_dot call for several rows of x: 16 accumulators in 32 zmm registers
-(8 in AVX2's 16 ymm). Measured, 8 and 16 rows of x at K = 768 and 2048, one core: (4, 4) 40-70 GFLOP/s,
-(6, 4) up to 10% more, (2, 8) and (1, 16) 35-50, one product per (row, x) ~25."""
+F32_TILE = (6, 4) if F32_LANES == 16 else (2, 4)
+"""(rows of w, rows of x) per nabla_f32_dot call for several rows of x: 24 accumulators of AVX-512's 32
+registers (8 of AVX2's 16). Measured, 8 and 16 rows of x at K = 768-5632, one core: (6, 4) 43-78
+GFLOP/s, 6-13% over (4, 4); (2, 8), (3, 8), (4, 8) and (1, 16) below (4, 4); one product per (row, x)
+~25."""
 
 
 def _sum_f32(module, b, vec, lanes: int):
