@@ -19,8 +19,7 @@ _F32_RUN = 4 * _F32_WT  # rows per prange task (numba gives each thread one cont
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _f32_rows_plain(W, n, m, X, Y):  # pragma: no cover - compiled
-    # Y[:, n:n + m] = X @ W[n:n + m].T one (w row, x row) pair at a time: numba vectorises the loop
-    # over k with several accumulators; a w row read once per x row, from memory the first time.
+    # Y[:, n:n + m] = X @ W[n:n + m].T one (w row, x row) pair at a time.
     for j in range(n, n + m):
         for b in range(X.shape[0]):
             acc = np.float32(0.0)
@@ -31,17 +30,14 @@ def _f32_rows_plain(W, n, m, X, Y):  # pragma: no cover - compiled
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _f32_block(W, n, m, X, Y):  # pragma: no cover - compiled
-    # Y[:, n:n + m] = X @ W[n:n + m].T for m (<= _F32_WT) rows of W, all rows of X. Few x rows:
-    # one product at a time (_f32_rows_plain; for one row that reads at the memory's speed, and
-    # nabla_f32_dot's 1 x 1 form was 10-35% slower, measured). Else blocks of _F32_WT w rows times
-    # _F32_XT x rows, one accumulator each, so a w load serves several x rows and an x load several
-    # w rows: one product per pair is load-bound at 2 loads per multiply-add (8 and 16 rows took ~5x
-    # and ~8x one row). Measured on one core (Zen 5), blocks over one product at a time: 8 rows
-    # 1.8-2.3x, 16 rows 2.2-2.8x, 4-5 rows 1.5-1.8x at K = 2048 and 5632 but 0.8x at K = 768.
-    B = X.shape[0]
-    if B < _F32_XT or m < _F32_WT or (B < 8 and W.shape[1] <= 1024):
+    # Y[:, n:n + m] = X @ W[n:n + m].T for m (<= _F32_WT) rows of W, all rows of X: blocks of _F32_WT
+    # w rows times _F32_XT x rows, one accumulator each, so a w load serves several x rows and an x
+    # load several w rows (one product per pair is load-bound at 2 loads per multiply-add: 8 and 16
+    # rows took ~5x and ~8x one row). A last m < _F32_WT rows: one pair at a time.
+    if m < _F32_WT:
         _f32_rows_plain(W, n, m, X, Y)
         return
+    B = X.shape[0]
     b = 0
     while b + _F32_XT <= B:
         _f32_tile(W, n, X, b, Y)
@@ -54,14 +50,33 @@ def _f32_block(W, n, m, X, Y):  # pragma: no cover - compiled
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
     # Ys[i] = X @ Ws[i].T for one or several weights that read the same X (q, k, v; or w1, w3), in
-    # one parallel loop over all their rows, in runs of _F32_RUN rows, blocks of _f32_block.
+    # one parallel loop over all their rows. Few rows of x: a task per row, one (w row, x row)
+    # product at a time in numba's loop over k (for one row that reads at the memory's speed;
+    # nabla_f32_dot's 1 x 1 form was 10-35% slower, and the same loop in runs of rows or behind a
+    # block function 3-8%, measured). Else runs of _F32_RUN rows in blocks of _f32_block. Measured
+    # on one core (Zen 5), blocks over one product at a time: 8 rows 1.9-2.3x, 16 rows 2.1-2.7x,
+    # 4-5 rows 1.5-1.8x at K = 2048 and 5632 but 0.8x at K = 768 (4 x 4 blocks).
+    B, K = X.shape
     ends = np.zeros(len(Ws), dtype=np.int64)
     total = 0
-    unit = X.strides[1] == 4
+    plain = X.strides[1] != 4 or B < _F32_XT or (B < 8 and K <= 1024)
     for i in range(len(Ws)):
         total += Ws[i].shape[0]
         ends[i] = total
-        unit = unit and Ws[i].strides[1] == 4 and Ys[i].strides[1] == 4
+        plain = plain or Ws[i].strides[1] != 4 or Ys[i].strides[1] != 4  # not contiguous: the plain loop
+    if plain:
+        for r in prange(total):
+            i = 0
+            while r >= ends[i]:
+                i += 1
+            W, Y = Ws[i], Ys[i]
+            n = r - (ends[i] - W.shape[0])
+            for b in range(B):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += W[n, k] * X[b, k]
+                Y[b, n] = acc
+        return
     for t in prange((total + _F32_RUN - 1) // _F32_RUN):
         r, hi = t * _F32_RUN, min(total, (t + 1) * _F32_RUN)
         i = 0
@@ -71,10 +86,7 @@ def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
             W, Y = Ws[i], Ys[i]
             n = r - (ends[i] - W.shape[0])
             m = min(_F32_WT, min(hi, ends[i]) - r)
-            if unit:
-                _f32_block(W, n, m, X, Y)
-            else:  # rows that are not contiguous: the plain loop
-                _f32_rows_plain(W, n, m, X, Y)
+            _f32_block(W, n, m, X, Y)
             r += m
 
 
