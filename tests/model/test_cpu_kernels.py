@@ -157,7 +157,7 @@ def q8_0_x(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.skipif(not cpu_kernels.I8_VNNI, reason="this CPU has no AVX-512 VNNI: int8 rows stay weight-only")
 @pytest.mark.parametrize("N,K,B", [(64, 288, 1), (48, 768, 5), (300, 2048, 3), (40, 96, 16), (77, 160, 8),
-                                   (33, 64, 17), (21, 1056, 8), (19, 544, 17)])  # the last two: compact scales
+                                   (33, 64, 17), (21, 1056, 8), (19, 1120, 17)])  # the last two: compact scales
 def test_int8_vnni_rows_are_the_q8_0_product(N, K, B):
     w = randn(N, K) * 0.02
     lin = Int8Linear(w, kernel="numba")

@@ -293,9 +293,10 @@ _i8_dot_tile = simd.i8_dot_for(simd.I8_TILE)
 _i8_dot_1c = simd.i8_dot_for(1, compact=True)
 _i8_dot_tile_c = simd.i8_dot_for(simd.I8_TILE, compact=True)
 _I8_RUN = 32
-# x's side (xu and the scales) from this many values on: the scales once per block (compact), not once
-# per 4 bytes. Measured on one core: 8-16 rows at K >= 2048 1.1-1.3x faster, but 1 row and 8 rows at
-# K = 768 ~10% slower (the shuffle per load, where x's side fits the L1 cache anyway).
+# x's side (xu and the scales) from this many values on, rows longer than 1024: the scales once per
+# block (compact), not once per 4 bytes. Measured on one core: 8-16 rows at K >= 2048 1.2-1.3x
+# faster, but 1 row and 8 rows at K = 768 ~10% slower and 16 rows at K = 768 0.94-1.0x (the shuffle
+# per load, where x's side fits the L1 cache anyway).
 _I8_COMPACT_FROM = 8192
 
 
@@ -310,7 +311,7 @@ def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
     # threads, measured; the same numbers).
     B, K = X.shape
     tile = simd.I8_TILE
-    compact = B >= tile and B * K > _I8_COMPACT_FROM
+    compact = B >= tile and K > 1024 and B * K > _I8_COMPACT_FROM
     _quantize_u8(X, XU, DXE, compact)
     ends = np.zeros(len(Ws), dtype=np.int64)
     total = 0
