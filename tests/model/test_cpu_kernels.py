@@ -28,6 +28,26 @@ def test_rows_f32_equals_linear(rows, N, K):
     torch.testing.assert_close(cpu_kernels.rows_f32(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 16, 17])
+@pytest.mark.parametrize("Ns,K", [((9, 6, 13), 200), ((64, 7), 768), ((5,), 70), ((33,), 16), ((6, 9), 1048)])
+def test_rows_f32_tiles_equal_the_float64_product(rows, Ns, K):
+    # Row counts around the kernel's tiles (cpu_kernels_simd.F32_TILE), weights whose row counts are not
+    # a multiple of the tile (and meet inside a tile), K not a multiple of the vector width.
+    x = randn(rows, K)
+    ws = [randn(n, K) for n in Ns]
+    for y, w in zip(cpu_kernels.rows_f32_multi(x, ws), ws):
+        want = x.double() @ w.double().T
+        assert (y.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_rows_f32_reads_strided_weights():
+    jit = cpu_kernels._kernels()
+    x, w = randn(5, 48), randn(40, 96)
+    y = np.zeros((5, 40), dtype=np.float32)
+    jit._rows_f32((w.numpy()[:, ::2],), x.numpy(), (y,))  # rows whose elements are not adjacent: the plain loop
+    np.testing.assert_allclose(y, (x @ w[:, ::2].T).numpy(), atol=1e-4, rtol=1e-5)
+
+
 def test_rows_f32_multi_equals_separate_products():
     x = randn(2, 1, 64)
     ws = [randn(64, 64), randn(32, 64), randn(32, 64)]
@@ -136,7 +156,8 @@ def q8_0_x(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not cpu_kernels.I8_VNNI, reason="this CPU has no AVX-512 VNNI: int8 rows stay weight-only")
-@pytest.mark.parametrize("N,K,B", [(64, 288, 1), (48, 768, 5), (300, 2048, 3), (40, 96, 16)])
+@pytest.mark.parametrize("N,K,B", [(64, 288, 1), (48, 768, 5), (300, 2048, 3), (40, 96, 16), (77, 160, 8),
+                                   (33, 64, 17), (21, 1056, 8), (19, 1120, 17)])  # the last two: compact scales
 def test_int8_vnni_rows_are_the_q8_0_product(N, K, B):
     w = randn(N, K) * 0.02
     lin = Int8Linear(w, kernel="numba")
@@ -159,3 +180,22 @@ def test_project_keeps_each_layers_bias(cls, monkeypatch):
     for a, b, lin in zip(together, alone, lins):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         assert (a - (b - lin.bias)).abs().max() > 0.1  # the bias is there
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_quantize_u8_vector_form_equals_the_loop(compact):
+    # cpu_kernels_simd.q8_u8_row (contiguous rows) against the plain loop (strided rows), and against q8_0.
+    jit = cpu_kernels._kernels()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 96, generator=gen) * torch.rand(3, 2, 96, generator=gen) ** 3
+    x[0, 0, :32] = 0
+    xs = x.numpy()[:, 0]  # rows 2 floats apart: the loop
+    got = [(np.zeros((3, 96), np.uint8), np.zeros((3, 24), np.float32)) for _ in range(2)]
+    jit._quantize_u8(np.ascontiguousarray(xs), *got[0], compact)
+    jit._quantize_u8(xs, *got[1], compact)
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
+    scales = got[0][1][:, :3] if compact else got[0][1][:, ::8]
+    back = (got[0][0].astype(np.float32) - 128).reshape(3, 3, 32) * scales[:, :, None]
+    # the same q (one step apart would be ~1/127 of the block's largest value)
+    np.testing.assert_allclose(back.reshape(3, 96), q8_0_x(torch.from_numpy(xs)).numpy(), rtol=1e-6, atol=1e-9)

@@ -13,29 +13,84 @@ from numba import njit, prange
 
 from nabla.model import cpu_kernels_simd as simd
 
+_F32_WT, _F32_XT = simd.F32_TILE
+_f32_tile = simd.f32_dot_for(_F32_WT, _F32_XT)  # a block of w rows times a tile of x rows
+_f32_tile_1 = simd.f32_dot_for(_F32_WT, 1)  # the same w rows times one x row (x's last rows)
+_F32_RUN = 4 * _F32_WT  # rows per prange task (numba gives each thread one contiguous range of tasks)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _f32_rows_plain(W, n, m, X, Y):  # pragma: no cover - compiled
+    # Y[:, n:n + m] = X @ W[n:n + m].T one (w row, x row) pair at a time.
+    for j in range(n, n + m):
+        for b in range(X.shape[0]):
+            acc = np.float32(0.0)
+            for k in range(W.shape[1]):
+                acc += W[j, k] * X[b, k]
+            Y[b, j] = acc
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _f32_block(W, n, m, X, Y):  # pragma: no cover - compiled
+    # Y[:, n:n + m] = X @ W[n:n + m].T for m (<= _F32_WT) rows of W, all rows of X: blocks of _F32_WT
+    # w rows times _F32_XT x rows, one accumulator each, so a w load serves several x rows and an x
+    # load several w rows (one product per pair is load-bound at 2 loads per multiply-add: 8 and 16
+    # rows took ~5x and ~8x one row). A last m < _F32_WT rows: one pair at a time.
+    if m < _F32_WT:
+        _f32_rows_plain(W, n, m, X, Y)
+        return
+    B = X.shape[0]
+    b = 0
+    while b + _F32_XT <= B:
+        _f32_tile(W, n, X, b, Y)
+        b += _F32_XT
+    while b < B:
+        _f32_tile_1(W, n, X, b, Y)
+        b += 1
+
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
-    # Ys[i] = X @ Ws[i].T for one or several weights that read the same X (q, k, v; or
-    # w1, w3), in one parallel loop over all their rows.
-    B = X.shape[0]
+    # Ys[i] = X @ Ws[i].T for one or several weights that read the same X (q, k, v; or w1, w3), in
+    # one parallel loop over all their rows. Few rows of x: a task per row, one (w row, x row)
+    # product at a time in numba's loop over k (for one row that reads at the memory's speed;
+    # nabla_f32_dot's 1 x 1 form was 10-35% slower, and the same loop in runs of rows or behind a
+    # block function 3-8%, measured). Else runs of _F32_RUN rows in blocks of _f32_block. Measured
+    # on one core (Zen 5), blocks over one product at a time: 8 rows 1.9-2.3x, 16 rows 2.1-2.7x,
+    # 4-5 rows 1.5-1.8x at K = 2048 and 5632 but 0.8x at K = 768 (4 x 4 blocks).
+    B, K = X.shape
     ends = np.zeros(len(Ws), dtype=np.int64)
     total = 0
+    plain = X.strides[1] != 4 or B < _F32_XT or (B < 8 and K <= 1024)
     for i in range(len(Ws)):
         total += Ws[i].shape[0]
         ends[i] = total
-    for r in prange(total):
+        plain = plain or Ws[i].strides[1] != 4 or Ys[i].strides[1] != 4  # not contiguous: the plain loop
+    if plain:
+        for r in prange(total):
+            i = 0
+            while r >= ends[i]:
+                i += 1
+            W, Y = Ws[i], Ys[i]
+            n = r - (ends[i] - W.shape[0])
+            for b in range(B):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += W[n, k] * X[b, k]
+                Y[b, n] = acc
+        return
+    for t in prange((total + _F32_RUN - 1) // _F32_RUN):
+        r, hi = t * _F32_RUN, min(total, (t + 1) * _F32_RUN)
         i = 0
-        while r >= ends[i]:
-            i += 1
-        W, Y = Ws[i], Ys[i]
-        n = r - (ends[i] - W.shape[0])
-        K = W.shape[1]
-        for b in range(B):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += W[n, k] * X[b, k]
-            Y[b, n] = acc
+        while r < hi:
+            while r >= ends[i]:
+                i += 1
+            W, Y = Ws[i], Ys[i]
+            n = r - (ends[i] - W.shape[0])
+            m = min(_F32_WT, min(hi, ends[i]) - r)
+            _f32_block(W, n, m, X, Y)
+            r += m
+
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_i8(Ws, scales, X, Ys):  # pragma: no cover - compiled
@@ -253,54 +308,104 @@ def _rows_q4_portable(Ps, Ss, X, XL, XH, DX, XS, Ys):  # pragma: no cover - comp
 _rows_q4 = rows_q4_kernel(_KIND, cache=True)
 
 
+_q8_u8_row = simd.q8_u8_row_for()
+_q8_u8_row_compact = simd.q8_u8_row_for(compact=True)
+
+
 @njit(fastmath=True, cache=True, nogil=True)
-def _quantize_u8(X, XU, DXE):  # pragma: no cover - compiled
+def _quantize_u8(X, XU, DXE, compact=False):  # pragma: no cover - compiled
     # Each row of X (B, K) in blocks of 32 as llama.cpp's q8_0: d = max|x| / 127, q = round(x / d),
-    # stored as q + 128 (u8) for vpdpbusd; DXE[b, i] = the scale of the block byte 4i is in.
+    # stored as q + 128 (u8) for vpdpbusd; DXE[b, i] = the scale of the block byte 4i is in, or,
+    # `compact`, DXE[b, k] = block k's (the first K // 32 columns of DXE's K // 4). Rows stored
+    # contiguously take cpu_kernels_simd's vector form (the same numbers, ~5x faster, measured).
     B, K = X.shape
+    if X.strides[1] == 4 and XU.strides[1] == 1 and DXE.strides[1] == 4:
+        for b in range(B):
+            if compact:
+                _q8_u8_row_compact(X, XU, DXE, b)
+            else:
+                _q8_u8_row(X, XU, DXE, b)
+        return
     for b in range(B):
         for k in range(K // 32):
             d, inv = _block_scale(X, b, k)
             for i in range(32 * k, 32 * k + 32):
                 XU[b, i] = np.uint8(np.int32(np.rint(X[b, i] * inv)) + 128)
-            for i in range(8 * k, 8 * k + 8):
-                DXE[b, i] = d
+            if compact:
+                DXE[b, k] = d
+            else:
+                for i in range(8 * k, 8 * k + 8):
+                    DXE[b, i] = d
 
 
 _i8_dot_1 = simd.i8_dot_for(1)
 _i8_dot_tile = simd.i8_dot_for(simd.I8_TILE)
+_i8_dot_1c = simd.i8_dot_for(1, compact=True)
+_i8_dot_tile_c = simd.i8_dot_for(simd.I8_TILE, compact=True)
+_I8_RUN = 32
+# x's side (xu and the scales) from this many values on, rows longer than 1024: the scales once per
+# block (compact), not once per 4 bytes. Measured on one core: 8-16 rows at K >= 2048 1.2-1.3x
+# faster, but 1 row and 8 rows at K = 768 ~10% slower and 16 rows at K = 768 0.94-1.0x (the shuffle
+# per load, where x's side fits the L1 cache anyway).
+_I8_COMPACT_FROM = 8192
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
     # As _rows_i8, with x quantized to int8 per block of 32 (llama.cpp's q8_0) and the products in
     # AVX-512 VNNI integer instructions (cpu_kernels_simd), I8_TILE rows of x per weight load; K a
-    # multiple of 32.
-    _quantize_u8(X, XU, DXE)
+    # multiple of 32. One prange task per _I8_RUN rows (of all weights in turn; numba hands each
+    # thread one contiguous range of tasks): one task per row allocated `out` per row, ~25% of the
+    # time at K = 768 (measured). (numba.get_num_threads() in here would keep it from being cached.)
+    # One row of x: each run in one call of simd.i8_rows (1-4% faster than a call per row at two
+    # threads, measured; the same numbers).
     B, K = X.shape
     tile = simd.I8_TILE
+    compact = B >= tile and K > 1024 and B * K > _I8_COMPACT_FROM
+    _quantize_u8(X, XU, DXE, compact)
     ends = np.zeros(len(Ws), dtype=np.int64)
     total = 0
+    runs = B == 1  # one row of x: a run of weight rows per call (simd.i8_rows), where rows are contiguous
     for i in range(len(Ws)):
         total += Ws[i].shape[0]
         ends[i] = total
-    for r in prange(total):
-        i = 0
-        while r >= ends[i]:
-            i += 1
-        W, S, Y = Ws[i], scales[i], Ys[i]
-        n = r - (ends[i] - W.shape[0])
+        runs = runs and Ys[i].strides[1] == 4 and scales[i].strides[0] == 4
+    if runs:
+        for t in prange((total + _I8_RUN - 1) // _I8_RUN):
+            r, hi = t * _I8_RUN, min(total, (t + 1) * _I8_RUN)
+            i = 0
+            while r < hi:
+                while r >= ends[i]:
+                    i += 1
+                n = r - (ends[i] - Ws[i].shape[0])
+                m = min(hi, ends[i]) - r
+                simd.i8_rows(Ws[i], scales[i], n, m, XU, DXE, Ys[i])
+                r += m
+        return
+    for t in prange((total + _I8_RUN - 1) // _I8_RUN):
         out = np.empty(tile, dtype=np.float32)
-        b = 0
-        while b + tile <= B:
-            _i8_dot_tile(W[n], XU, DXE, b, K, out)
-            for j in range(tile):
-                Y[b + j, n] = out[j] * S[n]
-            b += tile
-        while b < B:
-            _i8_dot_1(W[n], XU, DXE, b, K, out)
-            Y[b, n] = out[0] * S[n]
-            b += 1
+        i = 0
+        for r in range(t * _I8_RUN, min(total, (t + 1) * _I8_RUN)):
+            while r >= ends[i]:
+                i += 1
+            W, S, Y = Ws[i], scales[i], Ys[i]
+            n = r - (ends[i] - W.shape[0])
+            b = 0
+            while b + tile <= B:
+                if compact:
+                    _i8_dot_tile_c(W[n], XU, DXE, b, K, out)
+                else:
+                    _i8_dot_tile(W[n], XU, DXE, b, K, out)
+                for j in range(tile):
+                    Y[b + j, n] = out[j] * S[n]
+                b += tile
+            while b < B:
+                if compact:
+                    _i8_dot_1c(W[n], XU, DXE, b, K, out)
+                else:
+                    _i8_dot_1(W[n], XU, DXE, b, K, out)
+                Y[b, n] = out[0] * S[n]
+                b += 1
 
 
 def drop_stale_cache(namespace: dict, *deps: str) -> None:

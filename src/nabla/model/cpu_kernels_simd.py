@@ -134,14 +134,17 @@ I8_TILE = 4
 """Rows of x that nabla_i8_dot_<rows> multiplies with each load of a weight row (prefill, batches)."""
 
 
-def _i8_function(module, rows: int):
+def _i8_function(module, rows: int, compact: bool = False):
     """void nabla_i8_dot_<rows>(i8* w, i8* xu, i64 xstride, float* dxe, i64 dstride, i64 k, float* out):
     the dot products of a row of int8 weights with `rows` rows of x, x quantized to int8 per block of 32
     and stored as x + 128 (u8) so that vpdpbusd takes it: per 4 bytes, sum((x + 128) w) - 128 sum(w)
     = sum(x w), the second sum by vpdpbusd of ones, once per weight load for all rows. dxe holds each x
-    block's scale once per 4 bytes (8 per block). k: the row's length, a multiple of 32; a last 32
-    bytes are read with a masked load. Row r of x starts at xu + r * xstride (dxe + r * dstride)."""
-    name = f"nabla_i8_dot_{rows}"
+    block's scale once per 4 bytes (8 per block), or, `compact`, once per block (spread here over its 8
+    lanes, a shuffle per load: one float per 4 bytes makes x's side 2x xu's bytes, and 8-16 rows of it
+    outgrow the L1 cache). k: the row's
+    length, a multiple of 32; a last 32 bytes are read with a masked load. Row r of x starts at
+    xu + r * xstride (dxe + r * dstride)."""
+    name = f"nabla_i8_dot_{rows}" + ("_compact" if compact else "")
     fn, fresh = _define(module, name, ir.VoidType(), [_PTR[_I8], _PTR[_I8], _I64, _PTR[_F32], _I64, _I64, _PTR[_F32]])
     if not fresh:
         return fn
@@ -174,9 +177,17 @@ def _i8_function(module, rows: int):
     g.add_incoming(ir.Constant(_I64, 0), entry)
     for acc in accs:
         acc.add_incoming(zero, entry)
-    off, doff = b.mul(g, ir.Constant(_I64, 64)), b.mul(g, ir.Constant(_I64, 16))
+    per_group = 2 if compact else 16  # dxe floats per 64 bytes of x
+    off, doff = b.mul(g, ir.Constant(_I64, 64)), b.mul(g, ir.Constant(_I64, per_group))
     xs = [b.load(at(xu, b.add(off, b.mul(xstride, ir.Constant(_I64, r))), _I8, 64), align=1) for r in range(rows)]
-    ds = [b.load(at(dxe, b.add(doff, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), align=4) for r in range(rows)]
+    if compact:
+        halves = ir.Constant(_vec(_I32, 16), [0] * 8 + [1] * 8)  # each block's scale over its 8 lanes
+        ds = [b.shuffle_vector(pair, pair, halves) for pair in
+              (b.load(at(dxe, b.add(doff, b.mul(dstride, ir.Constant(_I64, r))), _F32, 2), align=4)
+               for r in range(rows))]
+    else:
+        ds = [b.load(at(dxe, b.add(doff, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), align=4)
+              for r in range(rows)]
     nexts = steps(accs, b.load(at(w, off, _I8, 64), align=1), xs, ds)
     g_next = b.add(g, ir.Constant(_I64, 1))
     g.add_incoming(g_next, loop)
@@ -200,11 +211,17 @@ def _i8_function(module, rows: int):
     def masked(pointer, t, n, align):
         return _masked_load(module, b, pointer, t, n, align, mask)
 
-    base, dbase = b.mul(groups, ir.Constant(_I64, 64)), b.mul(groups, ir.Constant(_I64, 16))
+    base, dbase = b.mul(groups, ir.Constant(_I64, 64)), b.mul(groups, ir.Constant(_I64, per_group))
     xs = [b.bitcast(masked(at(xu, b.add(base, b.mul(xstride, ir.Constant(_I64, r))), _I32, 16), _I32, 16, 1),
                     _vec(_I8, 64)) for r in range(rows)]
-    ds = [masked(at(dxe, b.add(dbase, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), _F32, 16, 4)
-          for r in range(rows)]
+    if compact:
+        zeros16 = ir.Constant(_vec(_I32, 16), [0] * 16)
+        ds = [b.shuffle_vector(one, one, zeros16) for one in  # the last block's scale, in every lane
+              (b.load(at(dxe, b.add(dbase, b.mul(dstride, ir.Constant(_I64, r))), _F32, 1), align=4)
+               for r in range(rows))]
+    else:
+        ds = [masked(at(dxe, b.add(dbase, b.mul(dstride, ir.Constant(_I64, r))), _F32, 16), _F32, 16, 4)
+              for r in range(rows)]
     with_last = steps(accs_t, b.bitcast(masked(at(w, base, _I32, 16), _I32, 16, 1), _vec(_I8, 64)), xs, ds)
     b.branch(finish)
     b.position_at_end(finish)
@@ -220,7 +237,7 @@ def _i8_function(module, rows: int):
     return fn
 
 
-def i8_dot_for(rows: int):
+def i8_dot_for(rows: int, compact: bool = False):
     """An @intrinsic (AVX-512 VNNI only): (1-D int8 W, 2-D uint8 XU, 2-D float32 DXE, int first row b,
     int k, 1-D float32 out) -> None; out[r] = the dot of W with x row b + r, r < rows (_i8_function)."""
 
@@ -229,7 +246,7 @@ def i8_dot_for(rows: int):
         sig = types.void(W, XU, DXE, first, k, out)
 
         def codegen(context, builder, signature, args):
-            fn = _i8_function(builder.module, rows)
+            fn = _i8_function(builder.module, rows, compact)
             wa, xa, da, oa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 2, 5))
             first, k = (builder.sext(v, _I64) if v.type != _I64 else v for v in (args[3], args[4]))
             xstride = cgutils.unpack_tuple(builder, xa.strides)[0]  # bytes per row of XU
@@ -374,6 +391,271 @@ def _q4_rows_function(module, kind, tile: int):
     return fn
 
 
+def _i8_rows_function(module):
+    """void nabla_i8_rows(i8* w, i64 wstride, i64 rows, i8* xu, float* dxe, i64 k, float* scale, float* y):
+    y[n] = scale[n] * (the dot of w row n, at w + n * wstride, with one row of x), n < rows
+    (nabla_i8_dot_1 per row, x's scales once per 4 bytes). One call for a run of rows: with one row of x
+    a row of int8 weights is only ~12-90 vector steps, and numba's bookkeeping per row (finding the
+    weight, a view, a call, the output through memory) was a large part of the time."""
+    fn, fresh = _define(module, "nabla_i8_rows", ir.VoidType(),
+                        [_PTR[_I8], _I64, _I64, _PTR[_I8], _PTR[_F32], _I64, _PTR[_F32], _PTR[_F32]])
+    if not fresh:
+        return fn
+    dot = _i8_function(module, 1)
+    w, wstride, rows, xu, dxe, k, scale, y = fn.args
+    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", rows, ir.Constant(_I64, 0)), loop, done)
+    b.position_at_end(loop)
+    n = b.phi(_I64)
+    n.add_incoming(ir.Constant(_I64, 0), entry)
+    out = b.gep(y, [n])
+    b.call(dot, [b.gep(w, [b.mul(n, wstride)]), xu, ir.Constant(_I64, 0), dxe, ir.Constant(_I64, 0), k, out])
+    b.store(b.fmul(b.load(out), b.load(b.gep(scale, [n]))), out)
+    n_next = b.add(n, ir.Constant(_I64, 1))
+    n.add_incoming(n_next, loop)
+    b.cbranch(b.icmp_signed("<", n_next, rows), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def i8_rows(typingctx, W, S, first, count, XU, DXE, Y):
+    """(2-D int8 W, 1-D float32 S, int first, int count, 2-D uint8 XU, 2-D float32 DXE, 2-D float32 Y) -> None:
+    Y[0, n] = S[n] * the dot of W[n] with x row 0 (XU, DXE; scales once per 4 bytes), first <= n < first +
+    count (nabla_i8_rows). W's and Y's rows contiguous, S contiguous."""
+    sig = types.void(W, S, first, count, XU, DXE, Y)
+
+    def codegen(context, builder, signature, args):
+        fn = _i8_rows_function(builder.module)
+        wa, sa, xa, da, ya = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 4, 5, 6))
+        first, count = (builder.sext(v, _I64) if v.type != _I64 else v for v in (args[2], args[3]))
+        wstride = cgutils.unpack_tuple(builder, wa.strides)[0]
+        k = cgutils.unpack_tuple(builder, wa.shape)[1]
+        wp = builder.gep(builder.bitcast(wa.data, _PTR[_I8]), [builder.mul(first, wstride)])
+        sp = builder.gep(builder.bitcast(sa.data, _PTR[_F32]), [first])
+        yp = builder.gep(builder.bitcast(ya.data, _PTR[_F32]), [first])
+        builder.call(fn, [wp, wstride, count, builder.bitcast(xa.data, _PTR[_I8]), builder.bitcast(da.data, _PTR[_F32]),
+                          k, sp, yp])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _q8_function(module, compact: bool = False):
+    """void nabla_q8_u8(float* x, i64 k, i8* xu, float* dxe): a row of k floats (k a multiple of 32) in
+    blocks of 32 as llama.cpp's quantize_row_q8_0: d = max|x| / 127, q = rint(x / d) by x * (1 / d)
+    (0 for a zero block), stored as q + 128 (u8, for vpdpbusd); dxe[8j..8j + 7] = block j's d (once
+    per 4 bytes, as nabla_i8_dot reads it), or dxe[j] (`compact`). The divisions are IEEE ones, as in C."""
+    fn, fresh = _define(module, "nabla_q8_u8" + ("_compact" if compact else ""), ir.VoidType(),
+                        [_PTR[_F32], _I64, _PTR[_I8], _PTR[_F32]])
+    if not fresh:
+        return fn
+    x, k, xu, dxe = fn.args
+    entry, loop, done = fn.append_basic_block("entry"), fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    blocks = b.udiv(k, ir.Constant(_I64, 32))
+    b.cbranch(b.icmp_signed(">", blocks, ir.Constant(_I64, 0)), loop, done)
+    b.position_at_end(loop)
+    j = b.phi(_I64)
+    j.add_incoming(ir.Constant(_I64, 0), entry)
+    v16 = _vec(_F32, 16)
+
+    def intrinsic_fn(name, ret, args):
+        return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
+
+    fabs = intrinsic_fn("llvm.fabs.v16f32", v16, [v16])
+    fmax = intrinsic_fn("llvm.maxnum.v16f32", v16, [v16, v16])
+    rmax = intrinsic_fn("llvm.vector.reduce.fmax.v16f32", _F32, [v16])
+    rint = intrinsic_fn("llvm.rint.v16f32", v16, [v16])
+    base = b.mul(j, ir.Constant(_I64, 32))
+    halves = [b.load(b.bitcast(b.gep(x, [b.add(base, ir.Constant(_I64, 16 * h))]), v16.as_pointer()), align=4)
+              for h in range(2)]
+    amax = b.call(rmax, [b.call(fmax, [b.call(fabs, [halves[0]]), b.call(fabs, [halves[1]])])])
+    d = b.fdiv(amax, ir.Constant(_F32, 127.0))
+    inv = b.select(b.fcmp_ordered(">", d, ir.Constant(_F32, 0.0)), b.fdiv(ir.Constant(_F32, 1.0), d),
+                   ir.Constant(_F32, 0.0))
+    inv16 = b.shuffle_vector(b.insert_element(ir.Constant(v16, [0.0] * 16), inv, ir.Constant(_I32, 0)),
+                             ir.Constant(v16, [0.0] * 16), ir.Constant(_vec(_I32, 16), [0] * 16))
+    for h, v in enumerate(halves):
+        q = b.add(b.fptosi(b.call(rint, [b.fmul(v, inv16)]), _vec(_I32, 16)), _splat(_I32, 16, 128))
+        b.store(b.trunc(q, _vec(_I8, 16)), b.bitcast(b.gep(xu, [b.add(base, ir.Constant(_I64, 16 * h))]),
+                                                    _vec(_I8, 16).as_pointer()), align=1)
+    if compact:
+        b.store(d, b.gep(dxe, [j]))
+    else:
+        d8 = b.shuffle_vector(b.insert_element(ir.Constant(_vec(_F32, 8), [0.0] * 8), d, ir.Constant(_I32, 0)),
+                              ir.Constant(_vec(_F32, 8), [0.0] * 8), ir.Constant(_vec(_I32, 8), [0] * 8))
+        b.store(d8, b.bitcast(b.gep(dxe, [b.mul(j, ir.Constant(_I64, 8))]), _vec(_F32, 8).as_pointer()), align=4)
+    j_next = b.add(j, ir.Constant(_I64, 1))
+    j.add_incoming(j_next, loop)
+    b.cbranch(b.icmp_signed("<", j_next, blocks), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+def q8_u8_row_for(compact: bool = False):
+    """An @intrinsic: (2-D float32 X, 2-D uint8 XU, 2-D float32 DXE, int row) -> None: row `row` of X
+    quantized into XU, DXE (nabla_q8_u8, `compact` or not); rows contiguous, X's length a multiple of 32."""
+
+    @intrinsic
+    def q8_u8_row(typingctx, X, XU, DXE, row):
+        sig = types.void(X, XU, DXE, row)
+
+        def codegen(context, builder, signature, args):
+            fn = _q8_function(builder.module, compact)
+            arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in range(3)]
+            row = builder.sext(args[3], _I64) if args[3].type != _I64 else args[3]
+            ptrs = []
+            for a, t in zip(arrays, (_F32, _I8, _F32)):
+                stride = cgutils.unpack_tuple(builder, a.strides)[0]  # bytes
+                ptrs.append(builder.bitcast(builder.gep(builder.bitcast(a.data, _PTR[_I8]), [builder.mul(row, stride)]),
+                                            t.as_pointer()))
+            k = cgutils.unpack_tuple(builder, arrays[0].shape)[1]
+            builder.call(fn, [ptrs[0], k, ptrs[1], ptrs[2]])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return q8_u8_row
+
+
+F32_LANES = 16 if _FEATURES.get("avx512f") else 8
+"""fp32 lanes per vector in nabla_f32_dot: a zmm register's, else a ymm's (AVX2, or scalarised by LLVM)."""
+F32_TILE = (6, 4) if F32_LANES == 16 else (2, 4)
+"""(rows of w, rows of x) per nabla_f32_dot call for several rows of x: 24 accumulators of AVX-512's 32
+registers (8 of AVX2's 16). Measured, 8 and 16 rows of x at K = 768-5632, one core: (6, 4) 43-78
+GFLOP/s, 6-13% over (4, 4); (2, 8), (3, 8), (4, 8) and (1, 16) below (4, 4); one product per (row, x)
+~25."""
+
+
+def _sum_f32(module, b, vec, lanes: int):
+    """The sum of a lanes x f32 vector's lanes, in any order."""
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32, _vec(_F32, lanes)]),
+                                        f"llvm.vector.reduce.fadd.v{lanes}f32")
+    out = b.call(fn, [ir.Constant(_F32, 0.0), vec])
+    out.fastmath.add("reassoc")
+    return out
+
+
+def _prefetch(module, b, pointer):
+    """Ask for the cache line at `pointer` (i8*) ahead of its use (a hint: never faults)."""
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), [_PTR[_I8], _I32, _I32, _I32]),
+                                        "llvm.prefetch.p0")
+    b.call(fn, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def _f32_function(module, wrows: int, xrows: int, ahead: int = 0):
+    """void nabla_f32_dot_<wrows>x<xrows>(float* w, i64 wstride, float* x, i64 xstride, i64 k, float* y,
+    i64 ystride): y[j * ystride + i] = the dot of w row i (w + i * wstride) with x row j (x + j * xstride),
+    i < wrows, j < xrows, rows of k floats; strides in floats. One accumulator vector per (i, j), so a
+    load of w serves xrows x rows and a load of x wrows rows of w (register blocking); the last k % lanes
+    floats are read with masked loads."""
+    lanes = F32_LANES
+    name = f"nabla_f32_dot_{wrows}x{xrows}_{lanes}_{ahead}"
+    fn, fresh = _define(module, name, ir.VoidType(), [_PTR[_F32], _I64, _PTR[_F32], _I64, _I64, _PTR[_F32], _I64])
+    if not fresh:
+        return fn
+    w, wstride, x, xstride, k, y, ystride = fn.args
+    entry, loop, tail = (fn.append_basic_block(n) for n in ("entry", "loop", "tail"))
+    b = ir.IRBuilder(entry)
+    vt = _vec(_F32, lanes)
+    zero = ir.Constant(vt, [0.0] * lanes)
+    steps = b.udiv(k, ir.Constant(_I64, lanes))
+    wrow = [b.gep(w, [b.mul(wstride, ir.Constant(_I64, i))]) for i in range(wrows)]
+    xrow = [b.gep(x, [b.mul(xstride, ir.Constant(_I64, j))]) for j in range(xrows)]
+    b.cbranch(b.icmp_signed(">", steps, ir.Constant(_I64, 0)), loop, tail)
+
+    def fma(acc, a, c):
+        return b.fadd(acc, b.fmul(a, c, flags=("contract",)), flags=("contract",))
+
+    def update(accs, ws, xs):
+        return [[fma(accs[i][j], ws[i], xs[j]) for j in range(xrows)] for i in range(wrows)]
+
+    b.position_at_end(loop)
+    g = b.phi(_I64)
+    g.add_incoming(ir.Constant(_I64, 0), entry)
+    accs = [[b.phi(vt) for _ in range(xrows)] for _ in range(wrows)]
+    off = b.mul(g, ir.Constant(_I64, lanes))
+
+    def load(row):
+        return b.load(b.bitcast(b.gep(row, [off]), vt.as_pointer()), align=4)
+
+    if ahead:
+        for r in wrow:
+            _prefetch(module, b, b.gep(b.bitcast(b.gep(r, [off]), _PTR[_I8]), [ir.Constant(_I64, ahead)]))
+    nexts = update(accs, [load(r) for r in wrow], [load(r) for r in xrow])
+    g_next = b.add(g, ir.Constant(_I64, 1))
+    g.add_incoming(g_next, loop)
+    for i in range(wrows):
+        for j in range(xrows):
+            accs[i][j].add_incoming(zero, entry)
+            accs[i][j].add_incoming(nexts[i][j], loop)
+    b.cbranch(b.icmp_signed("<", g_next, steps), loop, tail)
+
+    b.position_at_end(tail)  # k % lanes floats left, or none
+    accs_t = [[b.phi(vt) for _ in range(xrows)] for _ in range(wrows)]
+    for i in range(wrows):
+        for j in range(xrows):
+            accs_t[i][j].add_incoming(zero, entry)
+            accs_t[i][j].add_incoming(nexts[i][j], loop)
+    base = b.mul(steps, ir.Constant(_I64, lanes))
+    rest = b.sub(k, base)
+    last_block, finish = fn.append_basic_block("last"), fn.append_basic_block("finish")
+    b.cbranch(b.icmp_unsigned(">", rest, ir.Constant(_I64, 0)), last_block, finish)
+    b.position_at_end(last_block)
+    idx = ir.Constant(_vec(_I64, lanes), list(range(lanes)))
+    splat = b.shuffle_vector(b.insert_element(ir.Constant(_vec(_I64, lanes), [0] * lanes), rest,
+                                              ir.Constant(_I32, 0)), ir.Constant(_vec(_I64, lanes), [0] * lanes),
+                             ir.Constant(_vec(_I32, lanes), [0] * lanes))
+    mask = b.icmp_unsigned("<", idx, splat)
+    with_last = update(accs_t, *([_masked_load(module, b, b.gep(r, [base]), _F32, lanes, 4, mask) for r in rows]
+                                 for rows in (wrow, xrow)))
+    b.branch(finish)
+    b.position_at_end(finish)
+    totals = {}
+    for i in range(wrows):
+        for j in range(xrows):
+            totals[i, j] = phi = b.phi(vt)
+            phi.add_incoming(accs_t[i][j], tail)
+            phi.add_incoming(with_last[i][j], last_block)
+    for (i, j), total in totals.items():
+        b.store(_sum_f32(module, b, total, lanes), b.gep(y, [b.add(b.mul(ystride, ir.Constant(_I64, j)),
+                                                                   ir.Constant(_I64, i))]))
+    b.ret_void()
+    return fn
+
+
+def f32_dot_for(wrows: int, xrows: int, ahead: int = 0):
+    """An @intrinsic (any CPU: plain LLVM vectors): (2-D float32 W, int first row n, 2-D float32 X, int
+    first row b, 2-D float32 Y) -> None; Y[b + j, n + i] = the dot of W[n + i] with X[b + j], i < wrows,
+    j < xrows (_f32_function). Rows must be contiguous (C order); X's rows as long as W's."""
+
+    @intrinsic
+    def f32_dot(typingctx, W, n, X, first, Y):
+        sig = types.void(W, n, X, first, Y)
+
+        def codegen(context, builder, signature, args):
+            fn = _f32_function(builder.module, wrows, xrows, ahead)
+            wa, xa, ya = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 4))
+            n, first = (builder.sext(v, _I64) if v.type != _I64 else v for v in (args[1], args[3]))
+            four = ir.Constant(_I64, 4)
+            (ws, _), (xs, _), (ys, _) = (cgutils.unpack_tuple(builder, a.strides) for a in (wa, xa, ya))
+            ws, xs, ys = (builder.udiv(v, four) for v in (ws, xs, ys))
+            k = cgutils.unpack_tuple(builder, wa.shape)[1]
+            wp = builder.gep(builder.bitcast(wa.data, _PTR[_F32]), [builder.mul(n, ws)])
+            xp = builder.gep(builder.bitcast(xa.data, _PTR[_F32]), [builder.mul(first, xs)])
+            yp = builder.gep(builder.bitcast(ya.data, _PTR[_F32]), [builder.add(builder.mul(first, ys), n)])
+            builder.call(fn, [wp, ws, xp, xs, k, yp, ys])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return f32_dot
+
+
 def q4_rows_for(kind: str, tile: int):
     """An @intrinsic in one of KINDS' instruction sets: (2-D uint8 P, 2-D uint16 S, int n0, int n1, 2-D int8
     XL, XH, 2-D float32 DX, 2-D int32 XS, int b0, 2-D float32 Y, int full, int m) -> None; Y[b0 + t, n] =
@@ -415,7 +697,7 @@ def q4_rows_for(kind: str, tile: int):
     return q4_rows
 
 
-def _q8_function(module):
+def _q8_blocks_function(module):
     """void nabla_q8_blocks(float* x, i64 blocks, i8* xl, i8* xh, float* dx, i32* xs): one row of x in blocks
     of 32 as llama.cpp's q8_0 (cpu_kernels_jit._quantize_blocks, whose result this is, in whole vectors)."""
     fn, fresh = _define(module, "nabla_q8_blocks", ir.VoidType(),
@@ -472,7 +754,7 @@ def q8_blocks(typingctx, X, row, XL, XH, DX, XS):
     sig = types.void(X, row, XL, XH, DX, XS)
 
     def codegen(context, builder, signature, args):
-        fn = _q8_function(builder.module)
+        fn = _q8_blocks_function(builder.module)
         row = builder.sext(args[1], _I64) if args[1].type != _I64 else args[1]
         arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 5)]
 
