@@ -76,17 +76,17 @@ def _kernels():
 _launch = threading.Lock()
 
 
-_threads = [None, None]  # [torch's thread count when last set, numba's count then]
+_threads = threading.local()  # .torch: torch's thread count when numba's was last set, in this thread
 
 
 def _set_threads() -> None:
-    import numba
-
+    """numba's thread count = torch's (numba's setting is per calling thread, hence the thread-local)."""
     now = torch.get_num_threads()
-    if _threads[0] != now or numba.get_num_threads() != _threads[1]:
-        want = min(now, numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(want)
-        _threads[:] = [now, want]
+    if getattr(_threads, "torch", None) != now:
+        import numba
+
+        numba.set_num_threads(min(now, numba.config.NUMBA_NUM_THREADS))
+        _threads.torch = now
 
 
 def _launch_rows(kernel, x: torch.Tensor, widths: list[int], *weights, several: bool = False) -> list[torch.Tensor]:

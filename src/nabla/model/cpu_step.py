@@ -85,7 +85,9 @@ class CpuStep:
     def __init__(self, model, layers, head):
         self.model, self.layers, self.head = model, layers, head
         self.args = model.args
-        self._bufs: dict[int, tuple] = {}
+        self.embeddings, self.norm = _np(model.tok_embeddings.weight), _np(model.norm.weight)
+        self._bufs: dict[int, tuple] = {}  # rows -> work buffers
+        self._steps: dict[tuple, tuple] = {}  # (B, T, last_only) -> (rotary table, the calls; see _calls)
 
     @classmethod
     def for_model(cls, model) -> CpuStep | None:
@@ -119,7 +121,8 @@ class CpuStep:
         or a tensor, in cache `rows` or 0..B-1) runs here, else None."""
         B, T = tokens.shape
         m = self.model
-        if B * T > cpu_kernels.MAX_ROWS or tokens.device.type != "cpu" or torch.is_grad_enabled() or m.training:
+        if B * T > cpu_kernels.MAX_ROWS or tokens.device.type != "cpu" or torch.is_grad_enabled() or m.training \
+                or tokens.dtype != torch.long or tokens.numel() == 0:
             return None
         if isinstance(start_pos, int):
             starts = np.full(B, start_pos, dtype=np.int64)
@@ -138,28 +141,45 @@ class CpuStep:
         if starts.min() < 0 or starts.max() + T > min(cache.shape[2], m.rope.shape[0]) \
                 or slots.min() < 0 or slots.max() >= cache.shape[0]:
             return None  # the torch layers say what is wrong
+        ids = tokens.numpy()
+        if ids.min() < 0 or ids.max() >= self.embeddings.shape[0]:
+            return None
         return starts, slots
 
     def __call__(self, tokens: torch.Tensor, starts: np.ndarray, slots: np.ndarray, last_only: bool) -> torch.Tensor:
         """Logits (B, T or 1, vocab) in float32, as Transformer.forward."""
         B, T = tokens.shape
-        R = B * T
-        a = self.args
-        H = self.model.tok_embeddings(tokens).reshape(R, a.dim).contiguous()
-        h = H.numpy()
-        bufs, sd, sh = self._buffers(R)
-        rope = _np(self.model.rope)
-        eps = float(a.norm_eps)
-        out_rows = B if last_only else R
-        logits = torch.empty(out_rows, a.vocab_size, dtype=torch.float32)
+        h, where, calls, final = self._calls(B, T, last_only)
+        np.take(self.embeddings, tokens.numpy().reshape(-1), axis=0, out=h)  # the hidden rows
+        where[0][:], where[1][:] = starts, slots
+        logits = torch.empty(B if last_only else B * T, self.args.vocab_size, dtype=torch.float32)
         with cpu_kernels._launch:  # the kernels' x buffers are shared: one step at a time
             cpu_kernels._set_threads()
-            for args in self.layers:
-                sj.layer(h, bufs, sd, sh, T, starts, slots, eps, *args[:2], rope, *args[2:])
-            last = h if not last_only or T == 1 else np.ascontiguousarray(h[T - 1::T])
-            sj.head(last, np.empty_like(last), eps, _np(self.model.norm.weight), self.head, logits.numpy(),
-                    self._buffers(out_rows)[1])
-        return logits.view(B, 1 if last_only else T, a.vocab_size)
+            for args in calls:
+                sj.layer(*args)
+            last, *rest = final
+            if last is not h:
+                last[:] = h[T - 1::T]
+            sj.head(last, *rest[:4], logits.numpy(), rest[4])
+        return logits.view(B, 1 if last_only else T, self.args.vocab_size)
+
+    def _calls(self, B: int, T: int, last_only: bool):
+        """(hidden rows, (starts, cache rows), each layer's arguments, the head's) for calls of B x T tokens,
+        made once: a step then fills the first two and runs the rest."""
+        key = (B, T, last_only)
+        if key in self._steps and self._steps[key][0] is self.model.rope:
+            return self._steps[key][1]
+        R, a = B * T, self.args
+        rope = self.model.rope  # init_rope may make a new table: the calls are remade then
+        bufs, sd, sh = self._buffers(R)
+        h = np.zeros((R, a.dim), dtype=np.float32)
+        where = (np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64))
+        eps = float(a.norm_eps)
+        calls = tuple((h, bufs, sd, sh, T, *where, eps, *x[:2], _np(rope), *x[2:]) for x in self.layers)
+        last = h if not last_only or T == 1 else np.zeros((B, a.dim), dtype=np.float32)
+        final = (last, np.empty_like(last), eps, self.norm, self.head, self._buffers(last.shape[0])[1])
+        self._steps[key] = (rope, (h, where, calls, final))
+        return self._steps[key][1]
 
     def _buffers(self, R: int):
         if R not in self._bufs:
