@@ -80,7 +80,7 @@ def main() -> None:
 
     R = a.rows
     bufs, sd, sh = step._buffers(R)
-    XN, Q, K, V, Y, Z, G, U, P, E = bufs
+    XN, Q, K, V, Y, Z, G, U, P, E, NONE = bufs
     H = np.random.default_rng(0).standard_normal((R, args.dim)).astype(np.float32)
     for b in bufs[:8]:
         b[:] = np.random.default_rng(1).standard_normal(b.shape)
@@ -100,16 +100,16 @@ def main() -> None:
     add("rotate + cache write", sj._rotate_and_cache,
         [(Q, K, V, x[5][0], x[5][1], x[5][2], 1, starts, slots, rope, x[9], x[10]) for x in L])
     add("attention", sj._attend, [(Q, x[9], x[10], Y, 1, starts, slots, x[0], x[1]) for x in L])
-    add("wo", sj._products, [(x[6], Y, (Z,), sd) for x in L], sum(nbytes(x[6]) for x in L))
+    add("wo", sj._products, [(x[6], Y, (Z, NONE, NONE), sd) for x in L], sum(nbytes(x[6]) for x in L))
     add("residual adds", sj._add, [(H, Z)] * (2 * len(L)))
-    add("w1/w3", sj._products, [(x[7], XN, (G, U), sd) for x in L], sum(nbytes(x[7]) for x in L))
+    add("w1/w3", sj._products, [(x[7], XN, (G, U, NONE), sd) for x in L], sum(nbytes(x[7]) for x in L))
     add("swiglu", sj._swiglu, [(G, U, P, E)] * len(L))
-    add("w2", sj._products, [(x[8], G, (Z,), sh) for x in L], sum(nbytes(x[8]) for x in L))
+    add("w2", sj._products, [(x[8], G, (Z, NONE, NONE), sh) for x in L], sum(nbytes(x[8]) for x in L))
     logits = np.empty((R, args.vocab_size), dtype=np.float32)
-    add("head", sj._products, [(step.head, XN, (logits,), sd)], nbytes(step.head))
+    add("head", sj._products, [(step.head, XN, (logits, NONE, NONE), sd)], nbytes(step.head))
     eps = float(args.norm_eps)
     layers_only = _seconds(sj.layer, [(H, bufs, sd, sh, 1, starts, slots, eps, x[0], x[1], rope, *x[2:]) for x in L], n)
-    layers_only += _seconds(sj.head, [(H, XN, eps, model.norm.weight.detach().numpy(), step.head, logits, sd)], n)
+    layers_only += _seconds(sj.head, [(H, XN, eps, model.norm.weight.detach().numpy(), step.head, logits, NONE, sd)], n)
     total = sum(parts.values())
     print(f"{a.shape} {a.quantize}, {R} row(s) at position {a.pos}, {torch.get_num_threads()} threads: "
           f"step {whole * 1e3:.2f} ms\n")

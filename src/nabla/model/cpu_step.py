@@ -56,11 +56,14 @@ def _format(lin: nn.Module):
 
 
 def _group(*linears: nn.Module):
-    """The product group of linears sharing an input, in one kernel call (cpu_step_jit._products), or
-    None unless all are in one format the kernels run."""
+    """The product group of (up to three) linears sharing an input, in one kernel call (cpu_step_jit.
+    _products), or None unless all are in one format the kernels run. Fewer than three are padded
+    with weights of no rows, so that each kernel is compiled for one tuple length only (the first
+    run compiled twelve kernels, 37 s, where four do)."""
     formats = [_format(lin) for lin in linears]
     if any(f is None for f in formats) or len({f[0] for f in formats}) != 1:
         return None
+    formats += [(None, {})] * (3 - len(formats))  # always three weights: one compiled kernel per format
     return (formats[0][0], *(tuple(f[1].get(i, _EMPTY[i - 1]) for f in formats) for i in range(1, 6)))
 
 
@@ -160,7 +163,7 @@ class CpuStep:
             last, *rest = final
             if last is not h:
                 last[:] = h[T - 1::T]
-            sj.head(last, *rest[:4], logits.numpy(), rest[4])
+            sj.head(last, *rest[:4], logits.numpy(), *rest[4:])
         return logits.view(B, 1 if last_only else T, self.args.vocab_size)
 
     def _calls(self, B: int, T: int, last_only: bool):
@@ -177,7 +180,8 @@ class CpuStep:
         eps = float(a.norm_eps)
         calls = tuple((h, bufs, sd, sh, T, *where, eps, *x[:2], _np(rope), *x[2:]) for x in self.layers)
         last = h if not last_only or T == 1 else np.zeros((B, a.dim), dtype=np.float32)
-        final = (last, np.empty_like(last), eps, self.norm, self.head, self._buffers(last.shape[0])[1])
+        head_bufs, head_scratch, _ = self._buffers(last.shape[0])
+        final = (last, np.empty_like(last), eps, self.norm, self.head, head_bufs[-1], head_scratch)
         self._steps[key] = (rope, (h, where, calls, final))
         return self._steps[key][1]
 
@@ -187,7 +191,8 @@ class CpuStep:
             q_w, kv_w = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
             widths = (a.dim, q_w, kv_w, kv_w, q_w, a.dim, a.hidden_dim, a.hidden_dim)
             bufs = tuple(np.zeros((R, n), dtype=np.float32) for n in widths) + (
-                np.zeros((1, a.hidden_dim), dtype=np.float32), np.zeros((1, a.hidden_dim), dtype=np.int32))
+                np.zeros((1, a.hidden_dim), dtype=np.float32), np.zeros((1, a.hidden_dim), dtype=np.int32),
+                np.zeros((R, 0), dtype=np.float32))
             self._bufs[R] = (bufs, self._scratch(R, a.dim), self._scratch(R, a.hidden_dim))
         return self._bufs[R]
 

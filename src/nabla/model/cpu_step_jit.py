@@ -186,27 +186,29 @@ def _products(group, X, Ys, scratch):  # pragma: no cover - compiled
 def layer(H, bufs, sd, sh, T, starts, slots, eps, window, scale, rope, w_attn_norm, w_ffn_norm,
           qkv, qkv_bias, wo, w13, w2, KC, VC):  # pragma: no cover - compiled
     """H (R, dim) += attention(norm(H)), then H += feed_forward(norm(H)), in place. bufs: the work rows
-    (XN, Q, K, V, Y, Z, G, U, and P, E for SwiGLU); sd, sh: x's quantized buffers for dim-wide and
+    (XN, Q, K, V, Y, Z, G, U; P, E for SwiGLU; NONE, rows of no columns: the outputs of padding weights);
+    sd, sh: x's quantized buffers for dim-wide and
     hidden-wide inputs; qkv, wo, w13, w2: product groups (see _products)."""
-    XN, Q, K, V, Y, Z, G, U, P, E = bufs
+    XN, Q, K, V, Y, Z, G, U, P, E, NONE = bufs
     _norm_rows(H, w_attn_norm, eps, XN)
     _products(qkv, XN, (Q, K, V), sd)
     _rotate_and_cache(Q, K, V, qkv_bias[0], qkv_bias[1], qkv_bias[2], T, starts, slots, rope, KC, VC)
     _attend(Q, KC, VC, Y, T, starts, slots, window, scale)
-    _products(wo, Y, (Z,), sd)
+    _products(wo, Y, (Z, NONE, NONE), sd)
     _add(H, Z)
     _norm_rows(H, w_ffn_norm, eps, XN)
-    _products(w13, XN, (G, U), sd)
+    _products(w13, XN, (G, U, NONE), sd)
     _swiglu(G, U, P, E)
-    _products(w2, G, (Z,), sh)
+    _products(w2, G, (Z, NONE, NONE), sh)
     _add(H, Z)
 
 
 @njit(nogil=True, cache=True)
-def head(H, XN, eps, w_norm, group, out, sd):  # pragma: no cover - compiled
-    """out = the final norm of H times the output head (a product group)."""
+def head(H, XN, eps, w_norm, group, out, none, sd):  # pragma: no cover - compiled
+    """out = the final norm of H times the output head (a product group; `none`: rows of no columns, the
+    outputs of its padding weights)."""
     _norm_rows(H, w_norm, eps, XN)
-    _products(group, XN, (out,), sd)
+    _products(group, XN, (out, none, none), sd)
 
 
 kj.drop_stale_cache(globals(), kj.__file__, kj.simd.__file__)
