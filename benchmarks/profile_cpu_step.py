@@ -23,6 +23,7 @@ from numba import njit
 
 from nabla import device as devices
 from nabla.bench.runner import random_weights
+from nabla.model import cpu_kernels_jit as kj
 from nabla.model import cpu_step_jit as sj
 from nabla.model.args import from_name
 from nabla.model.llama import Transformer
@@ -100,7 +101,7 @@ def main() -> None:
         read[name] = read.get(name, 0) + nb
 
     L = step.layers  # (window, scale, attention norm, ffn norm, qkv, biases, wo, w13, w2, K cache, V cache)
-    add("norms", sj._norm_rows, [(H, x[2], 1e-5, XN) for x in L] + [(H, x[3], 1e-5, XN) for x in L])
+    add("norms", kj._rms_norm, [(H, x[2], 1e-5, XN) for x in L] + [(H, x[3], 1e-5, XN) for x in L])
     add("q/k/v", sj._products, [(x[4], XN, (Q, K, V), sd) for x in L], sum(nbytes(x[4]) for x in L))
     add("rotate + cache write", sj._rotate_and_cache,
         [(Q, K, V, x[5][0], x[5][1], x[5][2], 1, starts, slots, rope, x[9], x[10]) for x in L])

@@ -20,19 +20,6 @@ from nabla.model import cpu_kernels_jit as kj
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _norm_rows(H, w, eps, XN):  # pragma: no cover - compiled
-    # RMSNorm of each row of H into XN, as RMSNorm.forward: x * rsqrt(mean(x^2) + eps) * w.
-    R, D = H.shape
-    for r in range(R):
-        ss = np.float32(0.0)
-        for d in range(D):
-            ss += H[r, d] * H[r, d]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
-        for d in range(D):
-            XN[r, d] = H[r, d] * inv * w[d]
-
-
-@njit(fastmath=True, cache=True, nogil=True)
 def _rotate_and_cache(Q, K, V, QB, KB, VB, T, starts, slots, rope, KC, VC):  # pragma: no cover - compiled
     # Add the biases, rotate q and k (pairs (2i, 2i + 1) of each head by rope[pos, i] = (cos, sin)),
     # and write k and v at their positions of the cache (rows, kv heads, length, head dim). Row r of
@@ -190,13 +177,13 @@ def layer(H, bufs, sd, sh, T, starts, slots, eps, window, scale, rope, w_attn_no
     sd, sh: x's quantized buffers for dim-wide and
     hidden-wide inputs; qkv, wo, w13, w2: product groups (see _products)."""
     XN, Q, K, V, Y, Z, G, U, P, E, NONE = bufs
-    _norm_rows(H, w_attn_norm, eps, XN)
+    kj._rms_norm(H, w_attn_norm, eps, XN)
     _products(qkv, XN, (Q, K, V), sd)
     _rotate_and_cache(Q, K, V, qkv_bias[0], qkv_bias[1], qkv_bias[2], T, starts, slots, rope, KC, VC)
     _attend(Q, KC, VC, Y, T, starts, slots, window, scale)
     _products(wo, Y, (Z, NONE, NONE), sd)
     _add(H, Z)
-    _norm_rows(H, w_ffn_norm, eps, XN)
+    kj._rms_norm(H, w_ffn_norm, eps, XN)
     _products(w13, XN, (G, U, NONE), sd)
     _swiglu(G, U, P, E)
     _products(w2, G, (Z, NONE, NONE), sh)
@@ -207,7 +194,7 @@ def layer(H, bufs, sd, sh, T, starts, slots, eps, window, scale, rope, w_attn_no
 def head(H, XN, eps, w_norm, group, out, none, sd):  # pragma: no cover - compiled
     """out = the final norm of H times the output head (a product group; `none`: rows of no columns, the
     outputs of its padding weights)."""
-    _norm_rows(H, w_norm, eps, XN)
+    kj._rms_norm(H, w_norm, eps, XN)
     _products(group, XN, (out, none, none), sd)
 
 
