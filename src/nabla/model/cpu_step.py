@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from nabla.model import cpu_kernels
-from nabla.model import cpu_step_jit as sj
 from nabla.model.rope import LENGTH_DEPENDENT
 
 
@@ -41,6 +40,7 @@ _EMPTY = (np.empty((0, 0), np.float32), np.empty((0, 0), np.int8), np.empty(0, n
 def _format(lin: nn.Module):
     """(format, {field: array}) of a linear layer the kernels run (fields of cpu_step_jit._products'
     groups: 1 fp32 weight, 2 int8 weight, 3 row scales, 4 int4 blocks, 5 their scales), or None."""
+    from nabla.model import cpu_step_jit as sj
     from nabla.model.quantize import Int4Linear, Int8Linear
 
     w = lin.weight
@@ -151,6 +151,8 @@ class CpuStep:
 
     def __call__(self, tokens: torch.Tensor, starts: np.ndarray, slots: np.ndarray, last_only: bool) -> torch.Tensor:
         """Logits (B, T or 1, vocab) in float32, as Transformer.forward."""
+        from nabla.model import cpu_step_jit as sj  # numba: imported once a model takes the step
+
         B, T = tokens.shape
         h, where, calls, final = self._calls(B, T, last_only)
         np.take(self.embeddings, tokens.numpy().reshape(-1), axis=0, out=h)  # the hidden rows
