@@ -71,7 +71,7 @@ def _bias(lin: nn.Module) -> np.ndarray:
     b = getattr(lin, "bias", None)
     if b is None:
         return np.zeros(lin.out_features, dtype=np.float32)
-    return _np(b.float()).copy()
+    return _np(b.float())  # a view of an fp32 bias: changes to it in place are seen
 
 
 def _plain(model) -> bool:
@@ -154,11 +154,11 @@ class CpuStep:
         from nabla.model import cpu_step_jit as sj  # numba: imported once a model takes the step
 
         B, T = tokens.shape
-        h, where, calls, final = self._calls(B, T, last_only)
-        np.take(self.embeddings, tokens.numpy().reshape(-1), axis=0, out=h)  # the hidden rows
-        where[0][:], where[1][:] = starts, slots
         logits = torch.empty(B if last_only else B * T, self.args.vocab_size, dtype=torch.float32)
-        with cpu_kernels._launch:  # the kernels' x buffers are shared: one step at a time
+        with cpu_kernels._launch:  # the buffers are shared (the kernels' too): one step at a time
+            h, where, calls, final = self._calls(B, T, last_only)
+            np.take(self.embeddings, tokens.numpy().reshape(-1), axis=0, out=h)  # the hidden rows
+            where[0][:], where[1][:] = starts, slots
             cpu_kernels._set_threads()
             for args in calls:
                 sj.layer(*args)
