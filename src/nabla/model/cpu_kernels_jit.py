@@ -65,7 +65,8 @@ def _rows_f32(Ws, X, Ys):  # pragma: no cover - compiled
     for i in range(len(Ws)):
         total += Ws[i].shape[0]
         ends[i] = total
-        plain = plain or Ws[i].strides[1] != 4 or Ys[i].strides[1] != 4  # not contiguous: the plain loop
+        if Ws[i].shape[0] > 0:  # (a weight of no rows, as cpu_step pads groups with, has strides 0)
+            plain = plain or Ws[i].strides[1] != 4 or Ys[i].strides[1] != 4  # not contiguous: the plain loop
     if plain:
         for r in prange(total):
             i = 0
@@ -369,7 +370,8 @@ def _rows_i8_vnni(Ws, scales, X, XU, DXE, Ys):  # pragma: no cover - compiled
     for i in range(len(Ws)):
         total += Ws[i].shape[0]
         ends[i] = total
-        runs = runs and Ys[i].strides[1] == 4 and scales[i].strides[0] == 4
+        if Ws[i].shape[0] > 0:  # (a weight of no rows has strides 0)
+            runs = runs and Ys[i].strides[1] == 4 and scales[i].strides[0] == 4
     if runs:
         for t in prange((total + _I8_RUN - 1) // _I8_RUN):
             r, hi = t * _I8_RUN, min(total, (t + 1) * _I8_RUN)
