@@ -175,14 +175,19 @@ def rows_q4_multi(x: torch.Tensor, weights: list[tuple[np.ndarray, np.ndarray]])
 _buffers: dict[tuple, tuple[np.ndarray, ...]] = {}
 
 
+def new_x_buffers(B: int, G: int) -> tuple[np.ndarray, ...]:
+    """(XL, XH, DX, XS): the int4 kernel's quantized x for B rows of G blocks, zeros, padded to whole
+    chunks of 16 blocks (the padding stays zero: only the real blocks are written)."""
+    padded = -(-G // 16) * 16
+    return (np.zeros((B, 16 * padded), dtype=np.int8), np.zeros((B, 16 * padded), dtype=np.int8),
+            np.zeros((B, padded), dtype=np.float32), np.zeros((B, padded), dtype=np.int32))
+
+
 def _x_buffers(B: int, G: int) -> tuple[np.ndarray, ...]:
-    """(XL, XH, DX, XS) for B rows of G blocks, padded with zeros to whole chunks of 16 blocks, kept
-    between calls (the padding stays zero: only the real blocks are written)."""
+    """new_x_buffers(B, G), kept between calls."""
     key = (B, G)
     if key not in _buffers:
-        padded = -(-G // 16) * 16
-        _buffers[key] = (np.zeros((B, 16 * padded), dtype=np.int8), np.zeros((B, 16 * padded), dtype=np.int8),
-                         np.zeros((B, padded), dtype=np.float32), np.zeros((B, padded), dtype=np.int32))
+        _buffers[key] = new_x_buffers(B, G)
     return _buffers[key]
 
 

@@ -200,8 +200,8 @@ class CpuStep:
 
     def _scratch(self, R: int, K: int):
         """x's quantized buffers for R rows of inputs K wide: (int4 kernels' blocks, int8 VNNI's bytes)."""
-        q4 = tuple(np.zeros(b.shape, b.dtype) for b in cpu_kernels._x_buffers(R, K // 32))
-        return q4, (np.zeros((R, K), dtype=np.uint8), np.zeros((R, K // 4), dtype=np.float32))
+        u8 = (np.zeros((R, K), dtype=np.uint8), np.zeros((R, K // 4), dtype=np.float32))
+        return cpu_kernels.new_x_buffers(R, K // 32), u8
 
 
 def run(model, tokens: torch.Tensor, start_pos, rows, last_only: bool) -> torch.Tensor | None:
