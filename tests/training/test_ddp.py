@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,20 @@ from nabla.training.finetune import finetune
 from .conftest import TINY
 
 
+def torchrun(cmd: list[str], env: dict, timeout: int, out: Path) -> subprocess.CompletedProcess:
+    """Run `cmd` under torchrun, once more from an empty `out` when a process aborted at exit.
+
+    A gloo process of torch 2.13 has aborted once in CI at exit, after its run was saved and the group
+    destroyed ("terminate called without an active exception", SIGABRT); 30 runs here, some under load, never did. A
+    second abort, or any other failure, still fails the test.
+    """
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
 def test_two_process_ddp_matches_one_process(corpus, tokenizer_path, tmp_path):
     common = ["--data", str(corpus), "--tokenizer", str(tokenizer_path), "--preset", "tiny",
               "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--steps", "4",
@@ -24,7 +40,7 @@ def test_two_process_ddp_matches_one_process(corpus, tokenizer_path, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "nabla", "train", "--out", str(tmp_path / "ddp"), *common]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun(cmd, env, 120, tmp_path / "ddp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     train(data=[str(corpus)], out=str(tmp_path / "one"), tokenizer=str(tokenizer_path),
           **{**TINY, "batch_size": 4, "grad_accum": 2, "steps": 4, "warmup": 1, "eval_every": 100,
@@ -52,7 +68,7 @@ def test_two_process_finetune_matches_one_process(make_checkpoint, tmp_path):
            "--no-progress", "--device", "cpu"]
     for k, v in settings.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = torchrun(cmd, env, 180, tmp_path / "ddp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nabla finetune:" in proc.stderr and "on 2 x cpu" in proc.stderr
     finetune(model=ckpt, data=[str(chats)], out=str(tmp_path / "one"), progress=False, device="cpu", **settings)
