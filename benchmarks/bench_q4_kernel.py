@@ -50,9 +50,9 @@ def main() -> None:
 
     def looper(kernel):
         @njit(nogil=True)
-        def loop(Ps, Ss, X, XL, XH, DX, XS, Ys, reps):
+        def loop(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys, reps):
             for r in range(reps):
-                kernel(Ps[r % len(Ps)], Ss[r % len(Ss)], X, XL, XH, DX, XS, Ys)
+                kernel(Ps[r % len(Ps)], Ss[r % len(Ss)], Ms, X, XL, XH, DX, XS, Ys)
 
         return loop
 
@@ -71,13 +71,14 @@ def main() -> None:
             X = rng.standard_normal((B, K)).astype(np.float32)
             bufs = _x_buffers(B, K // 32)
             Ys = tuple(np.empty((B, N), np.float32) for N in Ns)
+            Ms = tuple(np.empty((0, 0), np.uint16) for _ in Ns)  # Q4_0: no mins
             for loop in loops:
-                loop(Ps, Ss, X, *bufs, Ys, 2)
+                loop(Ps, Ss, Ms, X, *bufs, Ys, 2)
             times = [[] for _ in loops]
             for _ in range(args.rounds):
                 for loop, ts in zip(loops, times):
                     t = time.perf_counter()
-                    loop(Ps, Ss, X, *bufs, Ys, args.reps)
+                    loop(Ps, Ss, Ms, X, *bufs, Ys, args.reps)
                     ts.append((time.perf_counter() - t) / args.reps)
             line = f"{name:8s} {K:5d}x{'+'.join(map(str, Ns)):15s} B={B:2d} {nbytes / 1e6:6.2f} MB"
             for kind, ts in zip(kinds, times):

@@ -163,3 +163,87 @@ def test_int4_linear_runs_the_kernel_within_x_quantization_of_the_float_product(
     assert got.shape == want.shape == (2, 5, 48)
     assert (got - want).abs().max() <= 0.02 * want.abs().max()  # int8 activations: ~0.5% here
     assert torch.equal(plain.dequantize(), dequantize_int4(*quantize_int4(w)))
+
+
+# The asymmetric variant: llama.cpp's Q4_1 arithmetic, w = d * q + m (q in 0..15, fp16 d and m per block
+# of 32), in the same packed nibbles and scales, the m in a second fp16 array of the scales' shape.
+
+
+def random_blocks(N, K, seed):
+    """(q (N, K) in 0..15, d, m (N, K/32) fp16): random, d of both signs, an all-zero block of d and m."""
+    g = np.random.default_rng(seed)
+    q = torch.from_numpy(g.integers(0, 16, (N, K), dtype=np.uint8))
+    d = torch.from_numpy((g.standard_normal((N, K // 32)) * 0.02).astype(np.float16))
+    m = torch.from_numpy((g.standard_normal((N, K // 32)) * 0.1).astype(np.float16))
+    d[0, 0] = m[0, 0] = 0
+    return q, d, m
+
+
+def q8_0(x: torch.Tensor) -> np.ndarray:
+    """x as the kernels see it, float64: per block of 32 dx * round(x / dx), dx = max|x| / 127 (q8_0)."""
+    X = x.numpy().reshape(x.shape[0], -1, 32)
+    dx = np.abs(X).max(axis=-1, keepdims=True) / np.float32(127)
+    inv = np.where(dx > 0, np.float32(1) / np.where(dx > 0, dx, 1), np.float32(0)).astype(np.float32)
+    return (np.rint(X * inv) * dx).reshape(x.shape).astype(np.float64)
+
+
+def dequantized(q, d, m=None) -> np.ndarray:
+    """float64 W: d * q + m (Q4_1), or (q - 8) * d (Q4_0) where m is None."""
+    per = lambda a: np.repeat(a.double().numpy(), 32, axis=1)  # noqa: E731
+    if m is None:
+        return (q.double().numpy() - 8) * per(d)
+    return q.double().numpy() * per(d) + per(m)
+
+
+def run_multi(kernel, x, blocks):
+    """rows_q4_multi with `kernel` for weights given as (q, d, m or None)."""
+    from nabla.model.cpu_kernels import q4_arrays, rows_q4_multi
+
+    saved = cpu_kernels_jit._rows_q4
+    cpu_kernels_jit._rows_q4 = kernel
+    try:
+        return rows_q4_multi(x, [q4_arrays(pack_int4(q), d, m) for q, d, m in blocks])
+    finally:
+        cpu_kernels_jit._rows_q4 = saved
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k or "portable" for k in KINDS])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("K", [512, 2048, 32 * 20, 32 * 7])  # whole chunks of 16 blocks; a short last chunk
+def test_every_kernel_computes_q4_1_times_q8_0(kind, B, K):
+    # Tiles of x rows (4) and rows left over (1-3, 5, 6); 37 weight rows: a short last block of rows.
+    kernel = kernel_for(kind)
+    q, d, m = random_blocks(37, K, seed=K + B)
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(B)) * 3
+    x[0, :32] = 0  # an all-zero block of x
+    want = q8_0(x) @ dequantized(q, d, m).T
+    (got,) = run_multi(kernel, x, [(q, d, m)])
+    assert got.shape == (B, 37)
+    assert np.abs(got.double().numpy() - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k or "portable" for k in KINDS])
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("K", [1024, 32 * 20])
+def test_one_call_mixes_q4_0_and_q4_1_weights(kind, B, K):
+    kernel = kernel_for(kind)
+    q0, d0, _ = random_blocks(45, K, seed=1)
+    q1, d1, m1 = random_blocks(33, K, seed=2)
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(K)) * 3
+    got = run_multi(kernel, x, [(q0, d0, None), (q1, d1, m1), (q0, d0, None)])
+    xq = q8_0(x)
+    for y, W in zip(got, (dequantized(q0, d0), dequantized(q1, d1, m1), dequantized(q0, d0))):
+        want = xq @ W.T
+        assert y.shape == (B, W.shape[0])
+        assert np.abs(y.double().numpy() - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_q4_arrays_without_mins_is_q4_0_and_checks_the_mins_shape():
+    from nabla.model.cpu_kernels import q4_arrays
+
+    q, d, m = random_blocks(4, 64, seed=0)
+    P, S, M = q4_arrays(pack_int4(q), d)
+    assert M.shape == (0, 0) and M.dtype == np.uint16
+    assert np.array_equal(q4_arrays(pack_int4(q), d, m)[2], m.view(torch.int16).numpy().view(np.uint16))
+    with pytest.raises(ValueError):
+        q4_arrays(pack_int4(q), d, m[:, :1])

@@ -147,14 +147,22 @@ def rows_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torc
     return rows_i8_multi(x, [qweight], [scale])[0]
 
 
-def q4_arrays(packed: torch.Tensor, scales: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The NumPy views rows_q4_multi reads (zero-copy; a layer keeps them to skip making them per call)."""
-    return _np(packed), _np(scales.view(torch.int16)).view(np.uint16)
+def q4_arrays(packed: torch.Tensor, scales: torch.Tensor,
+              mins: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The NumPy views rows_q4_multi reads (zero-copy; a layer keeps them to skip making them per call):
+    (P, S, M), M the fp16 bits of `mins` (Q4_1's w = d * q + m; S's shape), or of shape (0, 0) for Q4_0."""
+    S = _np(scales.view(torch.int16)).view(np.uint16)
+    if mins is None:
+        return _np(packed), S, np.empty((0, 0), dtype=np.uint16)
+    if tuple(mins.shape) != tuple(scales.shape) or mins.dtype != torch.float16:
+        raise ValueError(f"mins must be fp16 of the scales' shape {tuple(scales.shape)}, "
+                         f"not {mins.dtype} {tuple(mins.shape)}")
+    return _np(packed), S, _np(mins.view(torch.int16)).view(np.uint16)
 
 
-def rows_q4_multi(x: torch.Tensor, weights: list[tuple[np.ndarray, np.ndarray]]) -> list[torch.Tensor]:
-    """[x @ W.T for W in weights] for a few rows of fp32 x and weights in nabla's int4 blocks (Q4_0;
-    nabla.model.quantize; each given by q4_arrays), in one pass.
+def rows_q4_multi(x: torch.Tensor, weights: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[torch.Tensor]:
+    """[x @ W.T for W in weights] for a few rows of fp32 x and weights in nabla's int4 blocks (Q4_0, or
+    Q4_1's w = d * q + m where M is not empty; nabla.model.quantize; each given by q4_arrays), in one pass.
 
     As llama.cpp does, x is quantized to int8 per block of 32 (max |x| / 127), once for all the
     weights, and each block's product is an integer dot product scaled once
@@ -163,11 +171,12 @@ def rows_q4_multi(x: torch.Tensor, weights: list[tuple[np.ndarray, np.ndarray]])
     K = x.shape[-1]
     X = x.reshape(-1, K).contiguous()
     B = X.shape[0]
-    Ys = [torch.empty(B, P.shape[0], dtype=torch.float32) for P, _ in weights]
+    Ys = [torch.empty(B, P.shape[0], dtype=torch.float32) for P, _, _ in weights]
     jit = _kernels()
     with _launch:  # the quantized-x buffers are shared: one launch at a time
         _set_threads()
-        jit._rows_q4(tuple(P for P, _ in weights), tuple(S for _, S in weights), X.numpy(),
+        jit._rows_q4(tuple(P for P, _, _ in weights), tuple(S for _, S, _ in weights),
+                     tuple(M for _, _, M in weights), X.numpy(),
                      *_x_buffers(B, weights[0][1].shape[1]), tuple(y.numpy() for y in Ys))
     return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
 
@@ -191,9 +200,10 @@ def _x_buffers(B: int, G: int) -> tuple[np.ndarray, ...]:
     return _buffers[key]
 
 
-def rows_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def rows_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+            mins: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T for a few rows of fp32 x and one weight in nabla's int4 blocks (see rows_q4_multi)."""
-    return rows_q4_multi(x, [q4_arrays(packed, scales)])[0]
+    return rows_q4_multi(x, [q4_arrays(packed, scales, mins)])[0]
 
 
 def rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

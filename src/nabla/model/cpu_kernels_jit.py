@@ -181,8 +181,9 @@ def _quantize_blocks(X, XL, XH, DX, XS):  # pragma: no cover - compiled
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _block_dot_portable(P, S, XL, XH, DX, XS, n):  # pragma: no cover - compiled
-    # block_dot for CPUs without AVX2 / AVX-512 VNNI: the same sums in plain loops.
+def _block_dot_portable(P, S, M, asym, XL, XH, DX, XS, n):  # pragma: no cover - compiled
+    # block_dot for CPUs without AVX2 / AVX-512 VNNI: the same sums in plain loops. asym: M holds
+    # each block's m (fp16 bits; Q4_1's w = d * q + m), else Q4_0's w = (q - 8) * d (M unread).
     acc = np.float32(0.0)
     for c in range(n):
         for kk in range(16):
@@ -193,12 +194,15 @@ def _block_dot_portable(P, S, XL, XH, DX, XS, n):  # pragma: no cover - compiled
                     p = P[o + jj]
                     isum += np.int32(np.int16(p & 15) * np.int16(XL[o + jj]) + np.int16(p >> 4) * np.int16(XH[o + jj]))
             k = 16 * c + kk
-            acc += np.float32(isum - 8 * XS[k]) * _F16[S[k]] * DX[k]
+            if asym:
+                acc += np.float32(isum) * _F16[S[k]] * DX[k] + np.float32(XS[k]) * _F16[M[k]] * DX[k]
+            else:
+                acc += np.float32(isum - 8 * XS[k]) * _F16[S[k]] * DX[k]
     return acc
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _block_tail_portable(P, S, XL, XH, DX, XS, m):  # pragma: no cover - compiled
+def _block_tail_portable(P, S, M, asym, XL, XH, DX, XS, m):  # pragma: no cover - compiled
     # The last chunk of m < 16 blocks: four groups of 4m bytes (x's side padded to 16 blocks).
     acc = np.float32(0.0)
     for kk in range(m):
@@ -208,7 +212,10 @@ def _block_tail_portable(P, S, XL, XH, DX, XS, m):  # pragma: no cover - compile
                 p = P[4 * m * t + 4 * kk + jj]
                 o = 64 * t + 4 * kk + jj
                 isum += np.int32(np.int16(p & 15) * np.int16(XL[o]) + np.int16(p >> 4) * np.int16(XH[o]))
-        acc += np.float32(isum - 8 * XS[kk]) * _F16[S[kk]] * DX[kk]
+        if asym:
+            acc += np.float32(isum) * _F16[S[kk]] * DX[kk] + np.float32(XS[kk]) * _F16[M[kk]] * DX[kk]
+        else:
+            acc += np.float32(isum - 8 * XS[kk]) * _F16[S[kk]] * DX[kk]
     return acc
 
 
@@ -222,10 +229,11 @@ def rows_q4_kernel(kind: str | None, cache: bool = False):
         return njit(parallel=True, fastmath=True, cache=cache, nogil=True)(_rows_q4_portable)
     if kind == _KIND:
         fn = _rows_q4_vector
-    else:  # the same code, its two IR calls in another instruction set
-        fn = types.FunctionType(_rows_q4_vector.__code__, {**globals(), "_q4_rows_1": simd.q4_rows_for(kind, 1),
-                                                          "_q4_rows_tile": simd.q4_rows_for(kind, simd.Q4_TILE)},
-                                "_rows_q4_vector")
+    else:  # the same code, its IR calls in another instruction set
+        fn = types.FunctionType(_rows_q4_vector.__code__, {
+            **globals(), "_q4_rows_1": simd.q4_rows_for(kind, 1), "_q4_rows_tile": simd.q4_rows_for(kind, simd.Q4_TILE),
+            "_q4m_rows_1": simd.q4_rows_for(kind, 1, mins=True),
+            "_q4m_rows_tile": simd.q4_rows_for(kind, simd.Q4_TILE, mins=True)}, "_rows_q4_vector")
     return njit(parallel=True, fastmath=True, cache=cache, nogil=True)(fn)
 
 
@@ -235,15 +243,19 @@ Q4_ROWS = 32
 _KIND = simd.KINDS[0] if simd.KINDS else None
 if _KIND:  # module-level globals, not a closure's: numba then caches _rows_q4 on disk (~2 s per process)
     _q4_rows_1, _q4_rows_tile = simd.q4_rows_for(_KIND, 1), simd.q4_rows_for(_KIND, simd.Q4_TILE)
+    _q4m_rows_1 = simd.q4_rows_for(_KIND, 1, mins=True)  # Q4_1's w = d * q + m
+    _q4m_rows_tile = simd.q4_rows_for(_KIND, simd.Q4_TILE, mins=True)
 
 
-def _rows_q4_vector(Ps, Ss, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
+def _rows_q4_vector(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
     # Ys[i] = X Ws[i]^T for one or several weights that read the same X (q, k, v; or w1, w3),
     # in one parallel loop over blocks of Q4_ROWS rows of all of them. W in nabla's 4-bit blocks
     # (llama.cpp's Q4_0 arithmetic, w = (q - 8) * d with an fp16 d per 32 weights; S holds d's
-    # bits), P (N, K/2) in pack_int4's layout; X (B, K) is first quantized by _quantize_blocks into
-    # XL, XH, DX, XS. Each block of rows is one call into cpu_kernels_simd per Q4_TILE rows of x
-    # (each weight chunk unpacked once for all of them), then one per row of x left over.
+    # bits), P (N, K/2) in pack_int4's layout; or, where Ms[i] is not of shape (0, 0) but S's,
+    # Q4_1's w = d * q + m (Ms[i]: m's fp16 bits; weights of both kinds may share a call).
+    # X (B, K) is first quantized by _quantize_blocks into XL, XH, DX, XS. Each block of rows is
+    # one call into cpu_kernels_simd per Q4_TILE rows of x (each weight chunk unpacked once for all
+    # of them), then one per row of x left over.
     if X.strides[1] == 4:  # rows contiguous: x quantized in whole vectors (~4x faster, measured)
         for b in range(X.shape[0]):
             simd.q8_blocks(X, b, XL, XH, DX, XS)
@@ -268,18 +280,26 @@ def _rows_q4_vector(Ps, Ss, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compil
         n0 = (task - ends[i]) * R + ((N + R - 1) // R) * R
         n1 = min(n0 + R, N)
         b = 0
-        while b + tile <= B:
-            _q4_rows_tile(Ps[i], Ss[i], n0, n1, XL, XH, DX, XS, b, Ys[i], full, m)
-            b += tile
-        while b < B:
-            _q4_rows_1(Ps[i], Ss[i], n0, n1, XL, XH, DX, XS, b, Ys[i], full, m)
-            b += 1
+        if Ms[i].shape[0] != 0:
+            while b + tile <= B:
+                _q4m_rows_tile(Ps[i], Ss[i], Ms[i], n0, n1, XL, XH, DX, XS, b, Ys[i], full, m)
+                b += tile
+            while b < B:
+                _q4m_rows_1(Ps[i], Ss[i], Ms[i], n0, n1, XL, XH, DX, XS, b, Ys[i], full, m)
+                b += 1
+        else:
+            while b + tile <= B:
+                _q4_rows_tile(Ps[i], Ss[i], n0, n1, XL, XH, DX, XS, b, Ys[i], full, m)
+                b += tile
+            while b < B:
+                _q4_rows_1(Ps[i], Ss[i], n0, n1, XL, XH, DX, XS, b, Ys[i], full, m)
+                b += 1
 
 
-def _rows_q4_portable(Ps, Ss, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
+def _rows_q4_portable(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
     # _rows_q4 for CPUs without AVX2 / AVX-512 VNNI: one task per weight row, the block sums in
     # plain loops; rows whose block count is not a multiple of 16 end in a shorter chunk (four
-    # 4m-byte groups back to back).
+    # 4m-byte groups back to back). Ms as in _rows_q4_vector.
     _quantize_blocks(X, XL, XH, DX, XS)
     G = Ss[0].shape[1]
     full = G // 16
@@ -297,12 +317,15 @@ def _rows_q4_portable(Ps, Ss, X, XL, XH, DX, XS, Ys):  # pragma: no cover - comp
         n = r - (ends[i] - Ps[i].shape[0])
         row = Ps[i][n]
         srow = Ss[i][n]
+        asym = Ms[i].shape[0] != 0
+        mrow = Ms[i][n] if asym else srow  # (unread when not asym)
         Y = Ys[i]
         for b in range(B):
-            acc = _block_dot_portable(row, srow, XL[b], XH[b], DX[b], XS[b], full)
+            acc = _block_dot_portable(row, srow, mrow, asym, XL[b], XH[b], DX[b], XS[b], full)
             if m:
-                acc += _block_tail_portable(row[256 * full:], srow[16 * full:], XL[b, 256 * full:],
-                                            XH[b, 256 * full:], DX[b, 16 * full:], XS[b, 16 * full:], m)
+                acc += _block_tail_portable(row[256 * full:], srow[16 * full:], mrow[16 * full:], asym,
+                                            XL[b, 256 * full:], XH[b, 256 * full:], DX[b, 16 * full:],
+                                            XS[b, 16 * full:], m)
             Y[b, n] = acc
 
 

@@ -22,6 +22,10 @@ is not a multiple of 16 ends in a short chunk of four 4m-byte groups.
         Y[b0 + t, n] for n0 <= n < n1, t < tile: sum over the row's blocks of
         (int dot of the block - 8 * XS) * fp16 S * DX
 
+    q4m_rows(P, S, M, n0, n1, XL, XH, DX, XS, b0, Y, full, m)    (q4_rows_for(kind, tile, mins=True))
+        the same for llama.cpp's Q4_1 arithmetic, w = d * q + m (fp16 M, S's shape): per block
+        int dot * fp16 S * DX + fp16 M * DX * XS, as llama.cpp's Q4_1 x Q8_1
+
 One call covers a block of weight rows (the parallel loop's per-task cost is
 paid once per block, not per row), and each weight chunk is unpacked once for
 `tile` rows of x (prefill).
@@ -276,33 +280,46 @@ def _q4_unpack(b, packed):
     return ([b.and_(g, _splat(_I8, 64, 15)) for g in packed], [b.lshr(g, _splat(_I8, 64, 4)) for g in packed])
 
 
-def _q4_step(module, b, kind, lows, highs, scale, xl, xh, xs, dx, acc):
+def _q4_step(module, b, kind, lows, highs, scale, xl, xh, xs, dx, acc, mins=None):
     """acc + one chunk's 16 block products with one row of x (weights already unpacked; scale: the blocks'
-    d as fp32). The low and the high nibbles sum in two chains, so that the instructions overlap."""
+    d as fp32). The low and the high nibbles sum in two chains, so that the instructions overlap.
+    `mins` (the blocks' m as fp32; Q4_1's w = d * q + m): dot(q, qx) * d * dx + m * dx * xs instead of
+    Q4_0's (dot(q, qx) - 8 * xs) * d * dx."""
     zero = ir.Constant(_vec(_I32, 16), [0] * 16)
     lo_sum, hi_sum = zero, zero
     for low, high, x_low, x_high in zip(lows, highs, xl, xh):
         lo_sum = _dot4(module, b, kind, lo_sum, low, x_low)
         hi_sum = _dot4(module, b, kind, hi_sum, high, x_high)
+    if mins is not None:
+        dots = b.sitofp(b.add(lo_sum, hi_sum), _vec(_F32, 16))
+        acc = b.fadd(acc, b.fmul(dots, b.fmul(scale, dx), flags=("contract",)), flags=("contract",))
+        return b.fadd(acc, b.fmul(b.sitofp(xs, _vec(_F32, 16)), b.fmul(mins, dx), flags=("contract",)),
+                      flags=("contract",))
     exact = b.sub(b.add(lo_sum, hi_sum), b.shl(xs, _splat(_I32, 16, 3)))  # q - 8 per weight
     return b.fadd(acc, b.fmul(b.sitofp(exact, _vec(_F32, 16)), b.fmul(scale, dx), flags=("contract",)),
                   flags=("contract",))
 
 
-def _q4_rows_function(module, kind, tile: int):
+def _q4_rows_function(module, kind, tile: int, mins: bool = False):
     """void nabla_q4_rows_<kind>_<tile>(i8* p, i64 pstride, i16* s, i64 sstride, i64 rows, i8* xl, i8* xh,
     i64 xstride, float* dx, i32* xs, i64 dstride, float* y, i64 ystride, i64 full, i64 m):
     y[t * ystride + r] = block_dot of weight row r (at p + r * pstride, its scales at s + r * sstride) with x
     row t (xl / xh + t * xstride, dx / xs + t * dstride), for r < rows and t < tile. Each weight chunk is
     loaded and unpacked once for all `tile` rows of x. A row: `full` chunks of 16 blocks, then m < 16 more
-    blocks in a short chunk (four groups of 4m bytes, read with masked loads; x's side is zero-padded)."""
-    name = f"nabla_q4_rows_{kind}_{tile}"
-    fn, fresh = _define(module, name, ir.VoidType(),
-                        [_PTR[_I8], _I64, _PTR[_I16], _I64, _I64, _PTR[_I8], _PTR[_I8], _I64, _PTR[_F32], _PTR[_I32],
-                         _I64, _PTR[_F32], _I64, _I64, _I64])
+    blocks in a short chunk (four groups of 4m bytes, read with masked loads; x's side is zero-padded).
+
+    `mins` (Q4_1's arithmetic, w = d * q + m): nabla_q4m_rows_<kind>_<tile>, with `i16* mn, i64 mstride`
+    after sstride: the fp16 bits of each block's m, laid out as the scales."""
+    name = f"nabla_q4{'m' if mins else ''}_rows_{kind}_{tile}"
+    args = [_PTR[_I8], _I64, _PTR[_I16], _I64] + ([_PTR[_I16], _I64] if mins else []) + [
+        _I64, _PTR[_I8], _PTR[_I8], _I64, _PTR[_F32], _PTR[_I32], _I64, _PTR[_F32], _I64, _I64, _I64]
+    fn, fresh = _define(module, name, ir.VoidType(), args)
     if not fresh:
         return fn
-    p, pstride, s, sstride, rows, xl, xh, xstride, dx, xs, dstride, y, ystride, full, m = fn.args
+    if mins:
+        p, pstride, s, sstride, mn, mstride, rows, xl, xh, xstride, dx, xs, dstride, y, ystride, full, m = fn.args
+    else:
+        p, pstride, s, sstride, rows, xl, xh, xstride, dx, xs, dstride, y, ystride, full, m = fn.args
     blocks = {n: fn.append_basic_block(n) for n in ("entry", "row", "chunk", "chunks_done", "tail", "store", "exit")}
     b = ir.IRBuilder(blocks["entry"])
     i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
@@ -330,6 +347,7 @@ def _q4_rows_function(module, kind, tile: int):
     r = b.phi(_I64)
     r.add_incoming(i64(0), blocks["entry"])
     prow, srow = b.gep(p, [b.mul(r, pstride)]), b.gep(s, [b.mul(r, sstride)])
+    mrow = b.gep(mn, [b.mul(r, mstride)]) if mins else None
     b.cbranch(b.icmp_signed(">", full, i64(0)), blocks["chunk"], blocks["chunks_done"])
 
     # its whole chunks
@@ -342,7 +360,8 @@ def _q4_rows_function(module, kind, tile: int):
     off, off16 = b.mul(c, i64(256)), b.mul(c, i64(16))
     lows, highs = _q4_unpack(b, [b.load(at(prow, b.add(off, i64(64 * g)), _I8, 64), align=1) for g in range(4)])
     scale = half_to_float(b.load(at(srow, off16, _I16, 16), align=2))
-    nexts = [_q4_step(module, b, kind, lows, highs, scale, *xside, acc)
+    mnv = half_to_float(b.load(at(mrow, off16, _I16, 16), align=2)) if mins else None
+    nexts = [_q4_step(module, b, kind, lows, highs, scale, *xside, acc, mnv)
              for xside, acc in zip(x_side(off, off16), accs)]
     c_next = b.add(c, i64(1))
     c.add_incoming(c_next, blocks["chunk"])
@@ -369,7 +388,8 @@ def _q4_rows_function(module, kind, tile: int):
                         _vec(_I8, 64)) for g in range(4)]
     lows, highs = _q4_unpack(b, packed)
     scale = half_to_float(_masked_load(module, b, b.gep(srow, [base16]), _I16, 16, 2, mask))
-    tails = [_q4_step(module, b, kind, lows, highs, scale, *xside, acc)
+    mnv = half_to_float(_masked_load(module, b, b.gep(mrow, [base16]), _I16, 16, 2, mask)) if mins else None
+    tails = [_q4_step(module, b, kind, lows, highs, scale, *xside, acc, mnv)
              for xside, acc in zip(x_side(base, base16), done)]
     b.branch(blocks["store"])
 
@@ -656,43 +676,55 @@ def f32_dot_for(wrows: int, xrows: int, ahead: int = 0):
     return f32_dot
 
 
-def q4_rows_for(kind: str, tile: int):
+def q4_rows_for(kind: str, tile: int, mins: bool = False):
     """An @intrinsic in one of KINDS' instruction sets: (2-D uint8 P, 2-D uint16 S, int n0, int n1, 2-D int8
     XL, XH, 2-D float32 DX, 2-D int32 XS, int b0, 2-D float32 Y, int full, int m) -> None; Y[b0 + t, n] =
     block_dot of P[n] with x row b0 + t, for n0 <= n < n1 and t < tile (_q4_rows_function). Rows of every
-    array contiguous."""
+    array contiguous. `mins`: Q4_1's w = d * q + m, one more argument after S, 2-D uint16 M (m's fp16 bits,
+    S's shape): (P, S, M, n0, n1, XL, XH, DX, XS, b0, Y, full, m)."""
     if kind not in KINDS:
         raise ValueError(f"this CPU has no {kind} (it has: {', '.join(KINDS) or 'neither'})")
 
+    def codegen(context, builder, signature, args):
+        fn = _q4_rows_function(builder.module, kind, tile, mins)
+        argtys, args = list(signature.args), list(args)
+        if mins:  # M's (type, value) out of the way: the rest as without
+            mins_arg = (argtys.pop(2), args.pop(2))
+        n0, n1, b0, full, m = (builder.sext(v, _I64) if v.type != _I64 else v
+                               for v in (args[2], args[3], args[8], args[10], args[11]))
+
+        def rows_of(i, t, first, typed=None):
+            """(pointer to row `first` of array argument i (or the (type, value) `typed`), as t*; its row
+            stride in elements of t)."""
+            ty, value = typed or (argtys[i], args[i])
+            arr = context.make_array(ty)(context, builder, value)
+            size = ir.Constant(_I64, 4 if t == _F32 else t.width // 8)
+            stride = builder.udiv(cgutils.unpack_tuple(builder, arr.strides)[0], size)
+            return builder.gep(builder.bitcast(arr.data, t.as_pointer()), [builder.mul(first, stride)]), stride
+
+        p, pstride = rows_of(0, _I8, n0)
+        s, sstride = rows_of(1, _I16, n0)
+        mn = rows_of(None, _I16, n0, mins_arg) if mins else ()
+        xl, xstride = rows_of(4, _I8, b0)
+        xh, _ = rows_of(5, _I8, b0)
+        dx, dstride = rows_of(6, _F32, b0)
+        xs, _ = rows_of(7, _I32, b0)
+        y, ystride = rows_of(9, _F32, b0)
+        y = builder.gep(y, [n0])
+        builder.call(fn, [p, pstride, s, sstride, *mn, builder.sub(n1, n0), xl, xh, xstride, dx, xs, dstride, y,
+                          ystride, full, m])
+        return context.get_dummy_value()
+
+    if mins:
+        @intrinsic
+        def q4m_rows(typingctx, P, S, M, n0, n1, XL, XH, DX, XS, b0, Y, full, m):
+            return types.void(P, S, M, n0, n1, XL, XH, DX, XS, b0, Y, full, m), codegen
+
+        return q4m_rows
+
     @intrinsic
     def q4_rows(typingctx, P, S, n0, n1, XL, XH, DX, XS, b0, Y, full, m):
-        sig = types.void(P, S, n0, n1, XL, XH, DX, XS, b0, Y, full, m)
-
-        def codegen(context, builder, signature, args):
-            fn = _q4_rows_function(builder.module, kind, tile)
-            n0, n1, b0, full, m = (builder.sext(v, _I64) if v.type != _I64 else v
-                                   for v in (args[2], args[3], args[8], args[10], args[11]))
-
-            def rows_of(i, t, first):
-                """(pointer to row `first` of array argument i, as t*; its row stride in elements of t)."""
-                arr = context.make_array(signature.args[i])(context, builder, args[i])
-                size = ir.Constant(_I64, 4 if t == _F32 else t.width // 8)
-                stride = builder.udiv(cgutils.unpack_tuple(builder, arr.strides)[0], size)
-                return builder.gep(builder.bitcast(arr.data, t.as_pointer()), [builder.mul(first, stride)]), stride
-
-            p, pstride = rows_of(0, _I8, n0)
-            s, sstride = rows_of(1, _I16, n0)
-            xl, xstride = rows_of(4, _I8, b0)
-            xh, _ = rows_of(5, _I8, b0)
-            dx, dstride = rows_of(6, _F32, b0)
-            xs, _ = rows_of(7, _I32, b0)
-            y, ystride = rows_of(9, _F32, b0)
-            y = builder.gep(y, [n0])
-            builder.call(fn, [p, pstride, s, sstride, builder.sub(n1, n0), xl, xh, xstride, dx, xs, dstride, y,
-                              ystride, full, m])
-            return context.get_dummy_value()
-
-        return sig, codegen
+        return types.void(P, S, n0, n1, XL, XH, DX, XS, b0, Y, full, m), codegen
 
     return q4_rows
 

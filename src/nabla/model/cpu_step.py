@@ -50,7 +50,7 @@ def _format(lin: nn.Module):
         vnni = cpu_kernels.I8_VNNI and lin.in_features % 32 == 0
         return (sj.I8_VNNI if vnni else sj.I8), {2: _np(w), 3: _np(lin.scales)}
     if type(lin) is Int4Linear and lin.kernel == "numba" and lin.group_size == 32:
-        packed, scales = lin.q4_arrays()
+        packed, scales, _ = lin.q4_arrays()
         return sj.Q4, {4: packed, 5: scales}
     return None
 

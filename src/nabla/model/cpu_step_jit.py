@@ -168,7 +168,8 @@ def _products(group, X, Ys, scratch):  # pragma: no cover - compiled
         kj._rows_i8_vnni(group[2], group[3], X, scratch[1][0], scratch[1][1], Ys)
     else:
         q = scratch[0]
-        kj._rows_q4(group[4], group[5], X, q[0], q[1], q[2], q[3], Ys)
+        none = np.empty((0, 0), np.uint16)  # no mins: Q4_0
+        kj._rows_q4(group[4], group[5], (none, none, none), X, q[0], q[1], q[2], q[3], Ys)
 
 
 @njit(nogil=True, cache=True)
