@@ -2,6 +2,8 @@
 dequantization, a tiny model round-trips nabla -> GGUF -> nabla, tokenizers read from metadata
 encode like their original files, and bad files are one clear error."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -332,4 +334,61 @@ def test_asked_quantization_applies_to_every_layer(tmp_path, qtype, asked, layer
              for p in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
                        "feed_forward.w2", "feed_forward.w3")}
     assert kinds == {layers}
-    assert "int8" in LOADS_AS["Q4_K"] and "int8" in LOADS_AS["Q4_1"]  # 4-bit k-quants are not requantized to 4 bits
+    # 4-bit blocks stay 4-bit (with a minimum per block), never requantized to Q4_0's grid
+    assert "int4 with a minimum" in LOADS_AS["Q4_K"] and "int4 with a minimum" in LOADS_AS["Q4_1"]
+
+
+def test_q4_1_blocks_are_kept_as_they_are(tmp_path):
+    """A Q4_1 file runs its very blocks: each layer (the head too) dequantizes to the gguf package's
+    numbers exactly, and computed from those weights gives the dequantized float model's logits."""
+    from nabla.checkpoint.gguf_families import meta_name
+    from nabla.model.quantize import Int4Linear
+
+    args, state = tiny()
+    path = write_gguf(tmp_path / "m.gguf", state, args, load_tokenizer(LLAMA2_TOKENIZER), "q4_1", head_qtype="q4_1")
+    ckpt = open_checkpoint(path)
+    assert ckpt.load_quantize == "int4"
+    model = Llama.build(path, max_seq_len=32, max_batch_size=1).model
+    deq = {k: v.float() for k, v in ckpt.load_state().items()}
+    n = 0
+    for t in gguf.GGUFReader(path).tensors:
+        name = meta_name(t.name)[: -len(".weight")]
+        if t.tensor_type == Q.Q4_1 and name != "tok_embeddings":  # the embedding is read as floats
+            mod = model.get_submodule(name)
+            assert isinstance(mod, Int4Linear) and mod.mins is not None, name
+            want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(mod.out_features, mod.in_features)
+            np.testing.assert_array_equal(mod.dequantize().numpy(), want)
+            n += 1
+    assert n == 7 * args.n_layers + 1
+    reference = logits(Llama.build(meta_folder(tmp_path, deq, args), LLAMA2_TOKENIZER, max_seq_len=32,
+                                   max_batch_size=1))
+    fast = logits(SimpleNamespace(model=model))  # the CPU kernels: x in int8 per block, as llama.cpp's
+    assert ((fast - reference).norm(dim=-1) / reference.norm(dim=-1)).max() < 0.03
+    exact = Llama.build(path, max_seq_len=32, max_batch_size=1)
+    for mod in exact.model.modules():
+        if isinstance(mod, Int4Linear):
+            mod.kernel = "dequant"  # the weights themselves, in float32
+    torch.testing.assert_close(logits(exact), reference, atol=1e-5, rtol=0)
+
+
+def test_q4_k_blocks_keep_their_4_bit_values():
+    """Q4_K super-blocks become Q4_1 blocks of 32 holding the same 4-bit values; only each block's
+    d * scale and dmin * min are rounded to fp16 (2^-11 of each)."""
+    from nabla.checkpoint.gguf_quantized import q4_k_blocks
+    from nabla.model.quantize import Int4Linear
+
+    N, K = 6, 512
+    raw, _ = raw_blocks(Q.Q4_K, N * K // 256, seed=4)
+    raw = raw.reshape(N, -1)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, Q.Q4_K).reshape(N, K))
+    lin = Int4Linear(None, blocks=q4_k_blocks(torch.from_numpy(raw), (N, K)))
+    got = lin.dequantize()
+    per_weight = lambda t: t.float().repeat_interleave(32, dim=1)  # noqa: E731
+    bound = 2.0 ** -11 * (15 * per_weight(lin.scales).abs() + per_weight(lin.mins).abs()) * 1.001 + 1e-9
+    assert ((got - want).abs() <= bound).all()
+    assert (got - want).norm() / want.norm() < 1e-3
+    assert not torch.equal(lin.mins, torch.zeros_like(lin.mins))  # the minimums are there, not dropped
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(0))
+    lin.kernel = "numba"
+    y = lin(x)
+    torch.testing.assert_close(y, x @ want.T, rtol=0, atol=0.02 * (x @ want.T).abs().max().item())

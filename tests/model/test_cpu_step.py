@@ -10,7 +10,7 @@ pytest.importorskip("numba")
 from nabla.model import Transformer, cpu_kernels, cpu_step  # noqa: E402
 from nabla.model import cpu_step_jit as sj
 from nabla.model.args import ModelArgs  # noqa: E402
-from nabla.model.quantize import quantize_model  # noqa: E402
+from nabla.model.quantize import Int4Linear, quantize_model  # noqa: E402
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -26,6 +26,12 @@ def model(fmt: str, monkeypatch, **switches) -> Transformer:
     monkeypatch.setattr(cpu_kernels, "MIN_WEIGHTS", 0)
     if fmt == "fp32":
         assert cpu_kernels.use_row_kernels(m) > 0
+    elif fmt == "mixed":  # a GGUF Q4_K_M file's mix: 4-bit layers with minimums, some layers int8
+        quantize_model(m, "int4", kernel="numba", head="int4",
+                       int8_layers={"layers.0.attention.wv.weight", "layers.1.feed_forward.w2.weight"})
+        for lin in m.modules():
+            if isinstance(lin, Int4Linear):
+                lin.mins = (0.02 * torch.randn(lin.scales.shape, generator=GEN)).half()
     else:
         quantize_model(m, fmt, kernel="numba")
     return m
@@ -69,7 +75,7 @@ def mostly_exact(seen: list[float]) -> bool:
     return sum(r < 1e-5 for r in seen) >= len(seen) / 2
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4", "mixed"])
 @pytest.mark.parametrize("switches", [
     {}, {"qkv_bias": True}, {"sliding_window": 5},
     {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}},
@@ -96,7 +102,7 @@ def test_prefill_and_decode_equal_the_torch_layers(fmt, switches, monkeypatch):
     assert not seen or mostly_exact(seen), seen
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+@pytest.mark.parametrize("fmt", ["fp32", "int4", "mixed"])
 def test_sequences_at_their_own_positions_and_cache_rows(fmt, monkeypatch):
     """The server's batches: each sequence in its own cache row (`rows`), at its own position."""
     m = model(fmt, monkeypatch, sliding_window=4)
@@ -163,7 +169,7 @@ def test_a_model_changed_after_its_first_step_is_taken_again(monkeypatch):
             quantize_model(x, "int4", kernel="numba")
             x.setup_cache(1, 16)
         close(m(tokens, 0), ref(tokens, 0), "int4")
-    assert m.cpu_step[1] is not first and all(m.cpu_step[1].layers[0][i][0] == sj.Q4 for i in (4, 6, 7, 8))
+    assert m.cpu_step[1] is not first and all(m.cpu_step[1].layers[0][i][0][0] == sj.Q4 for i in (4, 6, 7, 8))
 
 
 def test_a_hook_on_a_layer_keeps_the_torch_layers(monkeypatch):

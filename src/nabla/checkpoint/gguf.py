@@ -7,8 +7,8 @@ names, metadata keys and per-family layouts come from
 nabla.checkpoint.gguf_families, the vocabulary from nabla.tokenizer.gguf_export
 (SentencePiece, tokenizer.json, or a stand-in one for random weights). Every
 tensor is f32, f16, bf16, or the block quantizations q8_0 (int8, one scale per
-32 weights) and q4_0 (int4, one scale per 32), which `gguf.quants` computes
-exactly as llama.cpp does. Norms and biases stay f32. A model llama.cpp would
+32 weights), q4_0 (int4, one scale per 32) and q4_1 (int4, a scale and a minimum
+per 32), which `gguf.quants` computes exactly as llama.cpp does. Norms and biases stay f32. A model llama.cpp would
 compute differently (e.g. a Gemma 2 query_pre_attn_scalar it does not infer)
 is refused before anything is written.
 
@@ -32,7 +32,7 @@ from nabla.model.args import DEFAULT_CONTEXT, ModelArgs
 
 GGUF_HINT = "writing GGUF needs the gguf package: `pip install gguf`"
 
-QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 
 
 def _gguf():
@@ -78,7 +78,7 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], args: ModelArgs
 
     `context_length` is the trained context recorded in the file (default DEFAULT_CONTEXT, or a longrope
     model's stretched context: sqrt(1 + ln(context / original) / ln(original)) is its attention factor).
-    `head_qtype` is the output head's type: by default q8_0 under q4_0 (nabla's int4 keeps its
+    `head_qtype` is the output head's type: by default q8_0 under q4_0 / q4_1 (nabla's int4 keeps its
     head in int8, and llama.cpp's own quantizer keeps it above 4 bits too), else `qtype`."""
     from nabla.checkpoint.gguf_families import arch_of, to_gguf, write_hparams
 
@@ -89,9 +89,9 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], args: ModelArgs
     Q = gguf.GGMLQuantizationType
     if head_qtype is not None and head_qtype not in QTYPES:
         raise ConfigError(f"unknown GGUF type {head_qtype!r} for the head: use one of {', '.join(QTYPES)}")
-    head_qtype = head_qtype or ("q8_0" if qtype == "q4_0" else qtype)
-    blocks = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "f16": Q.F16, "bf16": Q.BF16, "f32": Q.F32}
-    file_type = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}[qtype]  # llama_ftype
+    head_qtype = head_qtype or ("q8_0" if qtype in ("q4_0", "q4_1") else qtype)
+    blocks = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f16": Q.F16, "bf16": Q.BF16, "f32": Q.F32}
+    file_type = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}[qtype]  # llama_ftype
     if context_length is None:
         s = args.rope_scaling or {}
         if s.get("rope_type") == "longrope":  # the stretched context, from Phi-3's attention factor
@@ -118,7 +118,7 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], args: ModelArgs
             elif kind == "f16":
                 w.add_tensor(out_name, data.astype(np.float16))
             else:
-                if block in (Q.Q8_0, Q.Q4_0) and data.shape[-1] % 32:
+                if block in (Q.Q8_0, Q.Q4_0, Q.Q4_1) and data.shape[-1] % 32:
                     raise ConfigError(f"{key} has rows of {data.shape[-1]} values; {kind} needs a multiple of 32")
                 w.add_tensor(out_name, gguf.quants.quantize(data, block), raw_dtype=block)
         w.write_header_to_file()

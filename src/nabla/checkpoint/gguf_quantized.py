@@ -5,23 +5,29 @@ the file's own mode (int4 for a file of mostly 4-bit blocks, int8 for 8-bit and
 others; GGUFCheckpoint.load_quantize), tensor by tensor:
 
     Q4_0 under int4   -> kept: the same fp16 scales and nibbles, rearranged (pack_int4)
+    Q4_1 under int4   -> kept the same way, with the blocks' fp16 minimums (Int4Linear.mins:
+                         w = d * q + m)
+    Q4_K under int4   -> the same 4-bit values, in Q4_1 blocks of 32: d = the super-block's d
+                         times the block's 6-bit scale, m = -dmin times its 6-bit minimum, each
+                         rounded to fp16 (within 2^-11 of each, measured against the gguf
+                         package's dequantization; requantizing Q4_K to Q4_0 instead adds more
+                         error than Q4_K has: 8.3% against 7.1% RMS of the weights)
     the other types   -> dequantized with the gguf package, then int8 (one scale per output
-                         channel), also in a mostly Q4_0 file; under an asked-for int4, Q4_0
-                         blocks (requantizing Q4_K to Q4_0 adds more error than Q4_K has: 8.3%
-                         against 7.1% RMS of the weights, measured; int8 adds 0.8%)
-    the output head   -> int4 where it is Q4_0 (kept), else int8 as quantize_model makes it
+                         channel), also in a mostly 4-bit file (Q4_K_M's Q6_K layers); under an
+                         asked-for int4, Q4_0 blocks
+    the output head   -> int4 where it is 4-bit (kept), else int8 as quantize_model makes it
                          (from the embedding when tied)
 
 Everything else (embedding, norms, biases) is the file's float state. Llama.build
 uses it when no other quantization is asked for, so a Q4_0 model runs its very
 blocks, and loading peaks at one layer in fp32, not the whole model.
 
-Q4_0 blocks take the same row reordering (q/k of the NEOX-rope families) and
+4-bit blocks take the same row reordering (q/k of the NEOX-rope families) and
 splitting (Phi-3's fused tensors) as the float weights (gguf_families.from_gguf):
 blocks never cross rows.
 
-Leaves out: keeping Q8_0 and k-quant blocks as they are (nabla has kernels for
-Q4_0 and per-channel int8 only).
+Leaves out: keeping Q8_0, Q5_* and Q6_K blocks as they are (nabla has kernels for
+4-bit blocks and per-channel int8 only).
 """
 
 from __future__ import annotations
@@ -54,16 +60,17 @@ def quantized_state(ckpt: GGUFCheckpoint, mode: str | None = None) -> tuple[Lazy
         return None
     reader = gguf.GGUFReader(ckpt.path)
     arch = ckpt.metadata["general.architecture"]
-    raw = {}  # Meta name -> what makes its raw Q4_0 block bytes (rows reordered or split as the floats')
+    raw = {}  # Meta name -> (its 4-bit GGUF type, what makes its raw block bytes: rows reordered or split
+    #           as the floats')
     eight = set()  # Meta names of layers stored above 4 bits in a 4-bit file (Q4_K_M's Q6_K ffn_down, ...)
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))
         parts = from_gguf(t.name, shape, ckpt.args, arch) or []
         if MODE_OF.get(t.tensor_type.name) != "int4" and not asked:
             eight.update(name for name, _, _ in parts)
-        if t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
+        if t.tensor_type.name in BLOCKS:
             for name, _, make in parts:
-                raw[name] = (lambda t=t, make=make: make(torch.from_numpy(np.array(t.data))))
+                raw[name] = (t.tensor_type.name, lambda t=t, make=make: make(torch.from_numpy(np.array(t.data))))
     floats = ckpt.load_state()
     targets = quantized_weights(ckpt.args)
     if not targets <= set(floats):
@@ -71,10 +78,10 @@ def quantized_state(ckpt: GGUFCheckpoint, mode: str | None = None) -> tuple[Lazy
     entries: dict[str, Entry] = {}
     pending: dict[str, list] = {}  # name -> [(weight, scales), parts not yet taken]
 
-    def part(name: str, which: int, make):
+    def part(name: str, which: int, make, count: int):
         def get():
             if name not in pending:
-                pending[name] = [make(), {0, 1}]
+                pending[name] = [make(), set(range(count))]
             made, left = pending[name]
             left.discard(which)
             if not left:
@@ -83,24 +90,31 @@ def quantized_state(ckpt: GGUFCheckpoint, mode: str | None = None) -> tuple[Lazy
         return get
 
     def blocks(name, shape):
-        return lambda: int4_from_q4_0(raw[name]().contiguous(), shape)
+        kind, make = raw[name]
+        return lambda: BLOCKS[kind](make().contiguous(), shape)
 
     def requantized(name, quantize):
         return lambda: quantize(floats[name].float())
 
-    def add(name: str, shape, make, width: str) -> None:
-        """The layer `name` (weight and scales) made by `make`, as int4 blocks or int8 rows."""
+    def add(name: str, shape, make, width: str, mins: bool = False) -> None:
+        """The layer `name` (weight, scales and, `mins`, the blocks' minimums) made by `make`, as int4
+        blocks or int8 rows."""
         base = name[: -len("weight")]
         if width == "int4":
-            shapes = [((shape[0], shape[1] // 2), torch.uint8), ((shape[0], shape[1] // GROUP_SIZE), torch.float16)]
+            per_block = ((shape[0], shape[1] // GROUP_SIZE), torch.float16)
+            shapes = [((shape[0], shape[1] // 2), torch.uint8), per_block] + [per_block] * mins
         else:
             shapes = [(shape, torch.int8), ((shape[0],), torch.float32)]
-        for which, (key, (part_shape, dtype)) in enumerate(zip((name, base + "scales"), shapes)):
-            entries[key] = Entry(part(name, which, make), part_shape, dtype)
+        for which, (key, (part_shape, dtype)) in enumerate(zip((name, base + "scales", base + "mins"), shapes)):
+            entries[key] = Entry(part(name, which, make, len(shapes)), part_shape, dtype)
+
+    def has_mins(name: str) -> bool:
+        return name in raw and raw[name][0] != "Q4_0"
 
     for name, shape in ckpt.shapes.items():
         if name in targets and mode == "int4" and shape[1] % GROUP_SIZE == 0 and name not in eight:
-            add(name, shape, blocks(name, shape) if name in raw else requantized(name, _int4), "int4")
+            add(name, shape, blocks(name, shape) if name in raw else requantized(name, _int4), "int4",
+                has_mins(name))
         elif name in targets:
             add(name, shape, requantized(name, quantize_int8), "int8")
         elif name != "output.weight":
@@ -109,12 +123,48 @@ def quantized_state(ckpt: GGUFCheckpoint, mode: str | None = None) -> tuple[Lazy
     shape = ckpt.shapes[head]
     # A 4-bit head as the file has it (llama.cpp's own quantizer uses Q6_K there), else int8.
     head_mode = "int4" if mode == "int4" and head in raw and shape[1] % GROUP_SIZE == 0 else "int8"
+    head_mins = head_mode == "int4" and has_mins(head)
     add("output.weight", shape, blocks(head, shape) if head_mode == "int4" else requantized(head, quantize_int8),
-        head_mode)
+        head_mode, head_mins)
     args = replace(ckpt.args, tie_word_embeddings=False)  # the quantized head is a copy of its own
     int8_layers = sorted(eight & targets) if mode == "int4" else []
+    mins_layers = [n for n in sorted(targets) if mode == "int4" and n not in eight and has_mins(n)
+                   and ckpt.shapes[n][1] % GROUP_SIZE == 0] + ["output.weight"] * head_mins
     return LazyState(entries), args, {"mode": mode, "group_size": GROUP_SIZE, "head": head_mode,
-                                      "int8_layers": int8_layers}
+                                      "int8_layers": int8_layers, "mins_layers": mins_layers}
+
+
+def q4_1_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """(packed, scales, mins) of Int4Linear from a GGUF Q4_1 tensor's bytes (20 per block of 32: fp16 d,
+    fp16 m, then 16 bytes of nibbles, w = d * q + m): the same numbers, rearranged."""
+    N, K = shape
+    blocks = raw.reshape(N, K // 32, 20)
+    d, m = (blocks[..., i:i + 2].contiguous().view(torch.float16).reshape(N, K // 32) for i in (0, 2))
+    q = torch.cat((blocks[..., 4:] & 15, blocks[..., 4:] >> 4), dim=-1).reshape(N, K)
+    return pack_int4(q), d, m
+
+
+def q4_k_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """(packed, scales, mins) of Int4Linear from a GGUF Q4_K tensor's bytes: super-blocks of 256 weights
+    (144 bytes: fp16 d, fp16 dmin, twelve bytes of 6-bit scales and minimums for its eight blocks of 32,
+    128 bytes of nibbles), w = d * scale * q - dmin * min. The 4-bit values as they are; each block's
+    d * scale and -dmin * min rounded to fp16."""
+    import gguf
+
+    N, K = shape
+    sb = raw.reshape(N * (K // 256), 144).numpy()
+    d, dmin = (sb[:, i:i + 2].copy().view(np.float16).astype(np.float32) for i in (0, 2))
+    scale, low = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(sb[:, 4:16]))  # gguf's own unpacking
+    # 128 bytes as four groups of 32: the low nibbles are block 2g, the high ones block 2g + 1
+    qs = sb[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = torch.from_numpy((qs & 15).reshape(N, K))
+    scales = torch.from_numpy((d * scale.astype(np.float32)).astype(np.float16).reshape(N, K // 32))
+    mins = torch.from_numpy((-dmin * low.astype(np.float32)).astype(np.float16).reshape(N, K // 32))
+    return pack_int4(q), scales, mins
+
+
+BLOCKS = {"Q4_0": int4_from_q4_0, "Q4_1": q4_1_blocks, "Q4_K": q4_k_blocks}
+"""The 4-bit GGUF types kept in 4 bits under int4, and how each becomes Int4Linear's (packed, scales[, mins])."""
 
 
 def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,8 +14,9 @@ state is read, with `gguf.quants.dequantize` (llama.cpp's own arithmetic):
     Q8_0, Q5_0, Q5_1,      -> dequantized to fp32, then the linear layers are stored as
     Q5_K, Q6_K                nabla int8 (one scale per output channel, requantized)
     Q4_0                   -> kept: nabla's int4 is Q4_0 (nabla.checkpoint.gguf_quantized)
-    Q4_1, Q4_K             -> dequantized, then int8 like the types above: Q4_0 blocks of
-                              them would add more error than the 4-bit blocks have
+    Q4_1                   -> kept: nabla's int4 with a minimum per block is Q4_1
+    Q4_K                   -> its 4-bit values kept, in Q4_1 blocks of 32 (each block's
+                              scale and minimum in fp16)
 
 The int8 / int4 step (`load_quantize`, from the type most of the blocks' weights
 have) runs in Llama.build unless the caller passes its own `quantize`; the
@@ -25,7 +26,7 @@ a step of nabla's grid).
 
 Leaves out: other architectures (mixture-of-experts, gemma3...: one clear
 error), the other GGUF types (IQ*, Q2_K, Q3_K, TQ*: a clear error), and keeping
-blocks quantized in memory as they are.
+the 5-, 6- and 8-bit blocks as they are.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ LOADS_AS = {
     "F16": "fp16 (as stored; computed in the run's dtype)",
     "BF16": "bf16 (as stored; computed in the run's dtype)",
     **{t: "int8 per output channel (dequantized, requantized)"
-       for t in ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q4_1", "Q4_K")},
+       for t in ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")},
     "Q4_0": "int4, the file's Q4_0 blocks as they are",
+    "Q4_1": "int4 with a minimum per block, the file's Q4_1 blocks as they are",
+    "Q4_K": "int4 with a minimum per block: Q4_K's 4-bit values, each block's scale and minimum in fp16",
 }
 """What nabla makes of each GGUF tensor type it reads (linear layers; embedding and norms stay float)."""
 MODE_OF = {t: ("int8" if "int8" in v else "int4" if "int4" in v else None) for t, v in LOADS_AS.items()}

@@ -261,7 +261,7 @@ def _rows_q4_vector(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys):  # pragma: no cover - co
             simd.q8_blocks(X, b, XL, XH, DX, XS)
     else:
         _quantize_blocks(X, XL, XH, DX, XS)
-    G = Ss[0].shape[1]
+    G = X.shape[1] // 32  # not a weight's: the first may be padding of no rows (cpu_step_jit._products)
     full = G // 16
     m = G - 16 * full
     B = XL.shape[0]
@@ -301,7 +301,7 @@ def _rows_q4_portable(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys):  # pragma: no cover - 
     # plain loops; rows whose block count is not a multiple of 16 end in a shorter chunk (four
     # 4m-byte groups back to back). Ms as in _rows_q4_vector.
     _quantize_blocks(X, XL, XH, DX, XS)
-    G = Ss[0].shape[1]
+    G = X.shape[1] // 32  # not a weight's: the first may be padding of no rows (cpu_step_jit._products)
     full = G // 16
     m = G - 16 * full
     B = XL.shape[0]

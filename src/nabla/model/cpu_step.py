@@ -34,12 +34,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 _EMPTY = (np.empty((0, 0), np.float32), np.empty((0, 0), np.int8), np.empty(0, np.float32),
-          np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint16))
+          np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint16), np.empty((0, 0), np.uint16))
 
 
 def _format(lin: nn.Module):
     """(format, {field: array}) of a linear layer the kernels run (fields of cpu_step_jit._products'
-    groups: 1 fp32 weight, 2 int8 weight, 3 row scales, 4 int4 blocks, 5 their scales), or None."""
+    groups: 1 fp32 weight, 2 int8 weight, 3 row scales, 4 int4 blocks, 5 their scales, 6 their minimums
+    or an empty array), or None."""
     from nabla.model import cpu_step_jit as sj
     from nabla.model.quantize import Int4Linear, Int8Linear
 
@@ -50,21 +51,23 @@ def _format(lin: nn.Module):
         vnni = cpu_kernels.I8_VNNI and lin.in_features % 32 == 0
         return (sj.I8_VNNI if vnni else sj.I8), {2: _np(w), 3: _np(lin.scales)}
     if type(lin) is Int4Linear and lin.kernel == "numba" and lin.group_size == 32:
-        packed, scales, _ = lin.q4_arrays()
-        return sj.Q4, {4: packed, 5: scales}
+        packed, scales, mins = lin.q4_arrays()
+        return sj.Q4, {4: packed, 5: scales, 6: mins}
     return None
 
 
 def _group(*linears: nn.Module):
-    """The product group of (up to three) linears sharing an input, in one kernel call (cpu_step_jit.
-    _products), or None unless all are in one format the kernels run. Fewer than three are padded
+    """The product group of (up to three) linears sharing an input (cpu_step_jit._products: one kernel
+    call per format among them), or None unless the kernels run each. Fewer than three are padded
     with weights of no rows, so that each kernel is compiled for one tuple length only (the first
-    run compiled twelve kernels, 37 s, where four do)."""
+    run compiled twelve kernels, 37 s, where four do); so is each weight in the fields of the formats
+    it is not in (a GGUF Q4_K_M file's q and k are 4-bit, its v in some layers 8-bit)."""
     formats = [_format(lin) for lin in linears]
-    if any(f is None for f in formats) or len({f[0] for f in formats}) != 1:
+    if any(f is None for f in formats):
         return None
-    formats += [(None, {})] * (3 - len(formats))  # always three weights: one compiled kernel per format
-    return (formats[0][0], *(tuple(f[1].get(i, _EMPTY[i - 1]) for f in formats) for i in range(1, 6)))
+    formats += [(-1, {})] * (3 - len(formats))  # always three weights: one compiled kernel per format
+    kinds = tuple(np.int64(f[0]) for f in formats)
+    return (kinds, *(tuple(f[1].get(i, _EMPTY[i - 1]) for f in formats) for i in range(1, 7)))
 
 
 def _bias(lin: nn.Module) -> np.ndarray:

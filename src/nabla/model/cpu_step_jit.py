@@ -149,27 +149,31 @@ def _swiglu(G, U, P, E):  # pragma: no cover - compiled
 
 
 F32, I8, I8_VNNI, Q4 = 0, 1, 2, 3
-"""The weight formats of a product group (its first field): fp32; int8 with row scales (plain loops, or
-VNNI with x in int8 per block); int4 blocks (Q4_0)."""
+"""The weight formats in a product group (its first field, one per weight; -1 for padding): fp32; int8
+with row scales (plain loops, or VNNI with x in int8 per block); int4 blocks (Q4_0, or Q4_1 with
+minimums)."""
 
 
 @njit(nogil=True, cache=True)
 def _products(group, X, Ys, scratch):  # pragma: no cover - compiled
-    # Ys[i] = X Ws[i]^T for one group of weights sharing X. group = (format, fp32 weights, int8
-    # weights, their row scales, int4 blocks, their fp16 scale bits): the fields of the group's
-    # format hold its weights, the others empty arrays (one compiled function for every format).
+    # Ys[i] = X Ws[i]^T for one group of weights sharing X. group = (the weights' formats, fp32
+    # weights, int8 weights, their row scales, int4 blocks, their fp16 scale bits, their fp16
+    # minimums' bits or empty): a weight's arrays sit in the fields of its format, and arrays of no
+    # rows in the others (one compiled function for every mix). One kernel call per format present.
     # scratch = (the int4 kernel's x blocks, the int8 VNNI kernel's x bytes).
-    kind = group[0]
-    if kind == F32:
-        kj._rows_f32(group[1], X, Ys)
-    elif kind == I8:
-        kj._rows_i8(group[2], group[3], X, Ys)
-    elif kind == I8_VNNI:
-        kj._rows_i8_vnni(group[2], group[3], X, scratch[1][0], scratch[1][1], Ys)
-    else:
-        q = scratch[0]
-        none = np.empty((0, 0), np.uint16)  # no mins: Q4_0
-        kj._rows_q4(group[4], group[5], (none, none, none), X, q[0], q[1], q[2], q[3], Ys)
+    kinds = group[0]
+    for kind in (F32, I8, I8_VNNI, Q4):
+        if kinds[0] != kind and kinds[1] != kind and kinds[2] != kind:
+            continue
+        if kind == F32:
+            kj._rows_f32(group[1], X, Ys)
+        elif kind == I8:
+            kj._rows_i8(group[2], group[3], X, Ys)
+        elif kind == I8_VNNI:
+            kj._rows_i8_vnni(group[2], group[3], X, scratch[1][0], scratch[1][1], Ys)
+        else:
+            q = scratch[0]
+            kj._rows_q4(group[4], group[5], group[6], X, q[0], q[1], q[2], q[3], Ys)
 
 
 @njit(nogil=True, cache=True)

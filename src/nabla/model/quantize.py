@@ -3,8 +3,10 @@
 int8: one scale per output channel, symmetric, w ~ q * s with q in [-127, 127].
 int4: llama.cpp's Q4_0, bit for bit: one fp16 scale per block of 32 input
 channels, w ~ (q - 8) * d with q in [0, 15], two values packed per byte (in the
-order nabla's CPU kernel reads them, `pack_int4`). A GGUF file's Q4_0 tensors
-load as they are. Fewer bytes per weight means fewer bytes read per decoded
+order nabla's CPU kernel reads them, `pack_int4`). A layer may also hold an fp16
+minimum per block, `mins`: w = d * q + m, llama.cpp's Q4_1 arithmetic, which is
+how a GGUF file's Q4_1 and Q4_K tensors load (nabla.checkpoint.gguf_quantized);
+nabla's own quantizer makes Q4_0. Fewer bytes per weight means fewer bytes read per decoded
 token, which is what bounds decoding speed.
 
 `quantize_model(model, "int8" | "int4")` swaps every `nn.Linear` of the blocks
@@ -98,10 +100,14 @@ def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.
     return q.reshape(N, K), d.squeeze(-1).to(torch.float16)
 
 
-def dequantize_int4(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> torch.Tensor:
+    """(q - 8) * d per block (Q4_0), or d * q + m with `mins` (Q4_1), in float32."""
     N, K = q.shape
     g = K // scales.shape[1]
-    w = (q.float().reshape(N, -1, g) - 8) * scales.float()[..., None]
+    if mins is None:
+        w = (q.float().reshape(N, -1, g) - 8) * scales.float()[..., None]
+    else:
+        w = q.float().reshape(N, -1, g) * scales.float()[..., None] + mins.float()[..., None]
     return w.reshape(N, K)
 
 
@@ -203,35 +209,40 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T with W in 4-bit blocks, llama.cpp's Q4_0 (buffers `weight`: packed (N, K/2) as
-    `pack_int4` lays it out, `scales`: fp16 (N, K/g))."""
+    """y = x W^T with W in 4-bit blocks (buffers `weight`: packed (N, K/2) as `pack_int4` lays it out,
+    `scales`: fp16 (N, K/g), and `mins`: None for llama.cpp's Q4_0, w = (q - 8) * d, or fp16 (N, K/g)
+    for Q4_1's w = d * q + m)."""
 
     def __init__(self, weight: torch.Tensor | None, kernel: str = "dequant", group_size: int = GROUP_SIZE,
-                 bias: torch.Tensor | None = None, blocks: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 bias: torch.Tensor | None = None, blocks: tuple[torch.Tensor, ...] | None = None):
         super().__init__()
+        mins = None
         if blocks is None:
             q, scales = quantize_int4(weight, group_size)
             packed = pack_int4(q, group_size).to(weight.device)
             scales = scales.to(weight.device)
-        else:  # (packed, scales) already quantized, e.g. a GGUF file's Q4_0 blocks
-            packed, scales = blocks
+        else:  # (packed, scales[, mins]) already quantized, e.g. a GGUF file's Q4_0 / Q4_1 blocks
+            packed, scales, *rest = blocks
+            mins = rest[0] if rest else None
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.group_size = group_size
         self.register_buffer("weight", packed)
         self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)  # None: not in the state dict
         self.kernel = kernel
         self._packed = None  # (torch's int4pack layout, scales_and_zeros), built on first use
-        self._arrays = None  # (weight, scales, their NumPy views) for the numba kernel
+        self._arrays = None  # (weight, scales, mins, their NumPy views) for the numba kernel
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int4(unpack_int4(self.weight, self.group_size), self.scales)
+        return dequantize_int4(unpack_int4(self.weight, self.group_size), self.scales, self.mins)
 
     def q4_arrays(self):
         """The zero-copy NumPy views of the weight the CPU kernel reads, made once per weight tensor."""
-        if self._arrays is None or self._arrays[0] is not self.weight or self._arrays[1] is not self.scales:
-            self._arrays = (self.weight, self.scales, cpu_kernels.q4_arrays(self.weight, self.scales))
-        return self._arrays[2]
+        held = (self.weight, self.scales, self.mins)
+        if self._arrays is None or any(a is not b for a, b in zip(self._arrays[:3], held)):
+            self._arrays = (*held, cpu_kernels.q4_arrays(*held))
+        return self._arrays[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._product(x)
@@ -243,9 +254,10 @@ class Int4Linear(nn.Module):
         if self.kernel == "int4pack" and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
             if self._packed is None:
                 q = unpack_int4(self.weight, self.group_size).to(torch.int32)
-                # torch's layout reads w = (q - 8) * scale + zero: Q4_0's zero is 0.
+                # torch's layout reads w = (q - 8) * scale + zero: Q4_0's zero is 0, Q4_1's m + 8 d.
                 s = self.scales.float().t()
-                sz = torch.stack((s, torch.zeros_like(s)), dim=-1).contiguous()
+                zero = torch.zeros_like(s) if self.mins is None else self.mins.float().t() + 8 * s
+                sz = torch.stack((s, zero), dim=-1).contiguous()
                 self._packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz)
             packed, sz = self._packed
             x2 = x.reshape(-1, self.in_features).float()
@@ -255,7 +267,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 (Q4_0) group {self.group_size}, kernel={self.kernel}")
+                f"int4 ({'Q4_0' if self.mins is None else 'Q4_1'}) group {self.group_size}, kernel={self.kernel}")
 
 
 def _has_fbgemm() -> bool:
@@ -273,14 +285,16 @@ def _fbgemm_prepack(q: torch.Tensor, scales: torch.Tensor):
 # -------------------------------------------------------------- whole model
 def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
                    group_size: int = GROUP_SIZE, device: torch.device | None = None,
-                   head: str = "int8", int8_layers=()) -> nn.Module:
+                   head: str = "int8", int8_layers=(), mins_layers=()) -> nn.Module:
     """Swap the model's linear layers for quantized ones in place; returns the model.
 
     `kernel` None asks nabla.device for the fastest measured kernel on
     `device` (default: the model's). On a model on the meta device this only
     lays out the quantized buffers, for a saved quantized state to load into.
     `head` "int4" makes the output head int4 too; `int8_layers` (Meta weight
-    names) stay int8 under int4 (a GGUF file's layers stored above 4 bits).
+    names) stay int8 under int4 (a GGUF file's layers stored above 4 bits); `mins_layers` (Meta weight
+    names, "output.weight" for the head) are int4 layers laid out with a `mins` buffer, for a GGUF
+    file's Q4_1 / Q4_K blocks to load into.
     """
     from nabla import device as devices
 
@@ -291,7 +305,7 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
     dev = device or model.tok_embeddings.weight.device
     k8 = kernel if kernel in ("numba", "fbgemm", "int8pack", "dequant") else devices.quantized_kernel(dev, "int8")
     k4 = kernel if kernel in ("numba", "int4pack", "dequant") else devices.quantized_kernel(dev, "int4")
-    eight = set(int8_layers)
+    eight, lay_mins = set(int8_layers), set(mins_layers)
     targets = [(layer, part, name) for layer in range(len(model.layers))
                for part, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
                for name in names]
@@ -305,6 +319,8 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
             if mode == "int4" and w.shape[1] % group_size == 0 and \
                     f"layers.{layer}.{part}.{name}.weight" not in eight:
                 new = Int4Linear(w, k4, group_size, bias=lin.bias)
+                if f"layers.{layer}.{part}.{name}.weight" in lay_mins:
+                    new.mins = torch.empty_like(new.scales)
             else:
                 new = Int8Linear(w, k8, bias=lin.bias)
             setattr(parent, name, new)
@@ -312,6 +328,8 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
         if type(model.output) in PLAIN:  # int8 unless told (a GGUF file whose head is Q4_0)
             w = model.output.weight
             model.output = Int4Linear(w, k4, group_size) if head == "int4" else Int8Linear(w, k8)
+            if head == "int4" and "output.weight" in lay_mins:
+                model.output.mins = torch.empty_like(model.output.scales)
     if "numba" in (k8, k4):
         cpu_kernels._norms_too(model)
     model.quantization = mode
