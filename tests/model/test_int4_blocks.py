@@ -247,3 +247,21 @@ def test_q4_arrays_without_mins_is_q4_0_and_checks_the_mins_shape():
     assert np.array_equal(q4_arrays(pack_int4(q), d, m)[2], m.view(torch.int16).numpy().view(np.uint16))
     with pytest.raises(ValueError):
         q4_arrays(pack_int4(q), d, m[:, :1])
+
+
+@pytest.mark.parametrize("kernel", ["numba", "int4pack", "dequant"])
+def test_int4_linear_with_mins_computes_q4_1_in_every_kernel(kernel):
+    """A layer holding Q4_1 blocks (a GGUF file's Q4_1 / Q4_K): each kernel it may run computes d * q + m."""
+    if kernel == "int4pack" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no int4pack CPU kernel")
+    q, d, m = random_blocks(48, 512, seed=7)  # int4pack takes rows in 16s
+    lin = Int4Linear(None, kernel, blocks=(pack_int4(q), d, m))
+    assert torch.equal(lin.dequantize().double(), torch.from_numpy(dequantized(q, d, m)))
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = lin(x).double().numpy()
+    exact = x.double().numpy() @ dequantized(q, d, m).T
+    # int4pack and dequant compute from the weights themselves; numba quantizes x per block (q8_0)
+    want = q8_0(x) @ dequantized(q, d, m).T if kernel == "numba" else exact
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert "Q4_1" in repr(lin)
