@@ -265,3 +265,125 @@ def test_int4_linear_with_mins_computes_q4_1_in_every_kernel(kernel):
     want = q8_0(x) @ dequantized(q, d, m).T if kernel == "numba" else exact
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     assert "Q4_1" in repr(lin)
+
+
+# llama.cpp's Q4_K: super-blocks of 256 weights (8 blocks of 32), fp16 d and dmin per super-block, a 6-bit
+# scale sc and min mn per block: w = d * sc * q - dmin * mn. The kernels read the nibbles in pack_int4's
+# layout, sc and mn one byte per block, and d, dmin interleaved per super-block (cpu_kernels.q4k_arrays).
+
+Q4_K = gguf.GGMLQuantizationType.Q4_K
+
+
+def q4_k_raw(N, K, seed):
+    """N rows of K weights as llama.cpp's Q4_K super-blocks (144 bytes: fp16 d, fp16 dmin, 12 bytes of packed
+    6-bit scales and mins, 128 bytes of nibbles): d, dmin random in [0.001, 0.01], the other bytes random."""
+    g = np.random.default_rng(seed)
+    raw = g.integers(0, 256, (N * K // 256, 144), dtype=np.uint8)
+    raw[:, 0:2] = g.uniform(0.001, 0.01, (N * K // 256, 1)).astype(np.float16).view(np.uint8)
+    raw[:, 2:4] = g.uniform(0.001, 0.01, (N * K // 256, 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(N, K // 256 * 144)
+
+
+def q4_k_parts(raw, N, K):
+    """(q (N, K) uint8, sc, mn (N, K/32) uint8, dd (N, K/128) fp16: d, dmin per super-block) from raw Q4_K."""
+    blocks = raw.reshape(-1, 144)
+    d, dmin = blocks[:, 0:2].copy().view(np.float16), blocks[:, 2:4].copy().view(np.float16)
+    sc, mn = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16].copy())
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32)  # four groups of 32 bytes: low nibbles block 2g, high 2g + 1
+    q = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(N, K)
+    dd = np.concatenate([d, dmin], axis=1).reshape(N, K // 128)
+    return (torch.from_numpy(q), torch.from_numpy(sc.reshape(N, K // 32).astype(np.uint8)),
+            torch.from_numpy(mn.reshape(N, K // 32).astype(np.uint8)), torch.from_numpy(dd))
+
+
+def q4_k_weights(P, SC, MN, DD, dtype=np.float64) -> np.ndarray:
+    """W from the kernels' arrays: per block scale = d * sc, minimum = dmin * mn (fp32, exact, as llama.cpp),
+    then scale * q - minimum in `dtype`."""
+    N, K = P.shape[0], 2 * P.shape[1]
+    q = unpack_int4(torch.from_numpy(P)).numpy().astype(dtype)
+    dd = DD.view(np.float16).astype(np.float32).reshape(N, K // 256, 2)
+    per = lambda a: np.repeat(a, 32, axis=1).astype(dtype)  # noqa: E731
+    scale = np.repeat(dd[:, :, 0], 8, axis=1) * SC.astype(np.float32)
+    minimum = np.repeat(dd[:, :, 1], 8, axis=1) * MN.astype(np.float32)
+    return per(scale) * q - per(minimum)
+
+
+@functools.cache
+def q4k_kernel_for(kind):
+    return cpu_kernels_jit.rows_q4k_kernel(kind)
+
+
+def run_q4k(kernel, x, weights):
+    from nabla.model.cpu_kernels import rows_q4k_multi
+
+    saved = cpu_kernels_jit._rows_q4k
+    cpu_kernels_jit._rows_q4k = kernel
+    try:
+        return rows_q4k_multi(x, weights)
+    finally:
+        cpu_kernels_jit._rows_q4k = saved
+
+
+def q4k_weight(N, K, seed):
+    """(the kernels' arrays, float64 W) of a random Q4_K weight."""
+    from nabla.model.cpu_kernels import q4k_arrays
+
+    q, sc, mn, dd = q4_k_parts(q4_k_raw(N, K, seed), N, K)
+    arrays = q4k_arrays(pack_int4(q), sc, mn, dd)
+    return arrays, q4_k_weights(*arrays)
+
+
+@pytest.mark.parametrize("K", [256, 768, 2048])
+def test_q4_k_arrays_are_gguf_q4_k(K):
+    from nabla.model.cpu_kernels import q4k_arrays
+
+    raw = q4_k_raw(9, K, seed=K)
+    q, sc, mn, dd = q4_k_parts(raw, 9, K)
+    P, SC, MN, DD = q4k_arrays(pack_int4(q), sc, mn, dd)
+    assert P.shape == (9, K // 2) and SC.shape == MN.shape == (9, K // 32) and DD.shape == (9, K // 128)
+    assert DD.dtype == np.uint16 and SC.dtype == MN.dtype == np.uint8
+    want = gguf.quants.dequantize(raw, Q4_K).reshape(9, K)
+    # fp32 as llama.cpp (d * sc * q - dmin * mn rounds once); float64 is the exact value the kernels sum
+    assert np.array_equal(q4_k_weights(P, SC, MN, DD, np.float32), want)
+    exact = q4_k_weights(P, SC, MN, DD)
+    assert np.abs(exact - want).max() <= 2 ** -24 * np.abs(want).max()
+    assert np.array_equal(q4k_arrays(pack_int4(q), sc, mn, dd.view(torch.int16))[3], DD)
+    with pytest.raises(ValueError):
+        q4k_arrays(pack_int4(q), sc[:, :1], mn, dd)
+    with pytest.raises(ValueError):
+        q4k_arrays(pack_int4(q), sc, mn, dd.float())
+    with pytest.raises(ValueError):
+        q4k_arrays(pack_int4(q)[:, :64], sc[:, :4], mn[:, :4], dd[:, :1])  # K = 128: not whole super-blocks
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k or "portable" for k in KINDS])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("K", [256, 512, 2048, 768, 5632])  # 256, 768, 5632: a short last chunk of 8 blocks
+def test_every_kernel_computes_q4_k_times_q8_0(kind, B, K):
+    arrays, W = q4k_weight(37, K, seed=K + B)
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(B)) * 3
+    x[0, :32] = 0  # an all-zero block of x
+    want = q8_0(x) @ W.T
+    (got,) = run_q4k(q4k_kernel_for(kind), x, [arrays])
+    assert got.shape == (B, 37)
+    assert np.abs(got.double().numpy() - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k or "portable" for k in KINDS])
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("K", [1024, 768])
+def test_one_q4_k_call_takes_several_weights_and_skips_padding(kind, B, K):
+    from nabla.model.cpu_kernels import q4k_arrays
+
+    ws = [q4k_weight(N, K, seed=N) for N in (70, 33, 2)]
+    empty = torch.empty(0, 0, dtype=torch.uint8)
+    padding = q4k_arrays(empty, empty, empty, torch.empty(0, 0, dtype=torch.float16))  # no rows, as cpu_step pads
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(K)) * 3
+    xq = q8_0(x)
+    for arrays in ([a for a, _ in ws], [padding] + [a for a, _ in ws] + [padding]):
+        got = run_q4k(q4k_kernel_for(kind), x, arrays)
+        got = [y for y, a in zip(got, arrays) if a is not padding]
+        for y, (_, W) in zip(got, ws):
+            want = xq @ W.T
+            assert y.shape == (B, W.shape[0])
+            assert np.abs(y.double().numpy() - want).max() <= 1e-5 * np.abs(want).max()

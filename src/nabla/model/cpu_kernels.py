@@ -181,6 +181,42 @@ def rows_q4_multi(x: torch.Tensor, weights: list[tuple[np.ndarray, np.ndarray, n
     return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
 
 
+def q4k_arrays(packed: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor,
+               dd: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The NumPy views rows_q4k_multi reads for one weight in llama.cpp's Q4_K (zero-copy):
+    (P, SC, MN, DD). packed: uint8 (N, K/2), the nibbles in pack_int4's layout; sc, mn: uint8 (N, K/32),
+    each block's 6-bit scale and min; dd: (N, K/128) fp16 (or its bits as int16 / uint16), per super-block
+    of 256 weights d, then dmin. w = d * sc * q - dmin * mn. K must be a multiple of 256."""
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be 2-D uint8, not {packed.dtype} {tuple(packed.shape)}")
+    N, K = packed.shape[0], 2 * packed.shape[1]
+    if K % 256:
+        raise ValueError(f"Q4_K rows hold whole super-blocks of 256 weights, not {K}")
+    for name, t in (("sc", sc), ("mn", mn)):
+        if tuple(t.shape) != (N, K // 32) or t.dtype != torch.uint8:
+            raise ValueError(f"{name} must be uint8 of shape {(N, K // 32)}, not {t.dtype} {tuple(t.shape)}")
+    if tuple(dd.shape) != (N, K // 128) or dd.dtype not in (torch.float16, torch.int16, torch.uint16):
+        raise ValueError(f"dd must be fp16 (or its bits) of shape {(N, K // 128)}, not {dd.dtype} {tuple(dd.shape)}")
+    DD = _np(dd if dd.dtype == torch.uint16 else dd.view(torch.int16))
+    return _np(packed), _np(sc), _np(mn), DD.view(np.uint16)
+
+
+def rows_q4k_multi(x: torch.Tensor,
+                   weights: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> list[torch.Tensor]:
+    """[x @ W.T for W in weights] for a few rows of fp32 x and weights in llama.cpp's Q4_K (each given by
+    q4k_arrays), in one pass; x quantized per block of 32 as in rows_q4_multi."""
+    K = x.shape[-1]
+    X = x.reshape(-1, K).contiguous()
+    B = X.shape[0]
+    Ys = [torch.empty(B, w[0].shape[0], dtype=torch.float32) for w in weights]
+    jit = _kernels()
+    with _launch:
+        _set_threads()
+        jit._rows_q4k(*(tuple(w[i] for w in weights) for i in range(4)), X.numpy(),
+                      *_x_buffers(B, K // 32), tuple(y.numpy() for y in Ys))
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
+
+
 _buffers: dict[tuple, tuple[np.ndarray, ...]] = {}
 
 

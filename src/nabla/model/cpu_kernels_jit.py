@@ -332,6 +332,109 @@ def _rows_q4_portable(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys):  # pragma: no cover - 
 _rows_q4 = rows_q4_kernel(_KIND, cache=True)
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def _q4k_row_portable(P, SC, MN, DD, XL, XH, DX, XS, full, m):  # pragma: no cover - compiled
+    # One Q4_K weight row times one quantized x row in plain loops: per block, as llama.cpp,
+    # scale = d * sc and minimum = dmin * mn in fp32 (d, dmin of the block's super-block of 8),
+    # int dot * scale * dx - minimum * dx * xs. Whole chunks of 16 blocks, then m (< 16) blocks in
+    # four 4m-byte groups back to back.
+    acc = np.float32(0.0)
+    for k in range(16 * full + m):
+        c, kk = k // 16, k % 16
+        rows = 16 if c < full else m  # blocks in this chunk: its groups are 4 * rows bytes apart
+        isum = np.int32(0)
+        for t in range(4):
+            o = 256 * c + 4 * rows * t + 4 * kk
+            ox = 256 * c + 64 * t + 4 * kk
+            for jj in range(4):
+                p = P[o + jj]
+                isum += np.int32(np.int16(p & 15) * np.int16(XL[ox + jj]) + np.int16(p >> 4) * np.int16(XH[ox + jj]))
+        scale = _F16[DD[2 * (k // 8)]] * np.float32(SC[k])
+        minimum = _F16[DD[2 * (k // 8) + 1]] * np.float32(MN[k])
+        acc += np.float32(isum) * scale * DX[k] - minimum * DX[k] * np.float32(XS[k])
+    return acc
+
+
+def rows_q4k_kernel(kind: str | None, cache: bool = False):
+    """_rows_q4k in `kind`'s instructions (cpu_kernels_simd.KINDS), or the portable loop (None); `cache`: on
+    disk (the module-level _rows_q4k only), as rows_q4_kernel."""
+    if kind is None:
+        return njit(parallel=True, fastmath=True, cache=cache, nogil=True)(_rows_q4k_portable)
+    if kind == _KIND:
+        fn = _rows_q4k_vector
+    else:
+        fn = types.FunctionType(_rows_q4k_vector.__code__, {
+            **globals(), "_q4k_rows_1": simd.q4k_rows_for(kind, 1),
+            "_q4k_rows_tile": simd.q4k_rows_for(kind, simd.Q4_TILE)}, "_rows_q4k_vector")
+    return njit(parallel=True, fastmath=True, cache=cache, nogil=True)(fn)
+
+
+if _KIND:
+    _q4k_rows_1, _q4k_rows_tile = simd.q4k_rows_for(_KIND, 1), simd.q4k_rows_for(_KIND, simd.Q4_TILE)
+
+
+def _rows_q4k_vector(Ps, SCs, MNs, DDs, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
+    # _rows_q4_vector for llama.cpp's Q4_K (w = d * sc * q - dmin * mn; cpu_kernels.q4k_arrays): the same
+    # x quantization, tasks of Q4_ROWS rows of all the weights, tiles of x rows. A weight of no rows
+    # (padding, shape (0, 0)) has no tasks.
+    if X.strides[1] == 4:
+        for b in range(X.shape[0]):
+            simd.q8_blocks(X, b, XL, XH, DX, XS)
+    else:
+        _quantize_blocks(X, XL, XH, DX, XS)
+    G = X.shape[1] // 32  # not a weight's (padding has none)
+    full = G // 16
+    m = G - 16 * full
+    B = XL.shape[0]
+    R = Q4_ROWS
+    tile = simd.Q4_TILE
+    ends = np.zeros(len(Ps), dtype=np.int64)
+    total = 0
+    for i in range(len(Ps)):
+        total += (Ps[i].shape[0] + R - 1) // R
+        ends[i] = total
+    for task in prange(total):
+        i = 0
+        while task >= ends[i]:
+            i += 1
+        N = Ps[i].shape[0]
+        n0 = (task - ends[i]) * R + ((N + R - 1) // R) * R
+        n1 = min(n0 + R, N)
+        b = 0
+        while b + tile <= B:
+            _q4k_rows_tile(Ps[i], SCs[i], MNs[i], DDs[i], n0, n1, XL, XH, DX, XS, b, Ys[i], full, m)
+            b += tile
+        while b < B:
+            _q4k_rows_1(Ps[i], SCs[i], MNs[i], DDs[i], n0, n1, XL, XH, DX, XS, b, Ys[i], full, m)
+            b += 1
+
+
+def _rows_q4k_portable(Ps, SCs, MNs, DDs, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
+    # _rows_q4k for CPUs without AVX2 / AVX-512 VNNI: one task per weight row (_q4k_row_portable).
+    _quantize_blocks(X, XL, XH, DX, XS)
+    G = X.shape[1] // 32
+    full = G // 16
+    m = G - 16 * full
+    B = XL.shape[0]
+    ends = np.zeros(len(Ps), dtype=np.int64)
+    total = 0
+    for i in range(len(Ps)):
+        total += Ps[i].shape[0]
+        ends[i] = total
+    for r in prange(total):
+        i = 0
+        while r >= ends[i]:
+            i += 1
+        n = r - (ends[i] - Ps[i].shape[0])
+        Y = Ys[i]
+        for b in range(B):
+            Y[b, n] = _q4k_row_portable(Ps[i][n], SCs[i][n], MNs[i][n], DDs[i][n], XL[b], XH[b], DX[b], XS[b],
+                                        full, m)
+
+
+_rows_q4k = rows_q4k_kernel(_KIND, cache=True)
+
+
 _q8_u8_row = simd.q8_u8_row_for()
 _q8_u8_row_compact = simd.q8_u8_row_for(compact=True)
 

@@ -26,6 +26,12 @@ is not a multiple of 16 ends in a short chunk of four 4m-byte groups.
         the same for llama.cpp's Q4_1 arithmetic, w = d * q + m (fp16 M, S's shape): per block
         int dot * fp16 S * DX + fp16 M * DX * XS, as llama.cpp's Q4_1 x Q8_1
 
+    q4k_rows(P, SC, MN, DD, n0, n1, XL, XH, DX, XS, b0, Y, full, m)    (q4k_rows_for(kind, tile))
+        llama.cpp's Q4_K, w = d * sc * q - dmin * mn: u8 SC, MN per block (6-bit), DD per super-block
+        of 8 blocks the fp16 bits of d and dmin, interleaved; per block int dot * (d * sc) * DX
+        - (dmin * mn) * DX * XS, llama.cpp's Q4_K arithmetic (x as q8_0
+        per block of 32 here, not Q8_K)
+
 One call covers a block of weight rows (the parallel loop's per-task cost is
 paid once per block, not per row), and each weight chunk is unpacked once for
 `tile` rows of x (prefill).
@@ -310,13 +316,38 @@ def _q4_rows_function(module, kind, tile: int, mins: bool = False):
 
     `mins` (Q4_1's arithmetic, w = d * q + m): nabla_q4m_rows_<kind>_<tile>, with `i16* mn, i64 mstride`
     after sstride: the fp16 bits of each block's m, laid out as the scales."""
-    name = f"nabla_q4{'m' if mins else ''}_rows_{kind}_{tile}"
-    args = [_PTR[_I8], _I64, _PTR[_I16], _I64] + ([_PTR[_I16], _I64] if mins else []) + [
+    return _q4_rows_body(module, kind, tile, "q4_1" if mins else "q4_0")
+
+
+def _q4k_rows_function(module, kind, tile: int):
+    """void nabla_q4k_rows_<kind>_<tile>(i8* p, i64 pstride, i8* sc, i64 scstride, i8* mn, i64 mnstride,
+    i16* dd, i64 ddstride, i64 rows, <x and y as _q4_rows_function>, i64 full, i64 m): llama.cpp's Q4_K,
+    w = d * sc * q - dmin * mn (q in 0..15; super-blocks of 8 blocks of 32). Per weight row: sc, mn one u8
+    (6-bit) per block, dd per super-block the fp16 bits of d, then dmin. Per block, as llama.cpp:
+    scale = d * sc, minimum = dmin * mn in fp32 (both exact), dot(q, qx) * scale * dx - minimum * dx * xs.
+    A chunk of 16 blocks is two super-blocks (4 fp16 of dd, each broadcast over its 8 lanes); the rows'
+    length is a multiple of 256, so the short last chunk, if any, is one super-block (m = 8)."""
+    return _q4_rows_body(module, kind, tile, "q4_k")
+
+
+def _q4_rows_body(module, kind, tile: int, variant: str):
+    """The IR of nabla_q4_rows / nabla_q4m_rows / nabla_q4k_rows (variant "q4_0", "q4_1", "q4_k")."""
+    mins = variant == "q4_1"
+    kq = variant == "q4_k"
+    name = f"nabla_q4{'m' if mins else 'k' if kq else ''}_rows_{kind}_{tile}"
+    if kq:
+        weight_args = [_PTR[_I8], _I64, _PTR[_I8], _I64, _PTR[_I8], _I64, _PTR[_I16], _I64]
+    else:
+        weight_args = [_PTR[_I8], _I64, _PTR[_I16], _I64] + ([_PTR[_I16], _I64] if mins else [])
+    args = weight_args + [
         _I64, _PTR[_I8], _PTR[_I8], _I64, _PTR[_F32], _PTR[_I32], _I64, _PTR[_F32], _I64, _I64, _I64]
     fn, fresh = _define(module, name, ir.VoidType(), args)
     if not fresh:
         return fn
-    if mins:
+    if kq:
+        (p, pstride, s, sstride, mn, mstride, dd, ddstride, rows, xl, xh, xstride, dx, xs, dstride, y, ystride,
+         full, m) = fn.args
+    elif mins:
         p, pstride, s, sstride, mn, mstride, rows, xl, xh, xstride, dx, xs, dstride, y, ystride, full, m = fn.args
     else:
         p, pstride, s, sstride, rows, xl, xh, xstride, dx, xs, dstride, y, ystride, full, m = fn.args
@@ -342,12 +373,23 @@ def _q4_rows_function(module, kind, tile: int, mins: bool = False):
     def half_to_float(bits):
         return b.fpext(b.bitcast(bits, _vec(ir.HalfType(), 16)), _vec(_F32, 16))
 
+    def k_scales(sc_bytes, mn_bytes, dd_bits):
+        """Q4_K: (d * sc, -(dmin * mn)) over 16 blocks from their u8 sc, mn and 4 fp16 (d, dmin of the
+        first super-block, then of the second); lanes 0-7 the first super-block, 8-15 the second."""
+        halves = b.fpext(b.bitcast(dd_bits, _vec(ir.HalfType(), 4)), _vec(_F32, 4))
+        d16 = b.shuffle_vector(halves, halves, ir.Constant(_vec(_I32, 16), [0] * 8 + [2] * 8))
+        dmin16 = b.shuffle_vector(halves, halves, ir.Constant(_vec(_I32, 16), [1] * 8 + [3] * 8))
+        scf = b.sitofp(b.zext(sc_bytes, _vec(_I32, 16)), _vec(_F32, 16))
+        mnf = b.sitofp(b.zext(mn_bytes, _vec(_I32, 16)), _vec(_F32, 16))
+        return b.fmul(d16, scf), b.fneg(b.fmul(dmin16, mnf))  # (negated: _q4_step adds mins * dx * xs)
+
     # one weight row per pass
     b.position_at_end(blocks["row"])
     r = b.phi(_I64)
     r.add_incoming(i64(0), blocks["entry"])
     prow, srow = b.gep(p, [b.mul(r, pstride)]), b.gep(s, [b.mul(r, sstride)])
-    mrow = b.gep(mn, [b.mul(r, mstride)]) if mins else None
+    mrow = b.gep(mn, [b.mul(r, mstride)]) if mins or kq else None
+    ddrow = b.gep(dd, [b.mul(r, ddstride)]) if kq else None
     b.cbranch(b.icmp_signed(">", full, i64(0)), blocks["chunk"], blocks["chunks_done"])
 
     # its whole chunks
@@ -359,8 +401,12 @@ def _q4_rows_function(module, kind, tile: int, mins: bool = False):
         acc.add_incoming(zero, blocks["row"])
     off, off16 = b.mul(c, i64(256)), b.mul(c, i64(16))
     lows, highs = _q4_unpack(b, [b.load(at(prow, b.add(off, i64(64 * g)), _I8, 64), align=1) for g in range(4)])
-    scale = half_to_float(b.load(at(srow, off16, _I16, 16), align=2))
-    mnv = half_to_float(b.load(at(mrow, off16, _I16, 16), align=2)) if mins else None
+    if kq:
+        scale, mnv = k_scales(b.load(at(srow, off16, _I8, 16), align=1), b.load(at(mrow, off16, _I8, 16), align=1),
+                              b.load(at(ddrow, b.mul(c, i64(4)), _I16, 4), align=2))
+    else:
+        scale = half_to_float(b.load(at(srow, off16, _I16, 16), align=2))
+        mnv = half_to_float(b.load(at(mrow, off16, _I16, 16), align=2)) if mins else None
     nexts = [_q4_step(module, b, kind, lows, highs, scale, *xside, acc, mnv)
              for xside, acc in zip(x_side(off, off16), accs)]
     c_next = b.add(c, i64(1))
@@ -387,8 +433,14 @@ def _q4_rows_function(module, kind, tile: int, mins: bool = False):
     packed = [b.bitcast(_masked_load(module, b, b.gep(tail_row, [b.mul(group, i64(g))]), _I32, 16, 1, mask),
                         _vec(_I8, 64)) for g in range(4)]
     lows, highs = _q4_unpack(b, packed)
-    scale = half_to_float(_masked_load(module, b, b.gep(srow, [base16]), _I16, 16, 2, mask))
-    mnv = half_to_float(_masked_load(module, b, b.gep(mrow, [base16]), _I16, 16, 2, mask)) if mins else None
+    if kq:  # one super-block (m = 8): its d and dmin in both halves, lanes 8-15 zeroed by the masked sc, mn
+        pair = b.load(at(ddrow, b.mul(full, i64(4)), _I16, 2), align=2)
+        scale, mnv = k_scales(_masked_load(module, b, b.gep(srow, [base16]), _I8, 16, 1, mask),
+                              _masked_load(module, b, b.gep(mrow, [base16]), _I8, 16, 1, mask),
+                              b.shuffle_vector(pair, pair, ir.Constant(_vec(_I32, 4), [0, 1, 0, 1])))
+    else:
+        scale = half_to_float(_masked_load(module, b, b.gep(srow, [base16]), _I16, 16, 2, mask))
+        mnv = half_to_float(_masked_load(module, b, b.gep(mrow, [base16]), _I16, 16, 2, mask)) if mins else None
     tails = [_q4_step(module, b, kind, lows, highs, scale, *xside, acc, mnv)
              for xside, acc in zip(x_side(base, base16), done)]
     b.branch(blocks["store"])
@@ -727,6 +779,45 @@ def q4_rows_for(kind: str, tile: int, mins: bool = False):
         return types.void(P, S, n0, n1, XL, XH, DX, XS, b0, Y, full, m), codegen
 
     return q4_rows
+
+
+def q4k_rows_for(kind: str, tile: int):
+    """An @intrinsic in one of KINDS' instruction sets for llama.cpp's Q4_K (_q4k_rows_function): (2-D uint8 P,
+    2-D uint8 SC, MN (N, K/32: each block's 6-bit scale and min), 2-D uint16 DD (N, K/128: per super-block
+    of 256 the fp16 bits of d, then dmin), int n0, int n1, 2-D int8 XL, XH, 2-D float32 DX, 2-D int32 XS,
+    int b0, 2-D float32 Y, int full, int m) -> None; Y[b0 + t, n] = the product of weight row n with x row
+    b0 + t, for n0 <= n < n1 and t < tile. Rows of every array contiguous; K a multiple of 256."""
+    if kind not in KINDS:
+        raise ValueError(f"this CPU has no {kind} (it has: {', '.join(KINDS) or 'neither'})")
+
+    def codegen(context, builder, signature, args):
+        fn = _q4k_rows_function(builder.module, kind, tile)
+        argtys = signature.args
+        n0, n1, b0, full, m = (builder.sext(v, _I64) if v.type != _I64 else v
+                               for v in (args[4], args[5], args[10], args[12], args[13]))
+
+        def rows_of(i, t, first):
+            """(pointer to row `first` of array argument i, as t*; its row stride in elements of t)."""
+            arr = context.make_array(argtys[i])(context, builder, args[i])
+            size = ir.Constant(_I64, 4 if t == _F32 else t.width // 8)
+            stride = builder.udiv(cgutils.unpack_tuple(builder, arr.strides)[0], size)
+            return builder.gep(builder.bitcast(arr.data, t.as_pointer()), [builder.mul(first, stride)]), stride
+
+        weight = [v for i, t in ((0, _I8), (1, _I8), (2, _I8), (3, _I16)) for v in rows_of(i, t, n0)]
+        xl, xstride = rows_of(6, _I8, b0)
+        xh, _ = rows_of(7, _I8, b0)
+        dx, dstride = rows_of(8, _F32, b0)
+        xs, _ = rows_of(9, _I32, b0)
+        y, ystride = rows_of(11, _F32, b0)
+        y = builder.gep(y, [n0])
+        builder.call(fn, [*weight, builder.sub(n1, n0), xl, xh, xstride, dx, xs, dstride, y, ystride, full, m])
+        return context.get_dummy_value()
+
+    @intrinsic
+    def q4k_rows(typingctx, P, SC, MN, DD, n0, n1, XL, XH, DX, XS, b0, Y, full, m):
+        return types.void(P, SC, MN, DD, n0, n1, XL, XH, DX, XS, b0, Y, full, m), codegen
+
+    return q4k_rows
 
 
 def _q8_blocks_function(module):
