@@ -371,24 +371,63 @@ def test_q4_1_blocks_are_kept_as_they_are(tmp_path):
     torch.testing.assert_close(logits(exact), reference, atol=1e-5, rtol=0)
 
 
-def test_q4_k_blocks_keep_their_4_bit_values():
-    """Q4_K super-blocks become Q4_1 blocks of 32 holding the same 4-bit values; only each block's
-    d * scale and dmin * min are rounded to fp16 (2^-11 of each)."""
-    from nabla.checkpoint.gguf_quantized import q4_k_blocks
+def with_q4_k_layers(src, dst, seed=0):
+    """A copy of the GGUF file `src` whose 2-D block weights and head, where rows are a multiple of 256
+    wide, are random Q4_K super-blocks (the gguf package has no Q4_K quantizer): llama.cpp's layout, with
+    d and dmin = 7.5 d that make weights of mean ~0 and std ~0.05, as a trained model's."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        w.add_key_value(name, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+    rng = np.random.default_rng(seed)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if data.ndim == 2 and data.shape[1] % 256 == 0 and (t.name.startswith("blk.") or t.name == "output.weight"):
+            raw = rng.integers(0, 256, size=(data.shape[0], data.shape[1] // 256, 144), dtype=np.uint8)
+            d = rng.uniform(1.5e-4, 2.5e-4, size=raw.shape[:2] + (1,))
+            raw[..., :4] = np.concatenate([d, 7.5 * d], axis=-1).astype(np.float16).view(np.uint8)
+            w.add_tensor(t.name, raw.reshape(data.shape[0], -1), raw_dtype=Q.Q4_K)
+        else:
+            w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_q4_k_blocks_are_kept_as_they_are(tmp_path):
+    """A Q4_K file runs its very super-blocks: each layer (the head too) dequantizes to the gguf
+    package's numbers exactly, and computed from those weights gives the dequantized float model's
+    logits; the CPU kernels (x in int8 per block, as llama.cpp's) within x's quantization."""
+    from nabla.checkpoint.gguf_families import meta_name
+    from nabla.checkpoint.info import checkpoint_info
     from nabla.model.quantize import Int4Linear
 
-    N, K = 6, 512
-    raw, _ = raw_blocks(Q.Q4_K, N * K // 256, seed=4)
-    raw = raw.reshape(N, -1)
-    want = torch.from_numpy(gguf.quants.dequantize(raw, Q.Q4_K).reshape(N, K))
-    lin = Int4Linear(None, blocks=q4_k_blocks(torch.from_numpy(raw), (N, K)))
-    got = lin.dequantize()
-    per_weight = lambda t: t.float().repeat_interleave(32, dim=1)  # noqa: E731
-    bound = 2.0 ** -11 * (15 * per_weight(lin.scales).abs() + per_weight(lin.mins).abs()) * 1.001 + 1e-9
-    assert ((got - want).abs() <= bound).all()
-    assert (got - want).norm() / want.norm() < 1e-3
-    assert not torch.equal(lin.mins, torch.zeros_like(lin.mins))  # the minimums are there, not dropped
-    x = torch.randn(3, K, generator=torch.Generator().manual_seed(0))
-    lin.kernel = "numba"
-    y = lin(x)
-    torch.testing.assert_close(y, x @ want.T, rtol=0, atol=0.02 * (x @ want.T).abs().max().item())
+    args = args_from_params(dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=256,
+                                 norm_eps=1e-5))
+    f32 = write_gguf(tmp_path / "f32.gguf", random_state(args, 5), args, load_tokenizer(LLAMA2_TOKENIZER), "f32")
+    path = with_q4_k_layers(f32, tmp_path / "q4_k.gguf")
+    ckpt = open_checkpoint(path)
+    assert ckpt.load_quantize == "int4" and ckpt.tensor_types["Q4_K"] == 7 * args.n_layers + 1
+    assert "Q4_K super-blocks as they are" in checkpoint_info(path)["gguf"]["loads_as"]["Q4_K"]
+    model = Llama.build(path, max_seq_len=32, max_batch_size=1).model
+    for t in gguf.GGUFReader(path).tensors:
+        if t.tensor_type == Q.Q4_K:
+            mod = model.get_submodule(meta_name(t.name)[: -len(".weight")])
+            assert isinstance(mod, Int4Linear) and mod.format == "Q4_K", t.name
+            want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(mod.out_features, mod.in_features)
+            np.testing.assert_array_equal(mod.dequantize().numpy(), want)
+    deq = {k: v.float() for k, v in ckpt.load_state().items()}
+    reference = logits(Llama.build(meta_folder(tmp_path, deq, args), LLAMA2_TOKENIZER, max_seq_len=32,
+                                   max_batch_size=1))
+    fast = logits(SimpleNamespace(model=model))
+    assert ((fast - reference).norm(dim=-1) / reference.norm(dim=-1)).max() < 0.03
+    exact = Llama.build(path, max_seq_len=32, max_batch_size=1)
+    for mod in exact.model.modules():
+        if isinstance(mod, Int4Linear):
+            mod.kernel = "dequant"  # the weights themselves, in float32
+    torch.testing.assert_close(logits(exact), reference, atol=1e-4, rtol=1e-5)

@@ -4,7 +4,7 @@ The built-in story model (trained, so its argmax means something) is written as
 an f32 GGUF by nabla, then quantized by llama.cpp's own `llama_model_quantize`
 to Q8_0, Q4_0 and Q4_K_M. On each file: every tensor nabla reads, and every
 weight of the model Llama.build makes of it that nabla keeps as stored, equals
-the `gguf` package's dequantization exactly; and teacher-forced over the story
+the `gguf` package's dequantization exactly (Q4_K layers too, kept under int4); and teacher-forced over the story
 text, nabla's argmax next token equals llama.cpp's (its logits over the same
 tokens) at >= 97% of positions.
 
@@ -120,6 +120,14 @@ def test_dequantized_tensors_equal_gguf_package(files, ftype):
     n_linear = 7 * 6 + 1
     assert kept + requantized == n_linear and floats == 1 + 2 * 6 + 1  # embedding, norms
     assert kept == (n_linear - 1 if ftype == "Q4_0" else 0)
+    if ftype == "Q4_K_M":  # mostly Q5_0 here, so int8 by default; under int4 its Q4_K layers are kept
+        model = Llama.build(path, max_seq_len=8, max_batch_size=1, quantize="int4").model
+        q4_k = [k for k, t in stored.items() if t == "Q4_K"]
+        assert q4_k
+        for key in q4_k:
+            module = model.get_submodule(key[: -len(".weight")])
+            assert isinstance(module, Int4Linear) and module.format == "Q4_K", key
+            assert torch.equal(module.dequantize(), reference[key]), key
 
 
 @pytest.fixture(scope="module")

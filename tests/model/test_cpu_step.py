@@ -10,13 +10,14 @@ pytest.importorskip("numba")
 from nabla.model import Transformer, cpu_kernels, cpu_step  # noqa: E402
 from nabla.model import cpu_step_jit as sj
 from nabla.model.args import ModelArgs  # noqa: E402
-from nabla.model.quantize import Int4Linear, quantize_model  # noqa: E402
+from nabla.model.quantize import Int4Linear, pack_int4, quantize_model  # noqa: E402
 
 GEN = torch.Generator().manual_seed(0)
 
 
 def model(fmt: str, monkeypatch, **switches) -> Transformer:
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, **switches)
+    wide = dict(dim=256, multiple_of=256) if fmt == "mixed" else dict(dim=64, multiple_of=32)  # Q4_K: 256s
+    args = ModelArgs(n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, **wide, **switches)
     m = Transformer(args).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -26,15 +27,29 @@ def model(fmt: str, monkeypatch, **switches) -> Transformer:
     monkeypatch.setattr(cpu_kernels, "MIN_WEIGHTS", 0)
     if fmt == "fp32":
         assert cpu_kernels.use_row_kernels(m) > 0
-    elif fmt == "mixed":  # a GGUF Q4_K_M file's mix: 4-bit layers with minimums, some layers int8
+    elif fmt == "mixed":  # a GGUF Q4_K_M file's mix: Q4_K, Q4_1, Q4_0 and int8 layers in one group
         quantize_model(m, "int4", kernel="numba", head="int4",
                        int8_layers={"layers.0.attention.wv.weight", "layers.1.feed_forward.w2.weight"})
-        for lin in m.modules():
-            if isinstance(lin, Int4Linear):
+        int4 = [(name, lin) for name, lin in m.named_modules() if isinstance(lin, Int4Linear)]
+        for i, (name, lin) in enumerate(int4):
+            if i % 3 == 0:
+                parent, _, attr = name.rpartition(".")
+                setattr(m.get_submodule(parent) if parent else m, attr, q4_k_layer(lin))
+            elif i % 3 == 1:
                 lin.mins = (0.02 * torch.randn(lin.scales.shape, generator=GEN)).half()
     else:
         quantize_model(m, fmt, kernel="numba")
     return m
+
+
+def q4_k_layer(like: Int4Linear) -> Int4Linear:
+    """A random layer of `like`'s shape in llama.cpp's Q4_K blocks (6-bit scales and minimums per 32
+    weights, fp16 d and dmin per 256)."""
+    N, G = like.out_features, like.in_features // 32
+    q = torch.randint(0, 16, (N, 32 * G), generator=GEN, dtype=torch.uint8)
+    sc, mn = (torch.randint(0, 64, (N, G), generator=GEN, dtype=torch.uint8) for _ in range(2))
+    supers = (1e-4 + 4e-4 * torch.rand(N, G // 4, generator=GEN)).half()
+    return Int4Linear(None, "numba", bias=like.bias, blocks=(pack_int4(q), sc, mn, supers))
 
 
 def torch_path(m: Transformer, monkeypatch):

@@ -387,3 +387,23 @@ def test_one_q4_k_call_takes_several_weights_and_skips_padding(kind, B, K):
             want = xq @ W.T
             assert y.shape == (B, W.shape[0])
             assert np.abs(y.double().numpy() - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("kernel", ["numba", "int4pack", "dequant"])
+def test_int4_linear_holding_q4_k_computes_it_in_every_kernel(kernel):
+    """A layer holding a GGUF file's Q4_K super-blocks: it dequantizes to the gguf package's numbers
+    exactly, and each kernel it may run computes d * sc * q - dmin * mn."""
+    if kernel == "int4pack" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no int4pack CPU kernel")
+    N, K = 48, 768
+    raw = q4_k_raw(N, K, seed=9)
+    q, sc, mn, dd = q4_k_parts(raw, N, K)
+    lin = Int4Linear(None, kernel, blocks=(pack_int4(q), sc, mn, dd))
+    assert lin.format == "Q4_K" and "Q4_K" in repr(lin)
+    W = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(N, K)
+    assert np.array_equal(lin.dequantize().numpy(), W)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = lin(x).double().numpy()
+    want = (q8_0(x) if kernel == "numba" else x.double().numpy()) @ W.astype(np.float64).T
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

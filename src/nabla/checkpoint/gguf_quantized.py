@@ -7,11 +7,10 @@ others; GGUFCheckpoint.load_quantize), tensor by tensor:
     Q4_0 under int4   -> kept: the same fp16 scales and nibbles, rearranged (pack_int4)
     Q4_1 under int4   -> kept the same way, with the blocks' fp16 minimums (Int4Linear.mins:
                          w = d * q + m)
-    Q4_K under int4   -> the same 4-bit values, in Q4_1 blocks of 32: d = the super-block's d
-                         times the block's 6-bit scale, m = -dmin times its 6-bit minimum, each
-                         rounded to fp16 (within 2^-11 of each, measured against the gguf
-                         package's dequantization; requantizing Q4_K to Q4_0 instead adds more
-                         error than Q4_K has: 8.3% against 7.1% RMS of the weights)
+    Q4_K under int4   -> kept too: the nibbles rearranged, the 6-bit scales and minimums
+                         unpacked to a byte each, d and dmin as they are (requantizing Q4_K to
+                         Q4_0 instead adds more error than Q4_K has: 8.3% against 7.1% RMS of
+                         the weights, measured)
     the other types   -> dequantized with the gguf package, then int8 (one scale per output
                          channel), also in a mostly 4-bit file (Q4_K_M's Q6_K layers); under an
                          asked-for int4, Q4_0 blocks
@@ -76,7 +75,8 @@ def quantized_state(ckpt: GGUFCheckpoint, mode: str | None = None) -> tuple[Lazy
     if not targets <= set(floats):
         return None  # names nabla does not split this way: let the caller quantize the float state
     entries: dict[str, Entry] = {}
-    pending: dict[str, list] = {}  # name -> [(weight, scales), parts not yet taken]
+    pending: dict[str, list] = {}  # name -> [(weight, scales, ...), parts not yet taken]
+    formats: dict[str, str] = {}  # the int4 layers kept in Q4_1 / Q4_K (quantize_model's int4_formats)
 
     def part(name: str, which: int, make, count: int):
         def get():
@@ -96,25 +96,31 @@ def quantized_state(ckpt: GGUFCheckpoint, mode: str | None = None) -> tuple[Lazy
     def requantized(name, quantize):
         return lambda: quantize(floats[name].float())
 
-    def add(name: str, shape, make, width: str, mins: bool = False) -> None:
-        """The layer `name` (weight, scales and, `mins`, the blocks' minimums) made by `make`, as int4
-        blocks or int8 rows."""
+    def add(name: str, shape, make, width: str) -> None:
+        """The layer `name` made by `make`: int8 rows (weight, scales), or int4 blocks in the format the
+        file's tensor keeps (weight, scales, and Q4_1's mins, Q4_K's mins and super_scales)."""
         base = name[: -len("weight")]
         if width == "int4":
-            per_block = ((shape[0], shape[1] // GROUP_SIZE), torch.float16)
-            shapes = [((shape[0], shape[1] // 2), torch.uint8), per_block] + [per_block] * mins
+            N, G = shape[0], shape[1] // GROUP_SIZE
+            shapes = [((N, shape[1] // 2), torch.uint8)] + {
+                "Q4_0": [((N, G), torch.float16)],
+                "Q4_1": [((N, G), torch.float16)] * 2,
+                "Q4_K": [((N, G), torch.uint8)] * 2 + [((N, G // 4), torch.float16)]}[kept_format(name)]
         else:
             shapes = [(shape, torch.int8), ((shape[0],), torch.float32)]
-        for which, (key, (part_shape, dtype)) in enumerate(zip((name, base + "scales", base + "mins"), shapes)):
+        if width == "int4" and kept_format(name) != "Q4_0":
+            formats[name] = kept_format(name)
+        keys = (name, base + "scales", base + "mins", base + "super_scales")
+        for which, (key, (part_shape, dtype)) in enumerate(zip(keys, shapes)):
             entries[key] = Entry(part(name, which, make, len(shapes)), part_shape, dtype)
 
-    def has_mins(name: str) -> bool:
-        return name in raw and raw[name][0] != "Q4_0"
+    def kept_format(name: str) -> str:
+        """The int4 format of a layer: its file's 4-bit type where it has one (kept), else Q4_0."""
+        return raw[name][0] if name in raw else "Q4_0"
 
     for name, shape in ckpt.shapes.items():
         if name in targets and mode == "int4" and shape[1] % GROUP_SIZE == 0 and name not in eight:
-            add(name, shape, blocks(name, shape) if name in raw else requantized(name, _int4), "int4",
-                has_mins(name))
+            add(name, shape, blocks(name, shape) if name in raw else requantized(name, _int4), "int4")
         elif name in targets:
             add(name, shape, requantized(name, quantize_int8), "int8")
         elif name != "output.weight":
@@ -123,15 +129,14 @@ def quantized_state(ckpt: GGUFCheckpoint, mode: str | None = None) -> tuple[Lazy
     shape = ckpt.shapes[head]
     # A 4-bit head as the file has it (llama.cpp's own quantizer uses Q6_K there), else int8.
     head_mode = "int4" if mode == "int4" and head in raw and shape[1] % GROUP_SIZE == 0 else "int8"
-    head_mins = head_mode == "int4" and has_mins(head)
+    if head_mode == "int4":
+        raw["output.weight"] = raw[head]  # its format, under the head's name
     add("output.weight", shape, blocks(head, shape) if head_mode == "int4" else requantized(head, quantize_int8),
-        head_mode, head_mins)
+        head_mode)
     args = replace(ckpt.args, tie_word_embeddings=False)  # the quantized head is a copy of its own
     int8_layers = sorted(eight & targets) if mode == "int4" else []
-    mins_layers = [n for n in sorted(targets) if mode == "int4" and n not in eight and has_mins(n)
-                   and ckpt.shapes[n][1] % GROUP_SIZE == 0] + ["output.weight"] * head_mins
     return LazyState(entries), args, {"mode": mode, "group_size": GROUP_SIZE, "head": head_mode,
-                                      "int8_layers": int8_layers, "mins_layers": mins_layers}
+                                      "int8_layers": int8_layers, "int4_formats": formats}
 
 
 def q4_1_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
@@ -145,22 +150,21 @@ def q4_1_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor
 
 
 def q4_k_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """(packed, scales, mins) of Int4Linear from a GGUF Q4_K tensor's bytes: super-blocks of 256 weights
-    (144 bytes: fp16 d, fp16 dmin, twelve bytes of 6-bit scales and minimums for its eight blocks of 32,
-    128 bytes of nibbles), w = d * scale * q - dmin * min. The 4-bit values as they are; each block's
-    d * scale and -dmin * min rounded to fp16."""
+    """(packed, scales, mins, super_scales) of a Q4_K Int4Linear from a GGUF Q4_K tensor's bytes:
+    super-blocks of 256 weights (144 bytes: fp16 d, fp16 dmin, twelve bytes of 6-bit scales and
+    minimums for its eight blocks of 32, 128 bytes of nibbles), w = d * sc * q - dmin * mn. The same
+    numbers: the 6-bit fields unpacked to a byte each, the nibbles in pack_int4's order."""
     import gguf
 
     N, K = shape
     sb = raw.reshape(N * (K // 256), 144).numpy()
-    d, dmin = (sb[:, i:i + 2].copy().view(np.float16).astype(np.float32) for i in (0, 2))
-    scale, low = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(sb[:, 4:16]))  # gguf's own unpacking
+    sc, mn = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(sb[:, 4:16]))  # gguf's own unpacking
     # 128 bytes as four groups of 32: the low nibbles are block 2g, the high ones block 2g + 1
     qs = sb[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
     q = torch.from_numpy((qs & 15).reshape(N, K))
-    scales = torch.from_numpy((d * scale.astype(np.float32)).astype(np.float16).reshape(N, K // 32))
-    mins = torch.from_numpy((-dmin * low.astype(np.float32)).astype(np.float16).reshape(N, K // 32))
-    return pack_int4(q), scales, mins
+    supers = torch.from_numpy(np.ascontiguousarray(sb[:, :4]).view(np.float16).reshape(N, K // 128))  # d, dmin
+    as_rows = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8).reshape(N, K // 32))  # noqa: E731
+    return pack_int4(q), as_rows(sc), as_rows(mn), supers
 
 
 BLOCKS = {"Q4_0": int4_from_q4_0, "Q4_1": q4_1_blocks, "Q4_K": q4_k_blocks}

@@ -15,8 +15,7 @@ state is read, with `gguf.quants.dequantize` (llama.cpp's own arithmetic):
     Q5_K, Q6_K                nabla int8 (one scale per output channel, requantized)
     Q4_0                   -> kept: nabla's int4 is Q4_0 (nabla.checkpoint.gguf_quantized)
     Q4_1                   -> kept: nabla's int4 with a minimum per block is Q4_1
-    Q4_K                   -> its 4-bit values kept, in Q4_1 blocks of 32 (each block's
-                              scale and minimum in fp16)
+    Q4_K                   -> kept: its super-blocks as they are, the 6-bit fields a byte each
 
 The int8 / int4 step (`load_quantize`, from the type most of the blocks' weights
 have) runs in Llama.build unless the caller passes its own `quantize`; the
@@ -51,7 +50,7 @@ LOADS_AS = {
        for t in ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")},
     "Q4_0": "int4, the file's Q4_0 blocks as they are",
     "Q4_1": "int4 with a minimum per block, the file's Q4_1 blocks as they are",
-    "Q4_K": "int4 with a minimum per block: Q4_K's 4-bit values, each block's scale and minimum in fp16",
+    "Q4_K": "int4 with a minimum per block, the file's Q4_K super-blocks as they are",
 }
 """What nabla makes of each GGUF tensor type it reads (linear layers; embedding and norms stay float)."""
 MODE_OF = {t: ("int8" if "int8" in v else "int4" if "int4" in v else None) for t, v in LOADS_AS.items()}

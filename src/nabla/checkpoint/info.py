@@ -62,9 +62,10 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
         if ckpt.quantization is not None and mode == "int4":
             linear *= 2  # the stored shapes are packed: two weights a byte
         head = a.vocab_size * a.dim if a.vocab_size > 0 else 0
-        # Q4_0: nibbles and an fp16 scale per 32; a GGUF file's Q4_1 / Q4_K blocks an fp16 minimum too
-        mins = ckpt.format == "gguf" and {"Q4_1", "Q4_K"} & set(ckpt.tensor_types)
-        per = 0.5 + (4 if mins else 2) / 32 if mode == "int4" else 1.0
+        # Q4_0: nibbles and an fp16 scale per 32; Q4_1 an fp16 minimum too; Q4_K 4.5 bits (a GGUF file's)
+        types = set(ckpt.tensor_types) if ckpt.format == "gguf" else set()
+        per = (0.5 + (4 / 32 if "Q4_1" in types else 2 / 32 + 4 / 256 if "Q4_K" in types else 2 / 32)
+               if mode == "int4" else 1.0)
         rest = max(ckpt.n_params - linear - (0 if a.tie_word_embeddings else head), 0)
         weights = int(linear * per + head + rest * nbytes)
     kv = 2 * a.n_layers * batch * ctx * a.n_kv_heads * a.head_dim * nbytes

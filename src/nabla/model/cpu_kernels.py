@@ -265,8 +265,10 @@ def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
                and lin.weight.numel() >= MIN_WEIGHTS for lin in linears):
             ys = rows_i8_multi(x, [lin.weight for lin in linears], [lin.scales for lin in linears])
             return [y if lin.bias is None else y + lin.bias for y, lin in zip(ys, linears)]
-        if all(getattr(lin, "kernel", None) == "numba" and hasattr(lin, "q4_arrays") for lin in linears):
-            ys = rows_q4_multi(x, [lin.q4_arrays() for lin in linears])
+        if all(getattr(lin, "kernel", None) == "numba" and hasattr(lin, "q4_arrays") for lin in linears) \
+                and len({lin.format == "Q4_K" for lin in linears}) == 1:
+            rows = rows_q4k_multi if linears[0].format == "Q4_K" else rows_q4_multi
+            ys = rows(x, [lin.q4_arrays() for lin in linears])
             return [y if lin.bias is None else y + lin.bias for y, lin in zip(ys, linears)]
     return [lin(x) for lin in linears]
 

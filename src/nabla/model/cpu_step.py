@@ -34,13 +34,15 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 _EMPTY = (np.empty((0, 0), np.float32), np.empty((0, 0), np.int8), np.empty(0, np.float32),
-          np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint16), np.empty((0, 0), np.uint16))
+          np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint16), np.empty((0, 0), np.uint16),
+          np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint8),
+          np.empty((0, 0), np.uint16))
 
 
 def _format(lin: nn.Module):
     """(format, {field: array}) of a linear layer the kernels run (fields of cpu_step_jit._products'
     groups: 1 fp32 weight, 2 int8 weight, 3 row scales, 4 int4 blocks, 5 their scales, 6 their minimums
-    or an empty array), or None."""
+    or an empty array; Q4_K: 7 blocks, 8 scales, 9 minimums, 10 super-block scales), or None."""
     from nabla.model import cpu_step_jit as sj
     from nabla.model.quantize import Int4Linear, Int8Linear
 
@@ -51,8 +53,9 @@ def _format(lin: nn.Module):
         vnni = cpu_kernels.I8_VNNI and lin.in_features % 32 == 0
         return (sj.I8_VNNI if vnni else sj.I8), {2: _np(w), 3: _np(lin.scales)}
     if type(lin) is Int4Linear and lin.kernel == "numba" and lin.group_size == 32:
-        packed, scales, mins = lin.q4_arrays()
-        return sj.Q4, {4: packed, 5: scales, 6: mins}
+        if lin.format == "Q4_K":
+            return sj.Q4K, dict(zip((7, 8, 9, 10), lin.q4_arrays()))
+        return sj.Q4, dict(zip((4, 5, 6), lin.q4_arrays()))
     return None
 
 
@@ -67,7 +70,7 @@ def _group(*linears: nn.Module):
         return None
     formats += [(-1, {})] * (3 - len(formats))  # always three weights: one compiled kernel per format
     kinds = tuple(np.int64(f[0]) for f in formats)
-    return (kinds, *(tuple(f[1].get(i, _EMPTY[i - 1]) for f in formats) for i in range(1, 7)))
+    return (kinds, *(tuple(f[1].get(i, _EMPTY[i - 1]) for f in formats) for i in range(1, len(_EMPTY) + 1)))
 
 
 def _bias(lin: nn.Module) -> np.ndarray:

@@ -148,21 +148,22 @@ def _swiglu(G, U, P, E):  # pragma: no cover - compiled
             g[i] = g[i] / (np.float32(1.0) + Pr[i] * scale[i]) * u[i]
 
 
-F32, I8, I8_VNNI, Q4 = 0, 1, 2, 3
+F32, I8, I8_VNNI, Q4, Q4K = 0, 1, 2, 3, 4
 """The weight formats in a product group (its first field, one per weight; -1 for padding): fp32; int8
 with row scales (plain loops, or VNNI with x in int8 per block); int4 blocks (Q4_0, or Q4_1 with
-minimums)."""
+minimums; Q4_K super-blocks)."""
 
 
 @njit(nogil=True, cache=True)
 def _products(group, X, Ys, scratch):  # pragma: no cover - compiled
     # Ys[i] = X Ws[i]^T for one group of weights sharing X. group = (the weights' formats, fp32
     # weights, int8 weights, their row scales, int4 blocks, their fp16 scale bits, their fp16
-    # minimums' bits or empty): a weight's arrays sit in the fields of its format, and arrays of no
-    # rows in the others (one compiled function for every mix). One kernel call per format present.
+    # minimums' bits or empty; Q4_K blocks, scales, minimums, super-block scales): a weight's arrays
+    # sit in the fields of its format, and arrays of no rows in the others (one compiled function for
+    # every mix). One kernel call per format present.
     # scratch = (the int4 kernel's x blocks, the int8 VNNI kernel's x bytes).
     kinds = group[0]
-    for kind in (F32, I8, I8_VNNI, Q4):
+    for kind in (F32, I8, I8_VNNI, Q4, Q4K):
         if kinds[0] != kind and kinds[1] != kind and kinds[2] != kind:
             continue
         if kind == F32:
@@ -171,9 +172,12 @@ def _products(group, X, Ys, scratch):  # pragma: no cover - compiled
             kj._rows_i8(group[2], group[3], X, Ys)
         elif kind == I8_VNNI:
             kj._rows_i8_vnni(group[2], group[3], X, scratch[1][0], scratch[1][1], Ys)
-        else:
+        elif kind == Q4:
             q = scratch[0]
             kj._rows_q4(group[4], group[5], group[6], X, q[0], q[1], q[2], q[3], Ys)
+        else:
+            q = scratch[0]
+            kj._rows_q4k(group[7], group[8], group[9], group[10], X, q[0], q[1], q[2], q[3], Ys)
 
 
 @njit(nogil=True, cache=True)

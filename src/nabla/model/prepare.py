@@ -46,7 +46,7 @@ def materialize(model: Transformer, device: torch.device, dtype: torch.dtype,
 
         quantize_model(model, quantized["mode"], group_size=quantized["group_size"], device=device,
                        head=quantized.get("head", "int8"), int8_layers=quantized.get("int8_layers", ()),
-                       mins_layers=quantized.get("mins_layers", ()))
+                       int4_formats=quantized.get("int4_formats"))
     model = model.to_empty(device=device)
     model.init_rope()  # to_empty left the table's memory uninitialised
     load_weights(model)

@@ -3,10 +3,12 @@
 int8: one scale per output channel, symmetric, w ~ q * s with q in [-127, 127].
 int4: llama.cpp's Q4_0, bit for bit: one fp16 scale per block of 32 input
 channels, w ~ (q - 8) * d with q in [0, 15], two values packed per byte (in the
-order nabla's CPU kernel reads them, `pack_int4`). A layer may also hold an fp16
-minimum per block, `mins`: w = d * q + m, llama.cpp's Q4_1 arithmetic, which is
-how a GGUF file's Q4_1 and Q4_K tensors load (nabla.checkpoint.gguf_quantized);
-nabla's own quantizer makes Q4_0. Fewer bytes per weight means fewer bytes read per decoded
+order nabla's CPU kernel reads them, `pack_int4`). A layer may also hold
+llama.cpp's Q4_1 blocks (an fp16 minimum per block, w = d * q + m) or its Q4_K
+super-blocks (6-bit scales and minimums per block of 32 under an fp16 d and
+dmin per 256), the same nibbles: that is how a GGUF file's Q4_1 and Q4_K tensors
+load, as they are (Int4Linear.format; nabla.checkpoint.gguf_quantized). nabla's
+own quantizer makes Q4_0. Fewer bytes per weight means fewer bytes read per decoded
 token, which is what bounds decoding speed.
 
 `quantize_model(model, "int8" | "int4")` swaps every `nn.Linear` of the blocks
@@ -216,33 +218,65 @@ class Int4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor | None, kernel: str = "dequant", group_size: int = GROUP_SIZE,
                  bias: torch.Tensor | None = None, blocks: tuple[torch.Tensor, ...] | None = None):
         super().__init__()
-        mins = None
+        mins = supers = None
         if blocks is None:
             q, scales = quantize_int4(weight, group_size)
             packed = pack_int4(q, group_size).to(weight.device)
             scales = scales.to(weight.device)
-        else:  # (packed, scales[, mins]) already quantized, e.g. a GGUF file's Q4_0 / Q4_1 blocks
-            packed, scales, *rest = blocks
-            mins = rest[0] if rest else None
+        else:  # already quantized, e.g. a GGUF file's blocks (see `format`)
+            packed, scales, mins, supers = (*blocks, None, None)[:4]
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.group_size = group_size
         self.register_buffer("weight", packed)
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)  # None: not in the state dict
+        self.register_buffer("super_scales", supers)
         self.kernel = kernel
         self._packed = None  # (torch's int4pack layout, scales_and_zeros), built on first use
-        self._arrays = None  # (weight, scales, mins, their NumPy views) for the numba kernel
+        self._arrays = None  # (weight, scales, mins, super_scales, their NumPy views) for the numba kernel
+
+    @property
+    def format(self) -> str:
+        """The blocks held, as llama.cpp names them (q: the 4-bit values, 0..15; per block of 32):
+        "Q4_0": `scales` fp16 d, w = (q - 8) * d;
+        "Q4_1": `scales` fp16 d and `mins` fp16 m, w = d * q + m;
+        "Q4_K": `scales` and `mins` uint8 (6-bit sc and mn), and per 256 weights `super_scales` fp16
+        (d, dmin) side by side: w = d * sc * q - dmin * mn."""
+        return "Q4_K" if self.super_scales is not None else "Q4_1" if self.mins is not None else "Q4_0"
+
+    def block_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d, m) per block of 32 in float32, w = d * q + m, or (d, None) for Q4_0's w = (q - 8) * d. Q4_K's
+        d * sc and dmin * mn are exact in float32, as llama.cpp computes them."""
+        if self.super_scales is None:
+            return self.scales.float(), None if self.mins is None else self.mins.float()
+        d, dmin = (self.super_scales[:, i::2].float().repeat_interleave(8, dim=1) for i in (0, 1))  # per block
+        return d * self.scales.float(), -(dmin * self.mins.float())
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int4(unpack_int4(self.weight, self.group_size), self.scales, self.mins)
+        return dequantize_int4(unpack_int4(self.weight, self.group_size), *self.block_scales())
+
+    def lay_out(self, fmt: str) -> None:
+        """Empty buffers in `fmt`'s shapes and types (Q4_0 as made), for a stored state to load into."""
+        N, G = self.out_features, self.in_features // self.group_size
+        empty = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device=self.weight.device)  # noqa: E731
+        if fmt == "Q4_1":
+            self.mins = empty(N, G, dtype=torch.float16)
+        elif fmt == "Q4_K":
+            self.scales, self.mins = empty(N, G, dtype=torch.uint8), empty(N, G, dtype=torch.uint8)
+            self.super_scales = empty(N, G // 4, dtype=torch.float16)
+        elif fmt != "Q4_0":
+            raise ConfigError(f"unknown int4 block format {fmt!r}: Q4_0, Q4_1 or Q4_K")
+        self._packed = self._arrays = None
 
     def q4_arrays(self):
-        """The zero-copy NumPy views of the weight the CPU kernel reads, made once per weight tensor."""
-        held = (self.weight, self.scales, self.mins)
-        if self._arrays is None or any(a is not b for a, b in zip(self._arrays[:3], held)):
-            self._arrays = (*held, cpu_kernels.q4_arrays(*held))
-        return self._arrays[3]
+        """The zero-copy NumPy views of the weight the CPU kernel reads (cpu_kernels.q4_arrays, or for Q4_K
+        q4k_arrays), made once per weight tensor."""
+        held = (self.weight, self.scales, self.mins, self.super_scales)
+        if self._arrays is None or any(a is not b for a, b in zip(self._arrays[:4], held)):
+            views = cpu_kernels.q4k_arrays(*held) if held[3] is not None else cpu_kernels.q4_arrays(*held[:3])
+            self._arrays = (*held, views)
+        return self._arrays[4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._product(x)
@@ -250,13 +284,15 @@ class Int4Linear(nn.Module):
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "numba" and cpu_kernels.usable(x):  # small layers too: int4 has no other fast path
-            return cpu_kernels.rows_q4_multi(x, [self.q4_arrays()])[0]
+            rows = cpu_kernels.rows_q4k_multi if self.super_scales is not None else cpu_kernels.rows_q4_multi
+            return rows(x, [self.q4_arrays()])[0]
         if self.kernel == "int4pack" and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
             if self._packed is None:
                 q = unpack_int4(self.weight, self.group_size).to(torch.int32)
-                # torch's layout reads w = (q - 8) * scale + zero: Q4_0's zero is 0, Q4_1's m + 8 d.
-                s = self.scales.float().t()
-                zero = torch.zeros_like(s) if self.mins is None else self.mins.float().t() + 8 * s
+                # torch's layout reads w = (q - 8) * scale + zero: Q4_0's zero is 0, the others' m + 8 d.
+                d, m = self.block_scales()
+                s = d.t()
+                zero = torch.zeros_like(s) if m is None else m.t() + 8 * s
                 sz = torch.stack((s, zero), dim=-1).contiguous()
                 self._packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz)
             packed, sz = self._packed
@@ -267,7 +303,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 ({'Q4_0' if self.mins is None else 'Q4_1'}) group {self.group_size}, kernel={self.kernel}")
+                f"int4 ({self.format}) group {self.group_size}, kernel={self.kernel}")
 
 
 def _has_fbgemm() -> bool:
@@ -285,16 +321,16 @@ def _fbgemm_prepack(q: torch.Tensor, scales: torch.Tensor):
 # -------------------------------------------------------------- whole model
 def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
                    group_size: int = GROUP_SIZE, device: torch.device | None = None,
-                   head: str = "int8", int8_layers=(), mins_layers=()) -> nn.Module:
+                   head: str = "int8", int8_layers=(), int4_formats=None) -> nn.Module:
     """Swap the model's linear layers for quantized ones in place; returns the model.
 
     `kernel` None asks nabla.device for the fastest measured kernel on
     `device` (default: the model's). On a model on the meta device this only
     lays out the quantized buffers, for a saved quantized state to load into.
     `head` "int4" makes the output head int4 too; `int8_layers` (Meta weight
-    names) stay int8 under int4 (a GGUF file's layers stored above 4 bits); `mins_layers` (Meta weight
-    names, "output.weight" for the head) are int4 layers laid out with a `mins` buffer, for a GGUF
-    file's Q4_1 / Q4_K blocks to load into.
+    names) stay int8 under int4 (a GGUF file's layers stored above 4 bits); `int4_formats` ({Meta weight
+    name ("output.weight" for the head): "Q4_1" or "Q4_K"}) lays those int4 layers out in that format
+    (Int4Linear.format), for a GGUF file's blocks to load into.
     """
     from nabla import device as devices
 
@@ -305,7 +341,7 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
     dev = device or model.tok_embeddings.weight.device
     k8 = kernel if kernel in ("numba", "fbgemm", "int8pack", "dequant") else devices.quantized_kernel(dev, "int8")
     k4 = kernel if kernel in ("numba", "int4pack", "dequant") else devices.quantized_kernel(dev, "int4")
-    eight, lay_mins = set(int8_layers), set(mins_layers)
+    eight, formats = set(int8_layers), dict(int4_formats or {})
     targets = [(layer, part, name) for layer in range(len(model.layers))
                for part, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
                for name in names]
@@ -319,8 +355,7 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
             if mode == "int4" and w.shape[1] % group_size == 0 and \
                     f"layers.{layer}.{part}.{name}.weight" not in eight:
                 new = Int4Linear(w, k4, group_size, bias=lin.bias)
-                if f"layers.{layer}.{part}.{name}.weight" in lay_mins:
-                    new.mins = torch.empty_like(new.scales)
+                new.lay_out(formats.get(f"layers.{layer}.{part}.{name}.weight", "Q4_0"))
             else:
                 new = Int8Linear(w, k8, bias=lin.bias)
             setattr(parent, name, new)
@@ -328,8 +363,8 @@ def quantize_model(model: nn.Module, mode: str, kernel: str | None = None,
         if type(model.output) in PLAIN:  # int8 unless told (a GGUF file whose head is Q4_0)
             w = model.output.weight
             model.output = Int4Linear(w, k4, group_size) if head == "int4" else Int8Linear(w, k8)
-            if head == "int4" and "output.weight" in lay_mins:
-                model.output.mins = torch.empty_like(model.output.scales)
+            if head == "int4":
+                model.output.lay_out(formats.get("output.weight", "Q4_0"))
     if "numba" in (k8, k4):
         cpu_kernels._norms_too(model)
     model.quantization = mode
