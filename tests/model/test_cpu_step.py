@@ -52,6 +52,11 @@ def q4_k_layer(like: Int4Linear) -> Int4Linear:
     return Int4Linear(None, "numba", bias=like.bias, blocks=(pack_int4(q), sc, mn, supers))
 
 
+def formats_of(group) -> list[str]:
+    """The weight formats a compiled step's product group runs (cpu_step_jit.FORMATS)."""
+    return [f for f, fields in zip(sj.FORMATS, group) if fields]
+
+
 def torch_path(m: Transformer, monkeypatch):
     """A copy of m whose passes never take the compiled step."""
     ref = copy.deepcopy(m)
@@ -115,6 +120,8 @@ def test_prefill_and_decode_equal_the_torch_layers(fmt, switches, monkeypatch):
             close(m.decode(tokens[:, p:p + 1], p), ref.decode(tokens[:, p:p + 1], p), fmt, seen)
     assert len(taken) == 8
     assert not seen or mostly_exact(seen), seen
+    if fmt == "mixed":  # q (Q4_K), k (Q4_1) and v (int8) of the first layer: one group, three kernels
+        assert len(formats_of(m.cpu_step[1].layers[0][4])) == 3
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int4", "mixed"])
@@ -184,7 +191,8 @@ def test_a_model_changed_after_its_first_step_is_taken_again(monkeypatch):
             quantize_model(x, "int4", kernel="numba")
             x.setup_cache(1, 16)
         close(m(tokens, 0), ref(tokens, 0), "int4")
-    assert m.cpu_step[1] is not first and all(m.cpu_step[1].layers[0][i][0][0] == sj.Q4 for i in (4, 6, 7, 8))
+    groups = [m.cpu_step[1].layers[0][i] for i in (4, 6, 7, 8)]
+    assert m.cpu_step[1] is not first and all(formats_of(g) == ["q4"] for g in groups)
 
 
 def test_a_hook_on_a_layer_keeps_the_torch_layers(monkeypatch):

@@ -57,7 +57,7 @@ def quantized_state(ckpt: GGUFCheckpoint, mode: str | None = None) -> tuple[Lazy
     mode = mode or ckpt.load_quantize
     if mode is None:
         return None
-    reader = gguf.GGUFReader(ckpt.path)
+    reader = ckpt.reader or gguf.GGUFReader(ckpt.path)
     arch = ckpt.metadata["general.architecture"]
     raw = {}  # Meta name -> (its 4-bit GGUF type, what makes its raw block bytes: rows reordered or split
     #           as the floats')

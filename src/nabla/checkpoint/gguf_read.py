@@ -81,6 +81,9 @@ class GGUFCheckpoint(Checkpoint):
     """Tensors per GGUF type ("Q4_0": 57)."""
     load_quantize: str | None = None
     """"int8" / "int4": what Llama.build quantizes the linear layers to when not told otherwise."""
+    reader: object = field(default=None, repr=False)
+    """The gguf package's GGUFReader of the file (its tensors are views of one memory map), read once:
+    parsing a file's metadata (a 32000-token vocabulary) takes seconds."""
 
     def tokenizer(self):
         from nabla.tokenizer.gguf import gguf_tokenizer
@@ -195,7 +198,7 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
     return GGUFCheckpoint(path, "gguf", args, lambda: LazyState(entries), None, dtype=DTYPES.get(main, torch.float32),
                           shapes={k: e.shape for k, e in state._entries.items()}, files=[path],
                           context_length=context, bos_id=bos, eos_ids=list(dict.fromkeys(eot)),
-                          metadata=meta, tensor_types=dict(types), load_quantize=MODE_OF.get(main))
+                          metadata=meta, tensor_types=dict(types), load_quantize=MODE_OF.get(main), reader=reader)
 
 
 def find_gguf(folder: Path) -> Path | None:

@@ -33,44 +33,47 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-_EMPTY = (np.empty((0, 0), np.float32), np.empty((0, 0), np.int8), np.empty(0, np.float32),
-          np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint16), np.empty((0, 0), np.uint16),
-          np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint8),
-          np.empty((0, 0), np.uint16))
+_EMPTY = {"f32": (np.empty((0, 0), np.float32),), "i8": (np.empty((0, 0), np.int8), np.empty(0, np.float32)),
+          "q4": (np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint16), np.empty((0, 0), np.uint16)),
+          "q4k": (np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint8), np.empty((0, 0), np.uint8),
+                  np.empty((0, 0), np.uint16))}
+_EMPTY["i8_vnni"] = _EMPTY["i8"]
+"""A weight of no rows in each format's arrays (cpu_step_jit.FORMATS)."""
 
 
 def _format(lin: nn.Module):
-    """(format, {field: array}) of a linear layer the kernels run (fields of cpu_step_jit._products'
-    groups: 1 fp32 weight, 2 int8 weight, 3 row scales, 4 int4 blocks, 5 their scales, 6 their minimums
-    or an empty array; Q4_K: 7 blocks, 8 scales, 9 minimums, 10 super-block scales), or None."""
-    from nabla.model import cpu_step_jit as sj
+    """(format, its arrays) of a linear layer the kernels run (cpu_step_jit.FORMATS: the fp32 weight; the
+    int8 weight and row scales; int4 blocks, scales and minimums, or an empty array (Q4_0); Q4_K blocks,
+    scales, minimums and super-block scales), or None."""
     from nabla.model.quantize import Int4Linear, Int8Linear
 
     w = lin.weight
     if type(lin) in (nn.Linear, cpu_kernels.RowKernelLinear) and w.dtype == torch.float32:
-        return sj.F32, {1: _np(w)}
+        return "f32", (_np(w),)
     if type(lin) is Int8Linear and lin.kernel == "numba":
         vnni = cpu_kernels.I8_VNNI and lin.in_features % 32 == 0
-        return (sj.I8_VNNI if vnni else sj.I8), {2: _np(w), 3: _np(lin.scales)}
+        return ("i8_vnni" if vnni else "i8"), (_np(w), _np(lin.scales))
     if type(lin) is Int4Linear and lin.kernel == "numba" and lin.group_size == 32:
-        if lin.format == "Q4_K":
-            return sj.Q4K, dict(zip((7, 8, 9, 10), lin.q4_arrays()))
-        return sj.Q4, dict(zip((4, 5, 6), lin.q4_arrays()))
+        return ("q4k" if lin.format == "Q4_K" else "q4"), lin.q4_arrays()
     return None
 
 
 def _group(*linears: nn.Module):
-    """The product group of (up to three) linears sharing an input (cpu_step_jit._products: one kernel
-    call per format among them), or None unless the kernels run each. Fewer than three are padded
-    with weights of no rows, so that each kernel is compiled for one tuple length only (the first
-    run compiled twelve kernels, 37 s, where four do); so is each weight in the fields of the formats
-    it is not in (a GGUF Q4_K_M file's q and k are 4-bit, its v in some layers 8-bit)."""
+    """The product group of (up to three) linears sharing an input (cpu_step_jit._products), or None
+    unless the kernels run each: per format (cpu_step_jit.FORMATS), () where none of them is in it, else
+    its arrays for three weights, those in other formats (a GGUF Q4_K_M file's q and k are Q4_K, its v
+    in some layers 8-bit) and the padding of fewer than three given as weights of no rows. Three
+    always, so that each kernel is compiled for one tuple length only (the first run compiled twelve
+    kernels, 37 s, where four do)."""
+    from nabla.model import cpu_step_jit as sj
+
     formats = [_format(lin) for lin in linears]
     if any(f is None for f in formats):
         return None
-    formats += [(-1, {})] * (3 - len(formats))  # always three weights: one compiled kernel per format
-    kinds = tuple(np.int64(f[0]) for f in formats)
-    return (kinds, *(tuple(f[1].get(i, _EMPTY[i - 1]) for f in formats) for i in range(1, len(_EMPTY) + 1)))
+    formats += [(None, ())] * (3 - len(formats))
+    present = {f for f, _ in formats}
+    return tuple(tuple(zip(*(arrays if f == fmt else _EMPTY[fmt] for f, arrays in formats)))
+                 if fmt in present else () for fmt in sj.FORMATS)
 
 
 def _bias(lin: nn.Module) -> np.ndarray:

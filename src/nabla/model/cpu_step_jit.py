@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from nabla.model import cpu_kernels_jit as kj
 
@@ -148,36 +149,64 @@ def _swiglu(G, U, P, E):  # pragma: no cover - compiled
             g[i] = g[i] / (np.float32(1.0) + Pr[i] * scale[i]) * u[i]
 
 
-F32, I8, I8_VNNI, Q4, Q4K = 0, 1, 2, 3, 4
-"""The weight formats in a product group (its first field, one per weight; -1 for padding): fp32; int8
+FORMATS = ("f32", "i8", "i8_vnni", "q4", "q4k")
+"""The weight formats, in the order of a product group's fields (see _products): fp32 weights; int8
 with row scales (plain loops, or VNNI with x in int8 per block); int4 blocks (Q4_0, or Q4_1 with
-minimums; Q4_K super-blocks)."""
+minimums); Q4_K super-blocks."""
+
+
+def _kernel(run):
+    """A function of (fields, X, Ys, scratch) that numba compiles to `run` where the fields are a
+    format's arrays, and to nothing where they are () (no weight of the group in that format)."""
+    def call(fields, X, Ys, scratch):
+        raise NotImplementedError  # only ever called from numba
+
+    @overload(call, jit_options={"nogil": True})
+    def _typed(fields, X, Ys, scratch):
+        return run if len(fields) else (lambda fields, X, Ys, scratch: None)
+
+    return call
+
+
+def _f32(fields, X, Ys, scratch):  # pragma: no cover - compiled
+    kj._rows_f32(fields[0], X, Ys)
+
+
+def _i8(fields, X, Ys, scratch):  # pragma: no cover - compiled
+    kj._rows_i8(fields[0], fields[1], X, Ys)
+
+
+def _i8_vnni(fields, X, Ys, scratch):  # pragma: no cover - compiled
+    kj._rows_i8_vnni(fields[0], fields[1], X, scratch[1][0], scratch[1][1], Ys)
+
+
+def _q4(fields, X, Ys, scratch):  # pragma: no cover - compiled
+    q = scratch[0]
+    kj._rows_q4(fields[0], fields[1], fields[2], X, q[0], q[1], q[2], q[3], Ys)
+
+
+def _q4k(fields, X, Ys, scratch):  # pragma: no cover - compiled
+    q = scratch[0]
+    kj._rows_q4k(fields[0], fields[1], fields[2], fields[3], X, q[0], q[1], q[2], q[3], Ys)
+
+
+_KERNELS = tuple(_kernel(run) for run in (_f32, _i8, _i8_vnni, _q4, _q4k))
+_run_f32, _run_i8, _run_i8_vnni, _run_q4, _run_q4k = _KERNELS
 
 
 @njit(nogil=True, cache=True)
 def _products(group, X, Ys, scratch):  # pragma: no cover - compiled
-    # Ys[i] = X Ws[i]^T for one group of weights sharing X. group = (the weights' formats, fp32
-    # weights, int8 weights, their row scales, int4 blocks, their fp16 scale bits, their fp16
-    # minimums' bits or empty; Q4_K blocks, scales, minimums, super-block scales): a weight's arrays
-    # sit in the fields of its format, and arrays of no rows in the others (one compiled function for
-    # every mix). One kernel call per format present.
-    # scratch = (the int4 kernel's x blocks, the int8 VNNI kernel's x bytes).
-    kinds = group[0]
-    for kind in (F32, I8, I8_VNNI, Q4, Q4K):
-        if kinds[0] != kind and kinds[1] != kind and kinds[2] != kind:
-            continue
-        if kind == F32:
-            kj._rows_f32(group[1], X, Ys)
-        elif kind == I8:
-            kj._rows_i8(group[2], group[3], X, Ys)
-        elif kind == I8_VNNI:
-            kj._rows_i8_vnni(group[2], group[3], X, scratch[1][0], scratch[1][1], Ys)
-        elif kind == Q4:
-            q = scratch[0]
-            kj._rows_q4(group[4], group[5], group[6], X, q[0], q[1], q[2], q[3], Ys)
-        else:
-            q = scratch[0]
-            kj._rows_q4k(group[7], group[8], group[9], group[10], X, q[0], q[1], q[2], q[3], Ys)
+    # Ys[i] = X Ws[i]^T for one group of up to three weights sharing X. group has one field per
+    # format (FORMATS): () where no weight is in it, else that format's arrays for the three
+    # weights, arrays of no rows for those in another format (a GGUF Q4_K_M file's q and k are
+    # Q4_K, its v in some layers 8-bit): one kernel call per format present, and the call from
+    # Python unboxes only the arrays of the formats present. scratch = (the int4 kernels' x blocks,
+    # the int8 VNNI kernel's x bytes).
+    _run_f32(group[0], X, Ys, scratch)
+    _run_i8(group[1], X, Ys, scratch)
+    _run_i8_vnni(group[2], X, Ys, scratch)
+    _run_q4(group[3], X, Ys, scratch)
+    _run_q4k(group[4], X, Ys, scratch)
 
 
 @njit(nogil=True, cache=True)
