@@ -247,6 +247,26 @@ if _KIND:  # module-level globals, not a closure's: numba then caches _rows_q4 o
     _q4m_rows_tile = simd.q4_rows_for(_KIND, simd.Q4_TILE, mins=True)
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def _q4_prologue(Ps, X, XL, XH, DX, XS):  # pragma: no cover - compiled
+    # What the 4-bit kernels do before their parallel loop: x quantized into XL, XH, DX, XS (in whole
+    # vectors where its rows are contiguous: ~4x faster, measured); (whole chunks of 16 blocks, blocks
+    # in the short last one, each weight's end in tasks of Q4_ROWS rows, the tasks). The block count
+    # is x's, not a weight's: a weight may be padding of no rows (cpu_step_jit._products).
+    if X.strides[1] == 4:
+        for b in range(X.shape[0]):
+            simd.q8_blocks(X, b, XL, XH, DX, XS)
+    else:
+        _quantize_blocks(X, XL, XH, DX, XS)
+    G = X.shape[1] // 32
+    ends = np.zeros(len(Ps), dtype=np.int64)
+    total = 0
+    for i in range(len(Ps)):
+        total += (Ps[i].shape[0] + Q4_ROWS - 1) // Q4_ROWS
+        ends[i] = total
+    return G // 16, G % 16, ends, total
+
+
 def _rows_q4_vector(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
     # Ys[i] = X Ws[i]^T for one or several weights that read the same X (q, k, v; or w1, w3),
     # in one parallel loop over blocks of Q4_ROWS rows of all of them. W in nabla's 4-bit blocks
@@ -256,22 +276,10 @@ def _rows_q4_vector(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys):  # pragma: no cover - co
     # X (B, K) is first quantized by _quantize_blocks into XL, XH, DX, XS. Each block of rows is
     # one call into cpu_kernels_simd per Q4_TILE rows of x (each weight chunk unpacked once for all
     # of them), then one per row of x left over.
-    if X.strides[1] == 4:  # rows contiguous: x quantized in whole vectors (~4x faster, measured)
-        for b in range(X.shape[0]):
-            simd.q8_blocks(X, b, XL, XH, DX, XS)
-    else:
-        _quantize_blocks(X, XL, XH, DX, XS)
-    G = X.shape[1] // 32  # not a weight's: the first may be padding of no rows (cpu_step_jit._products)
-    full = G // 16
-    m = G - 16 * full
+    full, m, ends, total = _q4_prologue(Ps, X, XL, XH, DX, XS)
     B = XL.shape[0]
     R = Q4_ROWS
     tile = simd.Q4_TILE
-    ends = np.zeros(len(Ps), dtype=np.int64)
-    total = 0
-    for i in range(len(Ps)):
-        total += (Ps[i].shape[0] + R - 1) // R
-        ends[i] = total
     for task in prange(total):
         i = 0
         while task >= ends[i]:
@@ -377,22 +385,10 @@ def _rows_q4k_vector(Ps, SCs, MNs, DDs, X, XL, XH, DX, XS, Ys):  # pragma: no co
     # _rows_q4_vector for llama.cpp's Q4_K (w = d * sc * q - dmin * mn; cpu_kernels.q4k_arrays): the same
     # x quantization, tasks of Q4_ROWS rows of all the weights, tiles of x rows. A weight of no rows
     # (padding, shape (0, 0)) has no tasks.
-    if X.strides[1] == 4:
-        for b in range(X.shape[0]):
-            simd.q8_blocks(X, b, XL, XH, DX, XS)
-    else:
-        _quantize_blocks(X, XL, XH, DX, XS)
-    G = X.shape[1] // 32  # not a weight's (padding has none)
-    full = G // 16
-    m = G - 16 * full
+    full, m, ends, total = _q4_prologue(Ps, X, XL, XH, DX, XS)
     B = XL.shape[0]
     R = Q4_ROWS
     tile = simd.Q4_TILE
-    ends = np.zeros(len(Ps), dtype=np.int64)
-    total = 0
-    for i in range(len(Ps)):
-        total += (Ps[i].shape[0] + R - 1) // R
-        ends[i] = total
     for task in prange(total):
         i = 0
         while task >= ends[i]:

@@ -728,6 +728,24 @@ def f32_dot_for(wrows: int, xrows: int, ahead: int = 0):
     return f32_dot
 
 
+def _rows_of(context, builder, ty, value, t, first):
+    """(pointer to row `first` of the array `value` (numba type `ty`), as t*; its row stride in elements
+    of t): what the 4-bit kernels' IR functions take for each array."""
+    arr = context.make_array(ty)(context, builder, value)
+    size = ir.Constant(_I64, 4 if t == _F32 else t.width // 8)
+    stride = builder.udiv(cgutils.unpack_tuple(builder, arr.strides)[0], size)
+    return builder.gep(builder.bitcast(arr.data, t.as_pointer()), [builder.mul(first, stride)]), stride
+
+
+def _x_and_y(context, builder, argtys, args, i, b0, n0):
+    """The IR functions' x and y arguments (xl, xh, xstride, dx, xs, dstride, y at column n0, ystride)
+    from the intrinsic's arguments XL, XH, DX, XS at i..i + 3 and Y at i + 5, from x row b0."""
+    (xl, xstride), (xh, _), (dx, dstride), (xs, _), (y, ystride) = (
+        _rows_of(context, builder, argtys[j], args[j], t, b0)
+        for j, t in ((i, _I8), (i + 1, _I8), (i + 2, _F32), (i + 3, _I32), (i + 5, _F32)))
+    return [xl, xh, xstride, dx, xs, dstride, builder.gep(y, [n0]), ystride]
+
+
 def q4_rows_for(kind: str, tile: int, mins: bool = False):
     """An @intrinsic in one of KINDS' instruction sets: (2-D uint8 P, 2-D uint16 S, int n0, int n1, 2-D int8
     XL, XH, 2-D float32 DX, 2-D int32 XS, int b0, 2-D float32 Y, int full, int m) -> None; Y[b0 + t, n] =
@@ -745,26 +763,13 @@ def q4_rows_for(kind: str, tile: int, mins: bool = False):
         n0, n1, b0, full, m = (builder.sext(v, _I64) if v.type != _I64 else v
                                for v in (args[2], args[3], args[8], args[10], args[11]))
 
-        def rows_of(i, t, first, typed=None):
-            """(pointer to row `first` of array argument i (or the (type, value) `typed`), as t*; its row
-            stride in elements of t)."""
-            ty, value = typed or (argtys[i], args[i])
-            arr = context.make_array(ty)(context, builder, value)
-            size = ir.Constant(_I64, 4 if t == _F32 else t.width // 8)
-            stride = builder.udiv(cgutils.unpack_tuple(builder, arr.strides)[0], size)
-            return builder.gep(builder.bitcast(arr.data, t.as_pointer()), [builder.mul(first, stride)]), stride
+        def rows_of(ty, value, t):
+            return _rows_of(context, builder, ty, value, t, n0)
 
-        p, pstride = rows_of(0, _I8, n0)
-        s, sstride = rows_of(1, _I16, n0)
-        mn = rows_of(None, _I16, n0, mins_arg) if mins else ()
-        xl, xstride = rows_of(4, _I8, b0)
-        xh, _ = rows_of(5, _I8, b0)
-        dx, dstride = rows_of(6, _F32, b0)
-        xs, _ = rows_of(7, _I32, b0)
-        y, ystride = rows_of(9, _F32, b0)
-        y = builder.gep(y, [n0])
-        builder.call(fn, [p, pstride, s, sstride, *mn, builder.sub(n1, n0), xl, xh, xstride, dx, xs, dstride, y,
-                          ystride, full, m])
+        weight = [*rows_of(argtys[0], args[0], _I8), *rows_of(argtys[1], args[1], _I16),
+                  *(rows_of(*mins_arg, _I16) if mins else ())]
+        x_and_y = _x_and_y(context, builder, argtys, args, 4, b0, n0)
+        builder.call(fn, [*weight, builder.sub(n1, n0), *x_and_y, full, m])
         return context.get_dummy_value()
 
     if mins:
@@ -796,21 +801,10 @@ def q4k_rows_for(kind: str, tile: int):
         n0, n1, b0, full, m = (builder.sext(v, _I64) if v.type != _I64 else v
                                for v in (args[4], args[5], args[10], args[12], args[13]))
 
-        def rows_of(i, t, first):
-            """(pointer to row `first` of array argument i, as t*; its row stride in elements of t)."""
-            arr = context.make_array(argtys[i])(context, builder, args[i])
-            size = ir.Constant(_I64, 4 if t == _F32 else t.width // 8)
-            stride = builder.udiv(cgutils.unpack_tuple(builder, arr.strides)[0], size)
-            return builder.gep(builder.bitcast(arr.data, t.as_pointer()), [builder.mul(first, stride)]), stride
-
-        weight = [v for i, t in ((0, _I8), (1, _I8), (2, _I8), (3, _I16)) for v in rows_of(i, t, n0)]
-        xl, xstride = rows_of(6, _I8, b0)
-        xh, _ = rows_of(7, _I8, b0)
-        dx, dstride = rows_of(8, _F32, b0)
-        xs, _ = rows_of(9, _I32, b0)
-        y, ystride = rows_of(11, _F32, b0)
-        y = builder.gep(y, [n0])
-        builder.call(fn, [*weight, builder.sub(n1, n0), xl, xh, xstride, dx, xs, dstride, y, ystride, full, m])
+        weight = [v for i, t in ((0, _I8), (1, _I8), (2, _I8), (3, _I16))
+                  for v in _rows_of(context, builder, argtys[i], args[i], t, n0)]
+        x_and_y = _x_and_y(context, builder, argtys, args, 6, b0, n0)
+        builder.call(fn, [*weight, builder.sub(n1, n0), *x_and_y, full, m])
         return context.get_dummy_value()
 
     @intrinsic
