@@ -248,12 +248,12 @@ if _KIND:  # module-level globals, not a closure's: numba then caches _rows_q4 o
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _q4_prologue(Ps, X, XL, XH, DX, XS):  # pragma: no cover - compiled
-    # What the 4-bit kernels do before their parallel loop: x quantized into XL, XH, DX, XS (in whole
-    # vectors where its rows are contiguous: ~4x faster, measured); (whole chunks of 16 blocks, blocks
-    # in the short last one, each weight's end in tasks of Q4_ROWS rows, the tasks). The block count
-    # is x's, not a weight's: a weight may be padding of no rows (cpu_step_jit._products).
-    if X.strides[1] == 4:
+def _q4_prologue(Ps, X, XL, XH, DX, XS, per_task, vector):  # pragma: no cover - compiled
+    # What the 4-bit kernels do before their parallel loop: x quantized into XL, XH, DX, XS (`vector`
+    # and its rows contiguous: in whole vectors, ~4x faster, measured); (whole chunks of 16 blocks,
+    # blocks in the short last one, each weight's end in tasks of `per_task` rows, the tasks). The
+    # block count is x's, not a weight's: a weight may be padding of no rows (cpu_step_jit._products).
+    if vector and X.strides[1] == 4:
         for b in range(X.shape[0]):
             simd.q8_blocks(X, b, XL, XH, DX, XS)
     else:
@@ -262,7 +262,7 @@ def _q4_prologue(Ps, X, XL, XH, DX, XS):  # pragma: no cover - compiled
     ends = np.zeros(len(Ps), dtype=np.int64)
     total = 0
     for i in range(len(Ps)):
-        total += (Ps[i].shape[0] + Q4_ROWS - 1) // Q4_ROWS
+        total += (Ps[i].shape[0] + per_task - 1) // per_task
         ends[i] = total
     return G // 16, G % 16, ends, total
 
@@ -276,7 +276,7 @@ def _rows_q4_vector(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys):  # pragma: no cover - co
     # X (B, K) is first quantized by _quantize_blocks into XL, XH, DX, XS. Each block of rows is
     # one call into cpu_kernels_simd per Q4_TILE rows of x (each weight chunk unpacked once for all
     # of them), then one per row of x left over.
-    full, m, ends, total = _q4_prologue(Ps, X, XL, XH, DX, XS)
+    full, m, ends, total = _q4_prologue(Ps, X, XL, XH, DX, XS, Q4_ROWS, True)
     B = XL.shape[0]
     R = Q4_ROWS
     tile = simd.Q4_TILE
@@ -308,16 +308,8 @@ def _rows_q4_portable(Ps, Ss, Ms, X, XL, XH, DX, XS, Ys):  # pragma: no cover - 
     # _rows_q4 for CPUs without AVX2 / AVX-512 VNNI: one task per weight row, the block sums in
     # plain loops; rows whose block count is not a multiple of 16 end in a shorter chunk (four
     # 4m-byte groups back to back). Ms as in _rows_q4_vector.
-    _quantize_blocks(X, XL, XH, DX, XS)
-    G = X.shape[1] // 32  # not a weight's: the first may be padding of no rows (cpu_step_jit._products)
-    full = G // 16
-    m = G - 16 * full
+    full, m, ends, total = _q4_prologue(Ps, X, XL, XH, DX, XS, 1, False)
     B = XL.shape[0]
-    ends = np.zeros(len(Ps), dtype=np.int64)
-    total = 0
-    for i in range(len(Ps)):
-        total += Ps[i].shape[0]
-        ends[i] = total
     for r in prange(total):
         i = 0
         while r >= ends[i]:
@@ -385,7 +377,7 @@ def _rows_q4k_vector(Ps, SCs, MNs, DDs, X, XL, XH, DX, XS, Ys):  # pragma: no co
     # _rows_q4_vector for llama.cpp's Q4_K (w = d * sc * q - dmin * mn; cpu_kernels.q4k_arrays): the same
     # x quantization, tasks of Q4_ROWS rows of all the weights, tiles of x rows. A weight of no rows
     # (padding, shape (0, 0)) has no tasks.
-    full, m, ends, total = _q4_prologue(Ps, X, XL, XH, DX, XS)
+    full, m, ends, total = _q4_prologue(Ps, X, XL, XH, DX, XS, Q4_ROWS, True)
     B = XL.shape[0]
     R = Q4_ROWS
     tile = simd.Q4_TILE
@@ -407,16 +399,8 @@ def _rows_q4k_vector(Ps, SCs, MNs, DDs, X, XL, XH, DX, XS, Ys):  # pragma: no co
 
 def _rows_q4k_portable(Ps, SCs, MNs, DDs, X, XL, XH, DX, XS, Ys):  # pragma: no cover - compiled
     # _rows_q4k for CPUs without AVX2 / AVX-512 VNNI: one task per weight row (_q4k_row_portable).
-    _quantize_blocks(X, XL, XH, DX, XS)
-    G = X.shape[1] // 32
-    full = G // 16
-    m = G - 16 * full
+    full, m, ends, total = _q4_prologue(Ps, X, XL, XH, DX, XS, 1, False)
     B = XL.shape[0]
-    ends = np.zeros(len(Ps), dtype=np.int64)
-    total = 0
-    for i in range(len(Ps)):
-        total += Ps[i].shape[0]
-        ends[i] = total
     for r in prange(total):
         i = 0
         while r >= ends[i]:
