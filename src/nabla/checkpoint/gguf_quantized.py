@@ -168,7 +168,8 @@ def q4_k_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor
 
 
 BLOCKS = {"Q4_0": int4_from_q4_0, "Q4_1": q4_1_blocks, "Q4_K": q4_k_blocks}
-"""The 4-bit GGUF types kept in 4 bits under int4, and how each becomes Int4Linear's (packed, scales[, mins])."""
+"""The 4-bit GGUF types kept in 4 bits under int4, and how each becomes Int4Linear's blocks (packed, scales,
+and Q4_1's mins, Q4_K's mins and super_scales)."""
 
 
 def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

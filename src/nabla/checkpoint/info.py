@@ -62,7 +62,8 @@ def checkpoint_info(model: str | Path, tokenizer: str | Path | None = None, cont
         if ckpt.quantization is not None and mode == "int4":
             linear *= 2  # the stored shapes are packed: two weights a byte
         head = a.vocab_size * a.dim if a.vocab_size > 0 else 0
-        # Q4_0: nibbles and an fp16 scale per 32; Q4_1 an fp16 minimum too; Q4_K 4.5 bits (a GGUF file's)
+        # Q4_0: nibbles and an fp16 scale per 32; Q4_1 an fp16 minimum too; Q4_K (a GGUF file's) a byte of
+        # scale and one of minimum per 32, and fp16 d and dmin per 256
         types = set(ckpt.tensor_types) if ckpt.format == "gguf" else set()
         per = (0.5 + (4 / 32 if "Q4_1" in types else 2 / 32 + 4 / 256 if "Q4_K" in types else 2 / 32)
                if mode == "int4" else 1.0)

@@ -168,16 +168,20 @@ def rows_q4_multi(x: torch.Tensor, weights: list[tuple[np.ndarray, np.ndarray, n
     weights, and each block's product is an integer dot product scaled once
     (nabla.model.cpu_kernels_simd).
     """
+    return _launch_4bit(_kernels()._rows_q4, x, weights)
+
+
+def _launch_4bit(kernel, x: torch.Tensor, weights: list[tuple[np.ndarray, ...]]) -> list[torch.Tensor]:
+    """kernel (cpu_kernels_jit._rows_q4 or _rows_q4k) over the weights' arrays, field by field, with x and
+    its shared quantized buffers."""
     K = x.shape[-1]
     X = x.reshape(-1, K).contiguous()
     B = X.shape[0]
-    Ys = [torch.empty(B, P.shape[0], dtype=torch.float32) for P, _, _ in weights]
-    jit = _kernels()
+    Ys = [torch.empty(B, w[0].shape[0], dtype=torch.float32) for w in weights]
     with _launch:  # the quantized-x buffers are shared: one launch at a time
         _set_threads()
-        jit._rows_q4(tuple(P for P, _, _ in weights), tuple(S for _, S, _ in weights),
-                     tuple(M for _, _, M in weights), X.numpy(),
-                     *_x_buffers(B, weights[0][1].shape[1]), tuple(y.numpy() for y in Ys))
+        kernel(*(tuple(w[i] for w in weights) for i in range(len(weights[0]))), X.numpy(),
+               *_x_buffers(B, K // 32), tuple(y.numpy() for y in Ys))
     return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
 
 
@@ -205,16 +209,7 @@ def rows_q4k_multi(x: torch.Tensor,
                    weights: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> list[torch.Tensor]:
     """[x @ W.T for W in weights] for a few rows of fp32 x and weights in llama.cpp's Q4_K (each given by
     q4k_arrays), in one pass; x quantized per block of 32 as in rows_q4_multi."""
-    K = x.shape[-1]
-    X = x.reshape(-1, K).contiguous()
-    B = X.shape[0]
-    Ys = [torch.empty(B, w[0].shape[0], dtype=torch.float32) for w in weights]
-    jit = _kernels()
-    with _launch:
-        _set_threads()
-        jit._rows_q4k(*(tuple(w[i] for w in weights) for i in range(4)), X.numpy(),
-                      *_x_buffers(B, K // 32), tuple(y.numpy() for y in Ys))
-    return [y.view(*x.shape[:-1], y.shape[1]) for y in Ys]
+    return _launch_4bit(_kernels()._rows_q4k, x, weights)
 
 
 _buffers: dict[tuple, tuple[np.ndarray, ...]] = {}

@@ -190,8 +190,7 @@ def _q4k(fields, X, Ys, scratch):  # pragma: no cover - compiled
     kj._rows_q4k(fields[0], fields[1], fields[2], fields[3], X, q[0], q[1], q[2], q[3], Ys)
 
 
-_KERNELS = tuple(_kernel(run) for run in (_f32, _i8, _i8_vnni, _q4, _q4k))
-_run_f32, _run_i8, _run_i8_vnni, _run_q4, _run_q4k = _KERNELS
+_run_f32, _run_i8, _run_i8_vnni, _run_q4, _run_q4k = (_kernel(run) for run in (_f32, _i8, _i8_vnni, _q4, _q4k))
 
 
 @njit(nogil=True, cache=True)

@@ -211,9 +211,8 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T with W in 4-bit blocks (buffers `weight`: packed (N, K/2) as `pack_int4` lays it out,
-    `scales`: fp16 (N, K/g), and `mins`: None for llama.cpp's Q4_0, w = (q - 8) * d, or fp16 (N, K/g)
-    for Q4_1's w = d * q + m)."""
+    """y = x W^T with W in 4-bit blocks: buffers `weight` (packed (N, K/2) as `pack_int4` lays it out),
+    `scales`, and for Q4_1 `mins`, for Q4_K `mins` and `super_scales` (what each holds: `format`)."""
 
     def __init__(self, weight: torch.Tensor | None, kernel: str = "dequant", group_size: int = GROUP_SIZE,
                  bias: torch.Tensor | None = None, blocks: tuple[torch.Tensor, ...] | None = None):
